@@ -1,0 +1,123 @@
+"""The default config (every key a run may set) and its validation.
+
+Configs in configs/ start from `default_config()` and override; `validate()` runs before
+anything is loaded or compiled and raises `ConfigError` naming the key and the allowed values.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from fedjax_lab.errors import ConfigError
+
+ALGORITHMS = ("fedavg", "fedprox")
+BATCH_STATS = ("average", "local")
+WEIGHTINGS = ("examples", "uniform")
+DP_LEVELS = ("none", "example", "site")
+DP_NOISE = ("parallel", "coordinated")
+ACCOUNTANTS = ("rdp", "pld")
+# Sub-configs whose keys are free-form (validated by whoever reads them).
+_FREE_FORM = ("client.optimizer_args", "server.optimizer_args")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  from fedjax_lab.data.sources import default_data_config
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.rounds = 50
+  c.cohort_size = 10              # sites per round; = data.num_sites for full participation
+  c.data = default_data_config()
+  c.model = ml_collections.ConfigDict(dict(
+      name="mlp", hidden=(128,), features=(32, 64), norm="none", dropout=0.0, image_shape=()))
+  c.client = ml_collections.ConfigDict(dict(
+      optimizer="sgd", lr=0.1, local_steps=3, batch_size=5, shuffle=True, prox_mu=0.0,
+      optimizer_args=ml_collections.ConfigDict()))
+  c.server = ml_collections.ConfigDict(dict(
+      optimizer="sgd", lr=1.0, weighting="examples", optimizer_args=ml_collections.ConfigDict()))
+  c.algorithm = ml_collections.ConfigDict(dict(name="fedavg", batch_stats="average"))
+  c.dp = ml_collections.ConfigDict(dict(
+      level="none", noise="parallel", clip_norm=1.0, noise_multiplier=0.0,
+      target_epsilon=config_dict.placeholder(float), delta=1e-5, accountant="rdp"))
+  c.optim = ml_collections.ConfigDict(dict(public_data=config_dict.placeholder(str)))
+  c.eval = ml_collections.ConfigDict(dict(every=1, batch_size=2048))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
+  c.rounds_per_step = 1           # >1 fuses that many rounds into one lax.scan dispatch
+  c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True))
+  return c
+
+
+def _flatten(cfg, prefix=""):
+  out = {}
+  for k, v in cfg.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict) and key not in _FREE_FORM:
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _one_of(key, value, allowed):
+  if value not in allowed:
+    raise ConfigError(key, f"unknown '{value}'; allowed: {', '.join(map(str, allowed))}")
+
+
+def _positive(key, value, integer=False):
+  if value is None or value <= 0 or (integer and int(value) != value):
+    kind = "a positive integer" if integer else "> 0"
+    raise ConfigError(key, f"must be {kind}, got {value}")
+
+
+def validate(config) -> None:
+  """Checks every key the core reads; data-dependent checks happen when data loads."""
+  from fedjax_lab import models, optim
+  known = _flatten(default_config())
+  given = _flatten(config)
+  for key in given:
+    if key not in known:
+      parent = key.rsplit(".", 1)[0] if "." in key else ""
+      siblings = sorted(k.rsplit(".", 1)[-1] for k in known
+                        if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
+      raise ConfigError(key, f"unknown key; allowed{' under ' + parent if parent else ''}: "
+                        f"{', '.join(siblings)}")
+  _positive("rounds", config.rounds, integer=True)
+  _positive("cohort_size", config.cohort_size, integer=True)
+  _positive("data.num_sites", config.data.num_sites, integer=True)
+  if config.cohort_size > config.data.num_sites:
+    raise ConfigError("cohort_size", f"{config.cohort_size} > data.num_sites="
+                      f"{config.data.num_sites}; use at most data.num_sites")
+  if config.data.partition == "dirichlet":
+    _positive("data.alpha", config.data.alpha)
+  _one_of("model.name", config.model.name, models.MODEL_NAMES)
+  _one_of("model.norm", config.model.norm, models.NORMS)
+  for side in ("client", "server"):
+    _one_of(f"{side}.optimizer", config[side].optimizer, optim.OPTIMIZERS)
+    _positive(f"{side}.lr", config[side].lr)
+  _positive("client.local_steps", config.client.local_steps, integer=True)
+  _positive("client.batch_size", config.client.batch_size, integer=True)
+  if config.client.prox_mu < 0:
+    raise ConfigError("client.prox_mu", f"must be >= 0, got {config.client.prox_mu}")
+  _one_of("server.weighting", config.server.weighting, WEIGHTINGS)
+  _one_of("algorithm.name", config.algorithm.name, ALGORITHMS)
+  _one_of("algorithm.batch_stats", config.algorithm.batch_stats, BATCH_STATS)
+  _positive("eval.every", config.eval.every, integer=True)
+  _positive("checkpoint.every", config.checkpoint.every, integer=True)
+  _positive("rounds_per_step", config.rounds_per_step, integer=True)
+  _validate_dp(config)
+
+
+def _validate_dp(config):
+  dp = config.dp
+  _one_of("dp.level", dp.level, DP_LEVELS)
+  _one_of("dp.noise", dp.noise, DP_NOISE)
+  _one_of("dp.accountant", dp.accountant, ACCOUNTANTS)
+  if not 0 < dp.delta < 1:
+    raise ConfigError("dp.delta", f"must be in (0, 1), got {dp.delta}")
+  if dp.noise_multiplier < 0:
+    raise ConfigError("dp.noise_multiplier", f"must be >= 0, got {dp.noise_multiplier}")
+  if dp.clip_norm <= 0:
+    raise ConfigError("dp.clip_norm", f"must be > 0, got {dp.clip_norm}")
+  if dp.target_epsilon is not None and dp.target_epsilon <= 0:
+    raise ConfigError("dp.target_epsilon", f"must be > 0 (or unset), got {dp.target_epsilon}")
+  if dp.level != "none":
+    raise ConfigError("dp.level", f"'{dp.level}' is not implemented yet in the round; "
+                      "allowed today: none")

@@ -1,0 +1,180 @@
+"""Builds everything from a config and runs the rounds: the one loop.
+
+    exp = Experiment(config)          # validates, loads data, partitions, builds the round
+    summary = exp.run(workdir)        # metrics.jsonl, summary.json, checkpoints, resume
+
+Every random choice comes from one root key, split by purpose and folded in with the round
+and site index (DESIGN.md), so a resumed run ends with the same parameters.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lab import config as config_lib
+from fedjax_lab import evaluation, optim, sharding
+from fedjax_lab.algorithms import fedavg
+from fedjax_lab.checkpoint import Checkpointer
+from fedjax_lab.client import ClientConfig, make_client_update
+from fedjax_lab.data import federated, partition, sources
+from fedjax_lab.errors import ConfigError
+from fedjax_lab.logging import MetricsLogger
+from fedjax_lab.models import make_model
+
+log = logging.getLogger("fedjax_lab")
+
+# Purposes folded into the root key; fixed numbers so adding a purpose never shifts the others.
+_INIT, _SAMPLING, _CLIENT, _NOISE = 0, 1, 2, 3
+
+
+def params_sha256(params) -> str:
+  """SHA-256 of the leaves in jax.tree order as little-endian float32 bytes (DESIGN.md)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    h.update(np.asarray(leaf, dtype="<f4").tobytes())
+  return h.hexdigest()
+
+
+def tree_bytes(tree) -> int:
+  return sum(int(np.prod(l.shape)) * 4 for l in jax.tree.leaves(tree))  # sent as float32
+
+
+class Experiment:
+  """Everything one config describes, built once; `run` trains and writes the workdir."""
+
+  def __init__(self, config, mesh=None):
+    config_lib.validate(config)
+    self.config = config
+    train, test = sources.load_dataset(config.data)
+    if config.data.num_sites > len(train.y):
+      raise ConfigError("data.num_sites", f"{config.data.num_sites} sites > {len(train.y)} "
+                        "training examples; use fewer sites")
+    self.train, self.test = train, test
+    self.sites = partition.partition(train, config.data, config.seed)
+    self.data = federated.from_partition(train.x, train.y, self.sites, train.num_classes)
+    self.site_hist = federated.site_label_histogram(self.data)
+    self.mesh = mesh if mesh is not None else sharding.make_mesh()
+    self.data = sharding.put_replicated(self.data, self.mesh)
+
+    self.model = make_model(config.model, train.num_classes, train.x[:2])
+    root = jax.random.key(config.seed)
+    self.keys = {name: jax.random.fold_in(root, i) for name, i in
+                 (("init", _INIT), ("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE))}
+    self.client_tx = optim.make_optimizer(config.client.optimizer, config.client.lr,
+                                          key_prefix="client", **config.client.optimizer_args)
+    self.server_tx = optim.make_optimizer(config.server.optimizer, config.server.lr,
+                                          key_prefix="server", **config.server.optimizer_args)
+    prox_mu = config.client.prox_mu if config.algorithm.name == "fedprox" else 0.0
+    client_update = make_client_update(self.model, self.client_tx, ClientConfig(
+        local_steps=config.client.local_steps, batch_size=config.client.batch_size,
+        shuffle=config.client.shuffle, prox_mu=prox_mu))
+    self.fedbn = config.algorithm.batch_stats == "local"
+    round_fn = fedavg.make_round(client_update, self.server_tx, cohort_size=config.cohort_size,
+                                 weighting=config.server.weighting, fedbn=self.fedbn,
+                                 mesh=self.mesh)
+    self.rounds_per_step = config.rounds_per_step
+    step = round_fn if self.rounds_per_step == 1 else fedavg.fuse_rounds(round_fn,
+                                                                        self.rounds_per_step)
+    self.step = jax.jit(step, donate_argnums=0)
+    class_eval = evaluation.make_class_evaluator(
+        self.model, test.x, test.y, train.num_classes, config.eval.batch_size)
+    self.evaluate_global = jax.jit(class_eval)
+    self.evaluate_sites = jax.jit(jax.vmap(class_eval, in_axes=(None, 0)))
+    self.bytes_per_site = 2 * tree_bytes(self._sent(self.init_state()))  # down + up
+
+  def _sent(self, state):
+    """What a site downloads and uploads each round: the model, plus averaged BN statistics."""
+    return (state.params, {} if self.fedbn else state.model_state)
+
+  def init_state(self) -> fedavg.ServerState:
+    params, model_state = self.model.init(self.keys["init"], self.train.x[:2])
+    state = fedavg.init_server_state(params, model_state, self.server_tx,
+                                     self.data.num_sites, self.fedbn)
+    state = sharding.put_replicated(state, self.mesh)
+    return state._replace(site_model_state=sharding.put_sites(state.site_model_state, self.mesh))
+
+  def evaluate(self, state) -> evaluation.EvalResult:
+    if self.fedbn and state.model_state:
+      correct, loss = self.evaluate_sites(state.params, state.site_model_state)
+    else:
+      correct, loss = self.evaluate_global(state.params, state.model_state)
+    return evaluation.summarize(correct, loss, self.test.y, self.site_hist)
+
+  def run_rounds(self, state, num_rounds: int):
+    """Trains `num_rounds` rounds without logging (tests, notebooks, benchmarks)."""
+    for _ in range(num_rounds // self.rounds_per_step):
+      state, _ = self.step(state, self.data, self.keys["sampling"], self.keys["client"])
+    return state
+
+  def run(self, workdir: str) -> dict:
+    """Trains to `config.rounds`, resuming from the last checkpoint in `workdir`."""
+    os.makedirs(workdir, exist_ok=True)
+    cfg = self.config
+    if cfg.rounds % self.rounds_per_step:
+      raise ConfigError("rounds_per_step", f"{cfg.rounds_per_step} must divide rounds={cfg.rounds}")
+    ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep)
+    state = self.init_state()
+    start, meta = 0, {"bytes_total": 0, "seconds_total": 0.0}
+    if ckpt.latest_round() is not None:
+      start = ckpt.latest_round()
+      state, meta = ckpt.restore(start, state)
+      state = sharding.put_replicated(state, self.mesh)
+      log.info("resumed from %s at round %d", workdir, start)
+    logger = MetricsLogger(workdir, cfg.rounds, start, progress=cfg.log.progress,
+                           tensorboard=cfg.log.tensorboard)
+    completed, result = start, None
+    # Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the round in flight, save, then stop.
+    stop = {"signal": None}
+    handlers = {s: signal.signal(s, lambda num, _: stop.update(signal=num))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+      while completed < cfg.rounds and stop["signal"] is None:
+        t0 = time.perf_counter()
+        state, metrics = self.step(state, self.data, self.keys["sampling"], self.keys["client"])
+        losses = np.atleast_1d(np.asarray(metrics.train_loss))
+        for i, loss in enumerate(losses):
+          completed += 1
+          evaluate = completed % cfg.eval.every == 0 or completed == cfg.rounds
+          result = self.evaluate(state) if evaluate and i == len(losses) - 1 else None
+          seconds = (time.perf_counter() - t0) / len(losses)
+          round_bytes = cfg.cohort_size * self.bytes_per_site
+          meta["bytes_total"] += round_bytes
+          meta["seconds_total"] += seconds
+          logger.write({
+              "round": completed, "train_loss": float(loss),
+              "test_accuracy": result.accuracy if result else None,
+              "test_loss": result.loss if result else None,
+              "site_accuracy_mean": result.site_accuracy_mean if result else None,
+              "site_accuracy_worst10": result.site_accuracy_worst10 if result else None,
+              "epsilon": None, "seconds": seconds, "bytes_communicated": round_bytes,
+              "bytes_total": meta["bytes_total"]})
+        if completed % cfg.checkpoint.every == 0 or completed == cfg.rounds or stop["signal"]:
+          ckpt.save(completed, state, meta)
+    finally:
+      for s, h in handlers.items():
+        signal.signal(s, h)
+      logger.close()
+      ckpt.close()
+    if stop["signal"] is not None:
+      raise KeyboardInterrupt(f"stopped at round {completed}; checkpoint saved in {workdir}")
+    result = result or self.evaluate(state)
+    summary = {
+        "test_accuracy": result.accuracy, "test_loss": result.loss,
+        "site_accuracy_mean": result.site_accuracy_mean,
+        "site_accuracy_worst10": result.site_accuracy_worst10,
+        "epsilon": None, "rounds_completed": completed,
+        "total_seconds": meta["seconds_total"], "bytes_total": meta["bytes_total"],
+        "params_sha256": params_sha256(state.params),
+        "config": json.loads(self.config.to_json_best_effort()),
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    self.final_state = state
+    return summary
