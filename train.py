@@ -17,18 +17,39 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "digits_fedavg.py"), "Experiment config file.",
-    lock_config=True)
+
+
+def _fail(message: str):
+  print(f"config error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _unknown_key(error):
+  """Names the full dotted key of the override that config_flags could not find."""
+  leaf = str(error).strip("\"'")
+  keys = [a.split("=")[0][len("--config."):] for a in sys.argv if a.startswith("--config.")]
+  key = next((k for k in keys if k == leaf or k.endswith("." + leaf)), leaf)
+  _fail(f"{key}: unknown key in a --config override; the allowed keys are those of "
+        "fedjax_lab/config.py:default_config()")
+
+
+try:
+  # config_flags applies --config.<key>=value overrides as soon as the flag is defined.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", os.path.join(_HERE, "configs", "digits_fedavg.py"), "Experiment config file.",
+      lock_config=True)
+except (AttributeError, KeyError) as e:
+  _unknown_key(e)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>).")
 
 
 def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:  # an unknown --config.key or a badly typed value
-    print(f"config error: {str(e).splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
+  except (AttributeError, KeyError) as e:
+    _unknown_key(e)
+  except (flags.Error, ValueError, TypeError) as e:  # a badly typed value
+    _fail(str(e).splitlines()[0])
 
 
 def main(argv):
@@ -42,15 +63,18 @@ def main(argv):
   lab_log.addHandler(handler)
   lab_log.setLevel(logging.INFO)
   lab_log.propagate = False
-  config = _CONFIG.value
   config_path = flags.FLAGS["config"].config_filename
+  try:
+    config = _CONFIG.value
+    config.keys()  # config_flags defers a load failure until first use
+  except OSError:
+    _fail(f"--config: cannot load '{config_path}'; give a file like configs/digits_fedavg.py")
   workdir = _WORKDIR.value or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_path))[0])
   try:
     experiment = Experiment(config)
   except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
   try:
     summary = experiment.run(workdir)
   except KeyboardInterrupt as e:

@@ -72,16 +72,16 @@ class Experiment:
     self.server_tx = optim.make_optimizer(config.server.optimizer, config.server.lr,
                                           key_prefix="server", **config.server.optimizer_args)
     prox_mu = config.client.prox_mu if config.algorithm.name == "fedprox" else 0.0
-    client_update = make_client_update(self.model, self.client_tx, ClientConfig(
+    self.client_update = make_client_update(self.model, self.client_tx, ClientConfig(
         local_steps=config.client.local_steps, batch_size=config.client.batch_size,
         shuffle=config.client.shuffle, prox_mu=prox_mu))
     self.fedbn = config.algorithm.batch_stats == "local"
-    round_fn = fedavg.make_round(client_update, self.server_tx, cohort_size=config.cohort_size,
-                                 weighting=config.server.weighting, fedbn=self.fedbn,
-                                 mesh=self.mesh)
+    self.round_fn = fedavg.make_round(
+        self.client_update, self.server_tx, cohort_size=config.cohort_size,
+        weighting=config.server.weighting, fedbn=self.fedbn, mesh=self.mesh)
     self.rounds_per_step = config.rounds_per_step
-    step = round_fn if self.rounds_per_step == 1 else fedavg.fuse_rounds(round_fn,
-                                                                        self.rounds_per_step)
+    step = (self.round_fn if self.rounds_per_step == 1
+            else fedavg.fuse_rounds(self.round_fn, self.rounds_per_step))
     self.step = jax.jit(step, donate_argnums=0)
     class_eval = evaluation.make_class_evaluator(
         self.model, test.x, test.y, train.num_classes, config.eval.batch_size)

@@ -49,10 +49,16 @@ def constrain_sites(tree, mesh: Mesh | None):
 
 
 def put_sites(tree, mesh: Mesh | None):
-  """Outside jit: place per-site arrays [sites, ...] sharded over the mesh."""
+  """Outside jit: place per-site arrays [sites, ...] sharded over the mesh.
+
+  A committed array must split evenly, so a sites axis that the device count does not divide
+  is replicated instead (choose num_sites a multiple of the device count to shard it).
+  """
   if mesh is None:
     return tree
-  return jax.tree.map(lambda a: jax.device_put(a, sites_sharding(mesh, a.ndim)), tree)
+  return jax.tree.map(lambda a: jax.device_put(
+      a, sites_sharding(mesh, a.ndim) if a.shape[0] % mesh.size == 0 else replicated(mesh)),
+      tree)
 
 
 def put_replicated(tree, mesh: Mesh | None):

@@ -1,0 +1,200 @@
+r"""Seconds per federated round: fedjax_lab vs a naive per-site loop vs a bare vmapped round.
+
+  python benchmarks/round_throughput.py            # ~1-2 min on 2 CPU cores
+  python benchmarks/round_throughput.py --quick    # smoke run
+
+The reference workload (shared with the peer figures in ../shared/STACK_NOTES.md): sklearn's
+digits, x/16, rows permuted with np.random.RandomState(0).permutation, first 1500 rows train;
+100 IID sites x 15 examples; MLP 64-128(ReLU)-10; one local epoch of SGD (batch 5, 3 steps,
+lr 0.1, batches in stored order); FedAvg; 50 rounds. S10 samples 10 sites a round, S100 all.
+
+* naive: a Python loop over the cohort's sites and their local steps, one jitted SGD step per
+  call, then the average (the same math; tests/test_benchmarks.py checks equal params).
+* bare:  the ceiling: one jit, vmap over sites, scan over steps, mean, nothing else.
+* lab:   fedjax_lab's Experiment.step (cohort sampling, index-table gather, weighted
+  aggregation, server optax optimizer), i.e. what train.py runs.
+Then a sweep of 10 ... 10,000 sites per round (digits' sites tiled) with s/round and memory.
+The last line is `RATIO S10=<naive/lab> S100=<naive/lab> overhead_S100=<lab/bare>`.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_lab.algorithms import fedavg
+from fedjax_lab.config import default_config
+from fedjax_lab.experiment import Experiment
+from fedjax_lab.models import cross_entropy
+
+LR, STEPS, BATCH = 0.1, 3, 5
+
+
+def reference_config(cohort_size: int, rounds: int = 50):
+  c = default_config()
+  c.rounds, c.cohort_size = rounds, cohort_size
+  c.data.name, c.data.num_sites, c.data.partition = "digits", 100, "iid"
+  c.model.name, c.model.hidden = "mlp", (128,)
+  c.client.optimizer, c.client.lr, c.client.local_steps = "sgd", LR, STEPS
+  c.client.batch_size, c.client.shuffle = BATCH, False
+  c.server.optimizer, c.server.lr = "sgd", 1.0
+  return c
+
+
+def site_arrays(exp: Experiment):
+  """[sites, 15, 64] and [sites, 15]: each site's examples in stored order."""
+  rows = np.stack(exp.sites)
+  return jnp.asarray(exp.train.x[rows]), jnp.asarray(exp.train.y[rows])
+
+
+def cohorts(exp: Experiment, rounds: int):
+  """The cohort of each round, drawn exactly as the lab's round draws it."""
+  cfg = exp.config
+  return [np.asarray(fedavg.sample_cohort(jax.random.fold_in(exp.keys["sampling"], t),
+                                          cfg.data.num_sites, cfg.cohort_size))
+          for t in range(rounds)]
+
+
+def _loss(model, params, x, y):
+  return cross_entropy(model.apply(params, {}, x, False)[0], y).mean()
+
+
+def make_naive(exp: Experiment):
+  model = exp.model
+  sgd_step = jax.jit(lambda p, x, y: jax.tree.map(
+      lambda w, g: w - LR * g, p, jax.grad(lambda q: _loss(model, q, x, y))(p)))
+  accumulate = jax.jit(lambda total, p: jax.tree.map(jnp.add, total, p))
+  rows = np.stack(exp.sites)
+  xs, ys = exp.train.x[rows], exp.train.y[rows]  # host NumPy: slicing costs no dispatch
+
+  def round_(params, cohort):
+    total = jax.tree.map(jnp.zeros_like, params)
+    for s in np.asarray(cohort):
+      p = params
+      for t in range(STEPS):
+        p = sgd_step(p, xs[s, t * BATCH:(t + 1) * BATCH], ys[s, t * BATCH:(t + 1) * BATCH])
+      total = accumulate(total, p)
+    return jax.tree.map(lambda w: w / len(cohort), total)
+
+  return round_
+
+
+def make_bare(exp: Experiment):
+  model = exp.model
+  xs, ys = site_arrays(exp)
+
+  @jax.jit
+  def round_(params, cohort):
+    def local(x, y):
+      def step(p, t):
+        xb = jax.lax.dynamic_slice_in_dim(x, t * BATCH, BATCH)
+        yb = jax.lax.dynamic_slice_in_dim(y, t * BATCH, BATCH)
+        g = jax.grad(lambda q: _loss(model, q, xb, yb))(p)
+        return jax.tree.map(lambda w, gw: w - LR * gw, p, g), None
+      return jax.lax.scan(step, params, jnp.arange(STEPS))[0]
+    local_params = jax.vmap(local)(xs[cohort], ys[cohort])
+    return jax.tree.map(lambda w: w.mean(0), local_params)
+
+  return round_
+
+
+def run_lab(exp, rounds):
+  state = exp.init_state()
+  for _ in range(rounds):
+    state, _ = exp.step(state, exp.data, exp.keys["sampling"], exp.keys["client"])
+  return state.params
+
+
+def run_reference(exp, round_fn, rounds):
+  params = exp.init_state().params
+  for cohort in cohorts(exp, rounds):
+    params = round_fn(params, jnp.asarray(cohort))
+  return params
+
+
+def _time_rounds(fn, state, rounds):
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(fn(state))
+    times.append(time.perf_counter() - t0)
+  return state, times
+
+
+def time_variants(cohort_size, rounds, repeats):
+  exp = Experiment(reference_config(cohort_size, rounds))
+  naive, bare = make_naive(exp), make_bare(exp)
+  plan = [jnp.asarray(c) for c in cohorts(exp, rounds)]
+  step = lambda s: exp.step(s, exp.data, exp.keys["sampling"], exp.keys["client"])[0]
+  params0 = exp.init_state().params
+  times = {"naive": [], "bare": [], "lab": []}
+  # Warm-up compiles, then interleave the variants so machine noise hits all of them alike.
+  jax.block_until_ready(naive(params0, plan[0]))
+  jax.block_until_ready(bare(params0, plan[0]))
+  jax.block_until_ready(step(exp.init_state()))
+  for _ in range(repeats):
+    it = iter(plan)
+    times["naive"] += _time_rounds(lambda p: naive(p, next(it)), params0, rounds)[1]
+    it = iter(plan)
+    times["bare"] += _time_rounds(lambda p: bare(p, next(it)), params0, rounds)[1]
+    times["lab"] += _time_rounds(step, exp.init_state(), rounds)[1]
+  return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _rss_mb():
+  with open("/proc/self/status") as f:
+    fields = dict(line.split(":", 1) for line in f)
+  return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def sweep(site_counts, rounds):
+  exp = Experiment(reference_config(100, rounds))
+  rows = []
+  for sites in site_counts:
+    tiled = np.asarray(exp.data.idx)[np.arange(sites) % 100]
+    data = exp.data.replace(idx=jnp.asarray(tiled),
+                            count=jnp.full((sites,), 15, jnp.int32))
+    round_fn = jax.jit(fedavg.make_round(exp.client_update, exp.server_tx, cohort_size=sites,
+                                         mesh=exp.mesh), donate_argnums=0)
+    step = lambda s: round_fn(s, data, exp.keys["sampling"], exp.keys["client"])[0]
+    state = jax.block_until_ready(step(exp.init_state()))
+    rss_start = _rss_mb()[0]
+    state, times = _time_rounds(step, state, rounds)
+    rss_end, peak = _rss_mb()
+    rows.append((sites, float(np.median(times)), rss_start, rss_end, peak))
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="few rounds, small sweep")
+  args = parser.parse_args()
+  rounds, repeats = (10, 1) if args.quick else (50, 3)
+  site_counts = (10, 100, 1000) if args.quick else (10, 100, 1000, 10000)
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
+        f"{os.cpu_count()} cpus; {rounds} rounds x {repeats} repeats, medians")
+  results = {}
+  for name, k in (("S10", 10), ("S100", 100)):
+    r = results[name] = time_variants(k, rounds, repeats)
+    print(f"{name}: naive {r['naive'] * 1e3:8.2f} ms/round   bare {r['bare'] * 1e3:7.2f}   "
+          f"lab {r['lab'] * 1e3:7.2f}   naive/lab {r['naive'] / r['lab']:5.1f}x   "
+          f"lab/bare {r['lab'] / r['bare']:4.2f}")
+  print("sweep (lab, all sites every round):")
+  print(f"{'sites':>7} {'ms/round':>10} {'ms/site':>8} {'rss MB (round 1 -> last)':>26} {'peak MB':>8}")
+  for sites, sec, rss0, rss1, peak in sweep(site_counts, rounds):
+    print(f"{sites:7d} {sec * 1e3:10.2f} {sec * 1e3 / sites:8.4f} {rss0:12.0f} -> {rss1:<11.0f} "
+          f"{peak:8.0f}")
+  s10, s100 = results["S10"], results["S100"]
+  print(f"RATIO S10={s10['naive'] / s10['lab']:.2f} S100={s100['naive'] / s100['lab']:.2f} "
+        f"overhead_S100={s100['lab'] / s100['bare']:.2f}")
+
+
+if __name__ == "__main__":
+  main()
