@@ -85,6 +85,9 @@ def main(argv):
         f"epsilon={'none' if eps is None else f'{eps:.3f}'} "
         f"rounds={summary['rounds_completed']} "
         f"site_accuracy_worst10={summary['site_accuracy_worst10']:.4f} workdir={workdir}")
+  if "centralized_test_accuracy" in summary:
+    print(f"federated test_accuracy={summary['test_accuracy']:.4f} vs centralized (one site "
+          f"holding all data) test_accuracy={summary['centralized_test_accuracy']:.4f}")
   print(json.dumps({k: summary[k] for k in ("test_accuracy", "epsilon", "params_sha256")}))
 
 

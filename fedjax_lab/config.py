@@ -38,7 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
       level="none", noise="parallel", clip_norm=1.0, noise_multiplier=0.0,
       target_epsilon=config_dict.placeholder(float), delta=1e-5, accountant="rdp"))
   c.optim = ml_collections.ConfigDict(dict(public_data=config_dict.placeholder(str)))
-  c.eval = ml_collections.ConfigDict(dict(every=1, batch_size=2048))
+  # centralized_baseline: also train the same config on ONE site holding all the training
+  # data (same rounds, local_steps x cohort_size steps a round) and report both accuracies.
+  c.eval = ml_collections.ConfigDict(dict(every=1, batch_size=2048, centralized_baseline=False))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
   c.rounds_per_step = 1           # >1 fuses that many rounds into one lax.scan dispatch
   c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True))

@@ -46,6 +46,15 @@ def tree_bytes(tree) -> int:
   return sum(int(np.prod(l.shape)) * 4 for l in jax.tree.leaves(tree))  # sent as float32
 
 
+def centralized_config(config):
+  """The config with the federation removed: one site holds all the training examples."""
+  c = config.copy_and_resolve_references()
+  c.client.local_steps = config.client.local_steps * config.cohort_size
+  c.data.num_sites, c.cohort_size, c.data.partition = 1, 1, "iid"
+  c.eval.centralized_baseline = False
+  return c
+
+
 class Experiment:
   """Everything one config describes, built once; `run` trains and writes the workdir."""
 
@@ -113,6 +122,16 @@ class Experiment:
       state, _ = self.step(state, self.data, self.keys["sampling"], self.keys["client"])
     return state
 
+  def centralized_accuracy(self) -> float:
+    """Test accuracy of the same model trained on one site holding all the training data.
+
+    Same rounds and optimizers; each round takes local_steps x cohort_size steps, so it
+    processes as many examples per round as the federated cohort does.
+    """
+    c = centralized_config(self.config)
+    exp = Experiment(c, mesh=self.mesh)
+    return exp.evaluate(exp.run_rounds(exp.init_state(), c.rounds)).accuracy
+
   def run(self, workdir: str) -> dict:
     """Trains to `config.rounds`, resuming from the last checkpoint in `workdir`."""
     os.makedirs(workdir, exist_ok=True)
@@ -174,6 +193,8 @@ class Experiment:
         "params_sha256": params_sha256(state.params),
         "config": json.loads(self.config.to_json_best_effort()),
     }
+    if cfg.eval.centralized_baseline:
+      summary["centralized_test_accuracy"] = self.centralized_accuracy()
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
     self.final_state = state
