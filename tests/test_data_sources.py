@@ -1,0 +1,354 @@
+"""Tests for fedjax_lab.data.sources: every source against an independent expectation."""
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse
+from sklearn import datasets as sk_datasets
+
+from fedjax_lab.data import sources
+from fedjax_lab.errors import ConfigError
+
+
+def _config(**overrides):
+  c = sources.default_data_config()
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
+def _small_synthetic(**overrides):
+  c = _config(name="synthetic_expression")
+  c.synthetic.update(dict(num_cells=3000, num_genes=200, num_cell_types=5, num_batches=4,
+                          seed=3))
+  c.synthetic.update(overrides)
+  return c
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_default_config_has_every_key():
+  c = sources.default_data_config()
+  expected = {"name", "path", "label_column", "feature_key", "label_key", "test_fraction",
+              "split_seed", "num_sites", "partition", "alpha", "classes_per_site", "column",
+              "quantity_sigma", "min_examples", "synthetic", "download"}
+  assert set(c.keys()) == expected
+  assert set(c.synthetic.keys()) == {"num_cells", "num_genes", "num_cell_types",
+                                     "num_batches", "batch_effect", "signal", "dispersion",
+                                     "seed", "dtype"}
+  assert (c.name, c.num_sites, c.partition, c.alpha, c.test_fraction) == (
+      "digits", 100, "iid", 0.5, 0.2)
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_split_is_the_fixed_contract():
+  train, test = sources.load_dataset(_config())
+  digits = sk_datasets.load_digits()
+  order = np.random.RandomState(0).permutation(1797)
+  x = digits.data[order] / 16.0  # digits.data is the flattened 8x8 image.
+  y = digits.target[order]
+  assert train.x.shape == (1500, 64) and test.x.shape == (297, 64)
+  assert train.x.dtype == np.float32 and train.y.dtype == np.int32
+  np.testing.assert_allclose(train.x, x[:1500], rtol=0, atol=1e-7)
+  np.testing.assert_allclose(test.x, x[1500:], rtol=0, atol=1e-7)
+  np.testing.assert_array_equal(train.y, y[:1500])
+  np.testing.assert_array_equal(test.y, y[1500:])
+  assert train.x.min() == 0.0 and train.x.max() == 1.0
+  assert train.num_classes == 10 and dict(train.columns) == {}
+
+
+# ----------------------------------------------------------------------------- pbmc68k
+
+
+def test_pbmc68k_loads_from_the_bundled_file_and_is_stratified():
+  train, test = sources.load_dataset(_config(name="pbmc68k"))
+  assert len(train) + len(test) == 700
+  assert train.x.shape[1] == test.x.shape[1] == 765
+  assert train.num_classes == 10 and len(train.class_names) == 10
+  assert len(test) == 140  # round(700 * 0.2)
+  # Independent check of the cell-type counts quoted in STACK_NOTES (240 down to 8).
+  totals = np.bincount(np.concatenate([train.y, test.y]), minlength=10)
+  assert sorted(totals.tolist(), reverse=True)[0] == 240
+  assert sorted(totals.tolist())[0] == 8
+  test_counts = np.bincount(test.y, minlength=10)
+  assert np.all(np.abs(test_counts - 0.2 * totals) < 1.0)  # Stratified to within one cell.
+  assert {"phase", "louvain"} <= set(train.columns)
+  assert len(np.unique(np.concatenate([train.columns["louvain"], test.columns["louvain"]]))) == 11
+  # Deterministic.
+  train2, _ = sources.load_dataset(_config(name="pbmc68k"))
+  np.testing.assert_array_equal(train.x, train2.x)
+
+
+def test_pbmc68k_missing_path_names_data_path(tmp_path):
+  with pytest.raises(ConfigError, match="data.path"):
+    sources.load_dataset(_config(name="pbmc68k", path=str(tmp_path / "nope.h5ad")))
+
+
+def test_pbmc68k_without_bundled_file_or_scanpy_says_how_to_fix(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, "_BUNDLED_DIR", tmp_path)
+  monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(ConfigError, match=r"data.name: pbmc68k needs scanpy.*pip install scanpy"):
+    sources.load_dataset(_config(name="pbmc68k"))
+
+
+# ----------------------------------------------------------------------------- stratified split
+
+
+def test_stratified_split_keeps_class_shares():
+  y = np.repeat(np.arange(4), [50, 31, 9, 1])
+  train_idx, test_idx = sources.stratified_split(y, 0.2, seed=0)
+  assert len(np.intersect1d(train_idx, test_idx)) == 0
+  np.testing.assert_array_equal(np.sort(np.concatenate([train_idx, test_idx])), np.arange(91))
+  assert len(test_idx) == round(91 * 0.2)
+  counts = np.bincount(y[test_idx], minlength=4)
+  assert np.all(np.abs(counts - 0.2 * np.array([50, 31, 9, 1])) < 1.0)
+  assert counts[3] == 0  # A class of one example stays in train.
+  again, _ = sources.stratified_split(y, 0.2, seed=0)
+  other, _ = sources.stratified_split(y, 0.2, seed=1)
+  np.testing.assert_array_equal(again, train_idx)
+  assert not np.array_equal(other, train_idx)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_shapes_columns_and_features_match_counts():
+  c = _small_synthetic()
+  train, test = sources.load_dataset(c)
+  assert train.x.shape == (2400, 200) and test.x.shape == (600, 200)
+  assert train.x.dtype == np.float32 and train.num_classes == 5
+  assert set(train.columns) == {"batch"}
+  # The features are log1p(counts / library * 1e4) of the raw counts, rows split stratified.
+  counts, cell_type, batch = sources.synthetic_counts(c.synthetic)
+  train_idx, test_idx = sources.stratified_split(cell_type, 0.2, 0)
+  library = counts.sum(1, keepdims=True)
+  expected = np.log1p(counts / np.maximum(library, 1) * 1e4)
+  np.testing.assert_allclose(train.x, expected[train_idx], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(test.x, expected[test_idx], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(train.y, cell_type[train_idx])
+  np.testing.assert_array_equal(test.columns["batch"], batch[test_idx])
+
+
+def test_synthetic_float16_option():
+  train, _ = sources.load_dataset(_small_synthetic(dtype="float16", num_cells=200))
+  assert train.x.dtype == np.float16
+
+
+def test_synthetic_counts_are_negative_binomial():
+  phi = 0.5
+  c = _small_synthetic(num_cells=40000, num_genes=30, batch_effect=0.0, signal=0.0,
+                       dispersion=phi).synthetic
+  counts, _, _ = sources.synthetic_counts(c)
+  mu = sources.expression_model(c).base_mean
+  mean, var = counts.mean(0), counts.var(0)
+  expected_var = mu + phi * mu**2  # NB2: Var = mu + phi mu^2.
+  # Standard error of a sample mean is sqrt(var / n); allow 5 of them.
+  assert np.all(np.abs(mean - mu) < 5 * np.sqrt(expected_var / len(counts)))
+  # Sample variance error is ~ var * sqrt(2 / n) (plus kurtosis); 10% is > 5 sigma here.
+  big = mu > 0.2
+  np.testing.assert_allclose(var[big], expected_var[big], rtol=0.1)
+  # Overdispersion is visible: a Poisson would have var == mean.
+  assert np.all(var[mu > 1] > 1.2 * mean[mu > 1])
+  # P(0) of NB2: (1 + phi mu)^(-1/phi).
+  p0 = (counts == 0).mean(0)
+  np.testing.assert_allclose(p0, (1 + phi * mu)**(-1 / phi), atol=0.01)
+
+
+def test_synthetic_batch_effect_shows_in_per_batch_means():
+  def between_batch_spread(batch_effect):
+    c = _small_synthetic(batch_effect=batch_effect, signal=0.0).synthetic
+    counts, _, batch = sources.synthetic_counts(c)
+    x = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
+    per_batch = np.stack([x[batch == b].mean(0) for b in range(4)])  # [batches, genes]
+    return per_batch.std(0).mean()
+  assert between_batch_spread(0.8) > 4 * between_batch_spread(0.0)
+
+
+def test_synthetic_cell_types_are_predictable():
+  def nearest_centroid_accuracy(signal):
+    train, test = sources.load_dataset(_small_synthetic(signal=signal, batch_effect=0.5))
+    centroids = np.stack([train.x[train.y == k].mean(0) for k in range(5)])
+    distance = ((test.x[:, None, :] - centroids[None]) ** 2).sum(-1)
+    return (distance.argmin(1) == test.y).mean()
+  # Chance is 0.2 (5 types); 10 marker genes per type at e^1 = 2.7x give ~0.8.
+  assert nearest_centroid_accuracy(1.0) > 0.6
+  assert nearest_centroid_accuracy(0.0) < 0.3
+
+
+def test_synthetic_is_deterministic_per_seed():
+  a, _ = sources.load_dataset(_small_synthetic(num_cells=300))
+  b, _ = sources.load_dataset(_small_synthetic(num_cells=300))
+  d, _ = sources.load_dataset(_small_synthetic(num_cells=300, seed=4))
+  np.testing.assert_array_equal(a.x, b.x)
+  assert not np.array_equal(a.x, d.x)
+
+
+def test_synthetic_bad_values_raise():
+  with pytest.raises(ConfigError, match="data.synthetic.dispersion"):
+    sources.load_dataset(_small_synthetic(dispersion=-1.0))
+  with pytest.raises(ConfigError, match="data.synthetic.dtype"):
+    sources.load_dataset(_small_synthetic(dtype="int8"))
+
+
+# ----------------------------------------------------------------------------- tfds
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  """A tiny array_record TFDS data set (train 30, test 9) written without TensorFlow."""
+  import PIL.Image
+  import tensorflow_datasets as tfds
+
+  class FedjaxLabTinyImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict({
+              # PNG encoding from a PIL image needs no TensorFlow.
+              "image": tfds.features.Image(shape=(4, 4, 1)),
+              "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+          }),
+          disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples(0, 30),
+              "test": self._generate_examples(30, 39)}
+
+    def _generate_examples(self, start, stop):
+      for i in range(start, stop):
+        pixels = np.full((4, 4), i * 5, np.uint8)
+        pixels[0, 0] = 255
+        yield i, {"image": PIL.Image.fromarray(pixels), "label": i % 3}
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  FedjaxLabTinyImages(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return data_dir
+
+
+def test_tfds_source_reads_array_record(tfds_dir):
+  train, test = sources.load_dataset(
+      _config(name="tfds:fedjax_lab_tiny_images", path=str(tfds_dir)))
+  assert train.x.shape == (30, 4, 4, 1) and test.x.shape == (9, 4, 4, 1)
+  assert train.x.dtype == np.float32
+  assert train.num_classes == 3 and train.class_names == ("a", "b", "c")
+  # Records are written in order (disable_shuffling): example i has pixels i * 5 / 255.
+  np.testing.assert_allclose(train.x[:, 1, 1, 0], np.arange(30) * 5 / 255.0, rtol=1e-6)
+  np.testing.assert_allclose(train.x[:, 0, 0, 0], 1.0)
+  np.testing.assert_array_equal(train.y, np.arange(30) % 3)
+  np.testing.assert_array_equal(test.y, np.arange(30, 39) % 3)
+
+
+def test_tfds_errors(tfds_dir):
+  with pytest.raises(ConfigError, match="data.feature_key"):
+    sources.load_dataset(_config(name="tfds:fedjax_lab_tiny_images", path=str(tfds_dir),
+                                 feature_key="pixels"))
+  with pytest.raises(ConfigError, match="data.name"):
+    sources.load_dataset(_config(name="tfds:no_such_dataset_xyz", path=str(tfds_dir)))
+  # Known builder, empty data_dir, no download allowed: says how to prepare it.
+  with pytest.raises(ConfigError, match=r"data.path.*not prepared.*data.download"):
+    sources.load_dataset(_config(name="tfds:fedjax_lab_tiny_images",
+                                 path=str(tfds_dir / "empty")))
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_npz_with_test_split(tmp_path):
+  rng = np.random.default_rng(0)
+  x, x_test = rng.normal(size=(40, 3)), rng.normal(size=(10, 3))
+  y, y_test = np.arange(40) % 4, np.arange(10) % 4
+  path = tmp_path / "d.npz"
+  np.savez(path, x=x, y=y, x_test=x_test, y_test=y_test)
+  train, test = sources.load_dataset(_config(name="file", path=str(path)))
+  np.testing.assert_allclose(train.x, x.astype(np.float32))
+  np.testing.assert_array_equal(test.y, y_test)
+  assert train.num_classes == 4 and train.x.dtype == np.float32
+
+
+def test_npz_without_test_split_is_stratified_and_keeps_columns(tmp_path):
+  y = np.repeat([0, 1], [30, 20])
+  site = np.arange(50) % 5
+  path = tmp_path / "d.npz"
+  np.savez(path, x=np.arange(100.0).reshape(50, 2), y=y, site=site)
+  train, test = sources.load_dataset(_config(name="file", path=str(path)))
+  assert (len(train), len(test)) == (40, 10)
+  assert np.bincount(test.y).tolist() == [6, 4]
+  # Rows stay attached to their labels and columns: x[:, 0] / 2 is the original row index.
+  rows = (train.x[:, 0] / 2).astype(int)
+  np.testing.assert_array_equal(train.y, y[rows])
+  np.testing.assert_array_equal(train.columns["site"], site[rows])
+
+
+def test_csv_string_labels_become_codes(tmp_path):
+  frame = pd.DataFrame({
+      "f1": np.arange(20.0), "f2": np.arange(20.0) * 2,
+      "hospital": ["h1", "h2"] * 10,
+      "diagnosis": ["sick", "well", "well", "sick", "unknown"] * 4})
+  path = tmp_path / "d.csv"
+  frame.to_csv(path, index=False)
+  train, test = sources.load_dataset(
+      _config(name="file", path=str(path), label_column="diagnosis"))
+  assert train.class_names == ("sick", "unknown", "well")
+  assert train.num_classes == 3 and train.x.shape[1] == 2 and len(train) + len(test) == 20
+  rows = train.x[:, 0].astype(int)
+  names = np.array(train.class_names)[train.y]
+  np.testing.assert_array_equal(names, frame["diagnosis"].to_numpy()[rows])
+  np.testing.assert_array_equal(train.columns["hospital"], rows % 2)  # h1 -> 0, h2 -> 1.
+
+
+def test_csv_missing_label_column_lists_columns(tmp_path):
+  path = tmp_path / "d.csv"
+  pd.DataFrame({"a": [1.0, 2.0], "b": [0, 1]}).to_csv(path, index=False)
+  with pytest.raises(ConfigError, match=r"data.label_column.*available: a, b"):
+    sources.load_dataset(_config(name="file", path=str(path), label_column="label"))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_h5ad_dense_and_sparse(tmp_path, sparse):
+  rng = np.random.default_rng(0)
+  dense = rng.poisson(1.0, size=(30, 6)).astype(np.float32)
+  obs = pd.DataFrame({"cell_type": pd.Categorical(["T", "B", "NK"] * 10),
+                      "donor": pd.Categorical(["d1"] * 15 + ["d2"] * 15),
+                      "n_counts": dense.sum(1)},
+                     index=[f"c{i}" for i in range(30)])
+  x = scipy.sparse.csr_matrix(dense) if sparse else dense
+  path = tmp_path / "d.h5ad"
+  anndata.AnnData(X=x, obs=obs).write_h5ad(path)
+  train, test = sources.load_dataset(
+      _config(name="file", path=str(path), label_column="cell_type"))
+  assert train.x.dtype == np.float32 and train.x.shape == (24, 6) and test.x.shape == (6, 6)
+  assert train.class_names == ("B", "NK", "T")
+  assert set(train.columns) == {"donor"}  # Continuous obs (n_counts) are not site columns.
+  all_x = np.concatenate([train.x, test.x])
+  assert sorted(map(tuple, all_x)) == sorted(map(tuple, dense))
+  with pytest.raises(ConfigError, match=r"data.label_column.*cell_type, donor, n_counts"):
+    sources.load_dataset(_config(name="file", path=str(path), label_column="celltype"))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (dict(name="mnist"), "data.name"),
+    (dict(name="file", path="/nonexistent/d.npz"), "data.path"),
+    (dict(name="file", path=""), "data.path"),
+    (dict(name="file", path="/tmp/d.parquet"), "data.path"),
+    (dict(test_fraction=1.5), "data.test_fraction"),
+])
+def test_config_errors_name_the_key(overrides, key):
+  with pytest.raises(ConfigError) as info:
+    sources.load_dataset(_config(**overrides))
+  assert info.value.key == key
+  assert key in str(info.value)
+
+
+def test_unknown_name_lists_allowed():
+  with pytest.raises(ConfigError, match="allowed: digits, pbmc68k, synthetic_expression"):
+    sources.load_dataset(_config(name="mnist"))
