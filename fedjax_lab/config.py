@@ -9,7 +9,6 @@ from ml_collections import config_dict
 
 from fedjax_lab.errors import ConfigError
 
-ALGORITHMS = ("fedavg", "fedprox")
 BATCH_STATS = ("average", "local")
 WEIGHTINGS = ("examples", "uniform")
 DP_LEVELS = ("none", "example", "site")
@@ -71,7 +70,7 @@ def _positive(key, value, integer=False):
 
 def validate(config) -> None:
   """Checks every key the core reads; data-dependent checks happen when data loads."""
-  from fedjax_lab import models, optim
+  from fedjax_lab import algorithms, models, optim
   known = _flatten(default_config())
   given = _flatten(config)
   for key in given:
@@ -99,7 +98,7 @@ def validate(config) -> None:
   if config.client.prox_mu < 0:
     raise ConfigError("client.prox_mu", f"must be >= 0, got {config.client.prox_mu}")
   _one_of("server.weighting", config.server.weighting, WEIGHTINGS)
-  _one_of("algorithm.name", config.algorithm.name, ALGORITHMS)
+  _one_of("algorithm.name", config.algorithm.name, algorithms.ALGORITHMS)
   _one_of("algorithm.batch_stats", config.algorithm.batch_stats, BATCH_STATS)
   _positive("eval.every", config.eval.every, integer=True)
   _positive("checkpoint.every", config.checkpoint.every, integer=True)

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab import config as config_lib
-from fedjax_lab import evaluation, optim, sharding
-from fedjax_lab.algorithms import fedavg
+from fedjax_lab import algorithms, evaluation, optim, sharding
 from fedjax_lab.checkpoint import Checkpointer
 from fedjax_lab.client import ClientConfig, make_client_update
 from fedjax_lab.data import federated, partition, sources
@@ -85,27 +84,26 @@ class Experiment:
         local_steps=config.client.local_steps, batch_size=config.client.batch_size,
         shuffle=config.client.shuffle, prox_mu=prox_mu))
     self.fedbn = config.algorithm.batch_stats == "local"
-    self.round_fn = fedavg.make_round(
-        self.client_update, self.server_tx, cohort_size=config.cohort_size,
-        weighting=config.server.weighting, fedbn=self.fedbn, mesh=self.mesh)
+    self.algorithm = algorithms.make_algorithm(algorithms.AlgorithmContext(
+        config=config, model=self.model, client_update=self.client_update,
+        client_tx=self.client_tx, server_tx=self.server_tx, num_sites=self.data.num_sites,
+        mesh=self.mesh))
+    self.round_fn = self.algorithm.round
     self.rounds_per_step = config.rounds_per_step
     step = (self.round_fn if self.rounds_per_step == 1
-            else fedavg.fuse_rounds(self.round_fn, self.rounds_per_step))
+            else algorithms.fuse_rounds(self.round_fn, self.rounds_per_step))
     self.step = jax.jit(step, donate_argnums=0)
     class_eval = evaluation.make_class_evaluator(
         self.model, test.x, test.y, train.num_classes, config.eval.batch_size)
     self.evaluate_global = jax.jit(class_eval)
     self.evaluate_sites = jax.jit(jax.vmap(class_eval, in_axes=(None, 0)))
-    self.bytes_per_site = 2 * tree_bytes(self._sent(self.init_state()))  # down + up
+    state = self.init_state()
+    # One message: the model, plus the BatchNorm statistics when they are averaged.
+    self.message_bytes = tree_bytes((state.params, {} if self.fedbn else state.model_state))
 
-  def _sent(self, state):
-    """What a site downloads and uploads each round: the model, plus averaged BN statistics."""
-    return (state.params, {} if self.fedbn else state.model_state)
-
-  def init_state(self) -> fedavg.ServerState:
+  def init_state(self):
     params, model_state = self.model.init(self.keys["init"], self.train.x[:2])
-    state = fedavg.init_server_state(params, model_state, self.server_tx,
-                                     self.data.num_sites, self.fedbn)
+    state = self.algorithm.init(params, model_state)
     state = sharding.put_replicated(state, self.mesh)
     return state._replace(site_model_state=sharding.put_sites(state.site_model_state, self.mesh))
 
@@ -158,12 +156,13 @@ class Experiment:
         t0 = time.perf_counter()
         state, metrics = self.step(state, self.data, self.keys["sampling"], self.keys["client"])
         losses = np.atleast_1d(np.asarray(metrics.train_loss))
+        messages = np.atleast_1d(np.asarray(metrics.messages))
         for i, loss in enumerate(losses):
           completed += 1
           evaluate = completed % cfg.eval.every == 0 or completed == cfg.rounds
           result = self.evaluate(state) if evaluate and i == len(losses) - 1 else None
           seconds = (time.perf_counter() - t0) / len(losses)
-          round_bytes = cfg.cohort_size * self.bytes_per_site
+          round_bytes = int(messages[i]) * self.message_bytes
           meta["bytes_total"] += round_bytes
           meta["seconds_total"] += seconds
           logger.write({

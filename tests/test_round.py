@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_lab import sharding
+from fedjax_lab import algorithms, sharding
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.client import ClientConfig, make_client_update, minibatch_positions
 from fedjax_lab.data.federated import from_partition
@@ -150,7 +150,7 @@ def test_fused_rounds_equal_single_rounds():
   single = state
   for _ in range(4):
     single, _ = jax.jit(round_fn)(single, data, key, key)
-  fused, metrics = jax.jit(fedavg.fuse_rounds(round_fn, 4))(state, data, key, key)
+  fused, metrics = jax.jit(algorithms.fuse_rounds(round_fn, 4))(state, data, key, key)
   assert metrics.train_loss.shape == (4,)
   for u, v in zip(jax.tree.leaves(single.params), jax.tree.leaves(fused.params)):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, atol=1e-7)

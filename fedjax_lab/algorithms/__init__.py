@@ -1,0 +1,69 @@
+"""Federated algorithms by name. Adding one is one file plus one entry in `_BUILDERS`.
+
+Each builder takes an `AlgorithmContext` and returns an `Algorithm`:
+  init(params, model_state) -> state    a NamedTuple with at least `params` (the model that is
+                                        evaluated), `model_state`, `round` (int32), and
+                                        `site_model_state` (per-site statistics or {})
+  round(state, data, sampling_rng, client_rng) -> (state, metrics)
+                                        metrics: `train_loss` and `messages`, the number of
+                                        model-sized messages sent this round (up + down), from
+                                        which the experiment reports bytes_communicated
+The experiment jits `round` (and fuses several with lax.scan); per-site state lives in the
+state as stacked arrays [sites, ...], sharded like the data.
+"""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import optax
+
+from fedjax_lab.errors import ConfigError
+
+
+class AlgorithmContext(NamedTuple):
+  config: Any                # the whole run config
+  model: Any                 # fedjax_lab.models.Model
+  client_update: Callable    # client.make_client_update(...) for this config
+  client_tx: optax.GradientTransformationExtraArgs
+  server_tx: optax.GradientTransformationExtraArgs
+  num_sites: int
+  mesh: Any
+
+
+class Algorithm(NamedTuple):
+  init: Callable
+  round: Callable
+
+
+def _fedavg(ctx: AlgorithmContext) -> Algorithm:
+  from fedjax_lab.algorithms import fedavg
+  cfg = ctx.config
+  fedbn = cfg.algorithm.batch_stats == "local"
+  round_fn = fedavg.make_round(ctx.client_update, ctx.server_tx, cohort_size=cfg.cohort_size,
+                               weighting=cfg.server.weighting, fedbn=fedbn, mesh=ctx.mesh)
+  init = lambda params, model_state: fedavg.init_server_state(
+      params, model_state, ctx.server_tx, ctx.num_sites, fedbn)
+  return Algorithm(init=init, round=round_fn)
+
+
+# fedprox is fedavg whose client adds the proximal term (client.prox_mu), see client.py.
+_BUILDERS = {"fedavg": _fedavg, "fedprox": _fedavg}
+ALGORITHMS = tuple(_BUILDERS)
+
+
+def make_algorithm(ctx: AlgorithmContext) -> Algorithm:
+  name = ctx.config.algorithm.name
+  if name not in _BUILDERS:
+    raise ConfigError("algorithm.name", f"unknown '{name}'; allowed: {', '.join(ALGORITHMS)}")
+  return _BUILDERS[name](ctx)
+
+
+def fuse_rounds(round_fn: Callable, num_rounds: int) -> Callable:
+  """`num_rounds` rounds as ONE lax.scan (one dispatch); metrics gain a leading rounds axis."""
+
+  def fused(state, data, sampling_rng, client_rng):
+    def body(s, _):
+      return round_fn(s, data, sampling_rng, client_rng)
+    return jax.lax.scan(body, state, None, length=num_rounds)
+
+  return fused

@@ -33,7 +33,7 @@ class ServerState(NamedTuple):
 
 class RoundMetrics(NamedTuple):
   train_loss: jax.Array  # example-weighted mean of the cohort's local training losses
-  cohort: jax.Array      # [K] site ids that took part
+  messages: jax.Array    # model-sized messages sent: K down + K up
 
 
 def sample_cohort(rng, num_sites: int, cohort_size: int) -> jax.Array:
@@ -100,18 +100,8 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
 
     new_state = ServerState(params=params, model_state=model_state, opt_state=opt_state,
                             site_model_state=site_model_state, round=t + 1)
-    metrics = RoundMetrics(train_loss=jnp.dot(weights, out.train_loss), cohort=cohort)
+    metrics = RoundMetrics(train_loss=jnp.dot(weights, out.train_loss),
+                           messages=jnp.int32(2 * cohort.shape[0]))
     return new_state, metrics
 
   return round_fn
-
-
-def fuse_rounds(round_fn: Callable, num_rounds: int) -> Callable:
-  """`num_rounds` rounds as ONE lax.scan (one dispatch); metrics gain a leading rounds axis."""
-
-  def fused(state, data, sampling_rng, client_rng):
-    def body(s, _):
-      return round_fn(s, data, sampling_rng, client_rng)
-    return jax.lax.scan(body, state, None, length=num_rounds)
-
-  return fused
