@@ -14,6 +14,8 @@ import optax
 
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.models import Model, cross_entropy
+from fedjax_lab.privacy.clipping import privatize
+from fedjax_lab.privacy.sampling import poisson_sample
 
 
 class ClientConfig(NamedTuple):
@@ -23,10 +25,25 @@ class ClientConfig(NamedTuple):
   prox_mu: float      # FedProx proximal coefficient (Li et al. 2020); 0 is FedAvg
 
 
+class ExampleDP(NamedTuple):
+  """DP-SGD at the site (Abadi et al. 2016): Poisson minibatches, clipped sum, Gaussian noise.
+
+  Each local step every example of the site joins independently with probability
+  rate = batch_size / count (capped at 1); the sampled examples fill `max_batch` slots
+  (privacy/sampling.py); the clipped gradient sum gets N(0, (noise_multiplier * clip_norm)^2)
+  and is divided by the expected batch size rate * count.
+  """
+  clip_norm: float
+  noise_multiplier: float   # this site's share: sigma (parallel) or sigma / sqrt(K) (coordinated)
+  max_batch: int
+  clipped_grad_sum: Callable  # privacy.clipping.make_clipped_grad_sum(..., return_losses=True)
+
+
 class ClientOutput(NamedTuple):
   delta: Any          # local params - global params, shaped like params
   model_state: Any    # the site's BatchNorm statistics after training ({} if none)
   train_loss: jax.Array  # mean minibatch loss over the local steps
+  dp_overflow: jax.Array  # Poisson-sampled examples that did not fit max_batch (0 without DP)
 
 
 def _epoch_permutation(rng, epoch, count, n_max):
@@ -57,13 +74,12 @@ def minibatch_positions(rng, step, count, n_max, batch_size, shuffle):
 
 
 def make_client_update(model: Model, client_tx: optax.GradientTransformationExtraArgs,
-                       config: ClientConfig, grad_fn: Callable | None = None):
+                       config: ClientConfig, dp: ExampleDP | None = None):
   """Returns client_update(params, model_state, site_idx, site_count, rng, data) -> ClientOutput.
 
   site_idx: [n_max] int32 row of the index table; site_count: int32; rng: the site's key for
-  this round (folded in with the round and site id by the caller). `grad_fn(params,
-  model_state, x, y, rng) -> (loss, grads, new_model_state)` replaces the plain minibatch
-  gradient (differential privacy plugs in here); it must not add the proximal term.
+  this round (folded in with the round and site id by the caller). With `dp`, every local
+  step is a DP-SGD step on a Poisson minibatch (see ExampleDP).
   """
 
   def loss_fn(params, model_state, x, y, rng):
@@ -75,7 +91,19 @@ def make_client_update(model: Model, client_tx: optax.GradientTransformationExtr
         params, model_state, x, y, rng)
     return loss, grads, new_state
 
-  gradient = grad_fn or plain_grad_fn
+  def private_step_grads(params, ms, site_idx, site_count, batch_rng, rng_t, data):
+    """One DP-SGD gradient: Poisson sample, clipped per-example sum, noise, / expected size."""
+    rate = jnp.minimum(1.0, config.batch_size / site_count)
+    pos, mask, overflow = poisson_sample(batch_rng, site_count, rate, site_idx.shape[0],
+                                         dp.max_batch)
+    rows = site_idx[pos]
+    x, y = data.x[rows], data.y[rows]
+    grad_sum, _, losses = dp.clipped_grad_sum(params, x, y, mask, dp.clip_norm)
+    noisy = privatize(grad_sum, dp.clip_norm, dp.noise_multiplier, jax.random.fold_in(rng_t, 1))
+    expected = rate * site_count
+    grads = jax.tree.map(lambda g: g / expected, noisy)
+    loss = (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return loss, grads, ms, x, y, overflow
 
   def client_update(global_params, model_state, site_idx, site_count, rng, data: FederatedData):
     batch_rng, step_rng = jax.random.split(rng)
@@ -83,21 +111,29 @@ def make_client_update(model: Model, client_tx: optax.GradientTransformationExtr
 
     def step(carry, t):
       params, opt_state, ms = carry
-      pos = minibatch_positions(batch_rng, t, site_count, n_max, config.batch_size, config.shuffle)
-      rows = site_idx[pos]
-      x, y = data.x[rows], data.y[rows]
       rng_t = jax.random.fold_in(step_rng, t)
-      loss, grads, new_ms = gradient(params, ms, x, y, rng_t)
+      if dp is None:
+        pos = minibatch_positions(batch_rng, t, site_count, n_max, config.batch_size,
+                                  config.shuffle)
+        rows = site_idx[pos]
+        x, y = data.x[rows], data.y[rows]
+        loss, grads, new_ms = plain_grad_fn(params, ms, x, y, rng_t)
+        overflow = jnp.int32(0)
+      else:
+        loss, grads, new_ms, x, y, overflow = private_step_grads(
+            params, ms, site_idx, site_count, jax.random.fold_in(batch_rng, t), rng_t, data)
       if config.prox_mu:
         grads = jax.tree.map(lambda g, w, w0: g + config.prox_mu * (w - w0),
                              grads, params, global_params)
       obj_fn = lambda p: loss_fn(p, ms, x, y, rng_t)[0]
       updates, opt_state = client_tx.update(grads, opt_state, params, obj_fn=obj_fn)
-      return (optax.apply_updates(params, updates), opt_state, new_ms), loss
+      return (optax.apply_updates(params, updates), opt_state, new_ms), (loss, overflow)
 
     init = (global_params, client_tx.init(global_params), model_state)
-    (params, _, model_state), losses = jax.lax.scan(step, init, jnp.arange(config.local_steps))
+    (params, _, model_state), (losses, overflow) = jax.lax.scan(
+        step, init, jnp.arange(config.local_steps))
     delta = jax.tree.map(jnp.subtract, params, global_params)
-    return ClientOutput(delta=delta, model_state=model_state, train_loss=losses.mean())
+    return ClientOutput(delta=delta, model_state=model_state, train_loss=losses.mean(),
+                        dp_overflow=overflow.sum())
 
   return client_update

@@ -26,16 +26,27 @@ def default_config() -> ml_collections.ConfigDict:
   c.cohort_size = 10              # sites per round; = data.num_sites for full participation
   c.data = default_data_config()
   c.model = ml_collections.ConfigDict(dict(
-      name="mlp", hidden=(128,), features=(32, 64), norm="none", dropout=0.0, image_shape=()))
+      name="mlp", hidden=(128,), features=(32, 64), norm="none", dropout=0.0, image_shape=(),
+      # l2: the objective of every algorithm is mean cross-entropy + (l2 / 2) ||w||^2.
+      l2=0.0))
   c.client = ml_collections.ConfigDict(dict(
       optimizer="sgd", lr=0.1, local_steps=3, batch_size=5, shuffle=True, prox_mu=0.0,
       optimizer_args=ml_collections.ConfigDict()))
   c.server = ml_collections.ConfigDict(dict(
       optimizer="sgd", lr=1.0, weighting="examples", optimizer_args=ml_collections.ConfigDict()))
-  c.algorithm = ml_collections.ConfigDict(dict(name="fedavg", batch_stats="average"))
+  # Communication schedule of proxskip / randcom / dsgd (algorithms/schedules.py): which of
+  # a round's client.local_steps steps communicate. Topology of randcom / dsgd
+  # (algorithms/topology.py), with Metropolis-Hastings weights.
+  c.algorithm = ml_collections.ConfigDict(dict(
+      name="fedavg", batch_stats="average", comm_schedule="bernoulli", comm_prob=1.0,
+      comm_every=1, topology="ring", erdos_renyi_p=0.3))
+  # dp.level: "example" = DP-SGD at every site (unit: one example), "site" = DP-FedAvg (unit:
+  # one site). noise_multiplier 0 with target_epsilon set: calibrate sigma for the planned
+  # rounds; both set: target_epsilon is a budget and training stops before exceeding it.
   c.dp = ml_collections.ConfigDict(dict(
       level="none", noise="parallel", clip_norm=1.0, noise_multiplier=0.0,
-      target_epsilon=config_dict.placeholder(float), delta=1e-5, accountant="rdp"))
+      target_epsilon=config_dict.placeholder(float), delta=1e-5, accountant="rdp",
+      clipping="auto", microbatch_size=0))
   c.optim = ml_collections.ConfigDict(dict(public_data=config_dict.placeholder(str)))
   # centralized_baseline: also train the same config on ONE site holding all the training
   # data (same rounds, local_steps x cohort_size steps a round) and report both accuracies.
@@ -100,10 +111,45 @@ def validate(config) -> None:
   _one_of("server.weighting", config.server.weighting, WEIGHTINGS)
   _one_of("algorithm.name", config.algorithm.name, algorithms.ALGORITHMS)
   _one_of("algorithm.batch_stats", config.algorithm.batch_stats, BATCH_STATS)
+  _validate_algorithm(config)
   _positive("eval.every", config.eval.every, integer=True)
   _positive("checkpoint.every", config.checkpoint.every, integer=True)
   _positive("rounds_per_step", config.rounds_per_step, integer=True)
   _validate_dp(config)
+
+
+def _validate_algorithm(config):
+  """The communication-skipping and control-variate algorithms (algorithms/*.py)."""
+  from fedjax_lab import algorithms
+  from fedjax_lab.algorithms import schedules, topology
+  a, name = config.algorithm, config.algorithm.name
+  if config.model.l2 < 0:
+    raise ConfigError("model.l2", f"must be >= 0, got {config.model.l2}")
+  _one_of("algorithm.comm_schedule", a.comm_schedule, schedules.COMM_SCHEDULES)
+  if not 0 < a.comm_prob <= 1:
+    raise ConfigError("algorithm.comm_prob", f"must be in (0, 1], got {a.comm_prob}")
+  _positive("algorithm.comm_every", a.comm_every, integer=True)
+  _one_of("algorithm.topology", a.topology, topology.TOPOLOGIES)
+  if not 0 < a.erdos_renyi_p <= 1:
+    raise ConfigError("algorithm.erdos_renyi_p", f"must be in (0, 1], got {a.erdos_renyi_p}")
+  if name not in ("scaffold", *algorithms.PER_SITE_MODELS):
+    return
+  if config.dp.level != "none":
+    raise ConfigError("dp.level", f"'{config.dp.level}' is not implemented for algorithm "
+                      f"'{name}'; allowed with it: none")
+  # Their correction terms assume plain gradient steps of size client.lr.
+  if config.client.optimizer != "sgd" or config.client.optimizer_args.get("momentum", 0.0):
+    raise ConfigError("client.optimizer", f"algorithm '{name}' takes plain SGD steps of size "
+                      f"client.lr; got '{config.client.optimizer}' "
+                      f"{dict(config.client.optimizer_args)}; allowed: sgd without momentum")
+  if config.model.norm == "batch":
+    raise ConfigError("model.norm", f"algorithm '{name}' keeps no BatchNorm statistics; "
+                      "allowed: none, group")
+  if name in algorithms.PER_SITE_MODELS and config.cohort_size != config.data.num_sites:
+    raise ConfigError("cohort_size", f"algorithm '{name}' uses every site at every step; set "
+                      f"cohort_size = data.num_sites = {config.data.num_sites}")
+  if name in ("randcom", "dsgd") and a.topology == "torus":
+    topology.build("torus", config.data.num_sites)  # raises if num_sites is prime
 
 
 def _validate_dp(config):
@@ -119,6 +165,29 @@ def _validate_dp(config):
     raise ConfigError("dp.clip_norm", f"must be > 0, got {dp.clip_norm}")
   if dp.target_epsilon is not None and dp.target_epsilon <= 0:
     raise ConfigError("dp.target_epsilon", f"must be > 0 (or unset), got {dp.target_epsilon}")
-  if dp.level != "none":
-    raise ConfigError("dp.level", f"'{dp.level}' is not implemented yet in the round; "
-                      "allowed today: none")
+  _one_of("dp.clipping", dp.clipping, ("auto", "vmap", "ghost"))
+  if dp.level == "none":
+    return
+  from fedjax_lab import optim
+  if dp.noise_multiplier == 0 and dp.target_epsilon is None:
+    raise ConfigError("dp.noise_multiplier", f"must be > 0 with dp.level={dp.level}, or set "
+                      "dp.target_epsilon to calibrate it")
+  if config.model.norm == "batch":
+    raise ConfigError("model.norm", "BatchNorm mixes examples (and its statistics are not "
+                      "privatized); use group or none with dp.level != none")
+  for side in ("client", "server"):
+    optim.check_dp_compatible(config[side].optimizer, dp.level, config.optim.public_data,
+                              key=f"{side}.optimizer")
+    if config[side].optimizer in optim.CURVATURE_OPTIMIZERS:
+      # The client's obj_fn is still the private minibatch: refuse rather than leak.
+      raise ConfigError("optim.public_data", "a public calibration set is not wired into the "
+                        "round yet; under DP use a non-curvature optimizer")
+  if dp.noise == "coordinated" and dp.level == "example":
+    # Only then is each site's update linear in its noise, so the K shares of sigma/sqrt(K)
+    # add up to central DP-SGD's noise on the (uniform) sum the server sees.
+    if config.client.local_steps != 1 or config.client.optimizer != "sgd":
+      raise ConfigError("dp.noise", "coordinated example-level noise needs "
+                        "client.local_steps=1 and client.optimizer=sgd (one DP-SGD step a round)")
+    if config.server.weighting != "uniform":
+      raise ConfigError("server.weighting", "coordinated noise needs 'uniform' (the secure sum "
+                        "is unweighted; example weights would change the sensitivity)")

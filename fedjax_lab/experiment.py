@@ -10,22 +10,27 @@ and site index (DESIGN.md), so a resumed run ends with the same parameters.
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fedjax_lab import config as config_lib
 from fedjax_lab import algorithms, evaluation, optim, sharding
 from fedjax_lab.checkpoint import Checkpointer
-from fedjax_lab.client import ClientConfig, make_client_update
+from fedjax_lab.algorithms import fedavg
+from fedjax_lab.client import ClientConfig, ExampleDP, make_client_update
 from fedjax_lab.data import federated, partition, sources
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.logging import MetricsLogger
 from fedjax_lab.models import make_model
+from fedjax_lab.privacy import accounting, clipping, sampling
 
 log = logging.getLogger("fedjax_lab")
 
@@ -43,6 +48,56 @@ def params_sha256(params) -> str:
 
 def tree_bytes(tree) -> int:
   return sum(int(np.prod(l.shape)) * 4 for l in jax.tree.leaves(tree))  # sent as float32
+
+
+class PrivacyPlan(NamedTuple):
+  noise_multiplier: float      # sigma of the aggregate (per-site shares derive from it)
+  sampling_prob: float         # Poisson rate the accountant uses
+  steps_per_round: int         # DP-SGD steps (example) or 1 (site) per round
+  accountant: accounting.Accountant
+  budget: float | None         # stop before epsilon would exceed this
+  description: str             # the one log line stating what is protected and how
+
+
+def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
+  """What the accountant composes, from the config; sigma calibrated if asked."""
+  dp = config.dp
+  if dp.level == "none":
+    return None
+  if dp.level == "example":
+    # Every site runs DP-SGD on its own examples; the smallest site samples at the highest
+    # rate, so its epsilon bounds every site's. No amplification by cohort sampling is
+    # claimed: a site is accounted as if it took part in every round.
+    q = min(1.0, config.client.batch_size / int(site_counts.min()))
+    steps_per_round, units = config.client.local_steps, int(site_counts.sum())
+    unit = "one example"
+    scheme = (f"Poisson minibatches at rate batch_size/site_size (q={q:.4g} at the smallest "
+              f"site), {steps_per_round} DP-SGD step(s) a round, no cohort amplification")
+  else:
+    q, steps_per_round, units = config.cohort_size / config.data.num_sites, 1, config.data.num_sites
+    unit = "one site (all its examples)"
+    scheme = f"Poisson cohorts at rate cohort_size/num_sites (q={q:.4g}), updates clipped"
+  total_steps = config.rounds * steps_per_round
+  sigma, budget, how = dp.noise_multiplier, dp.target_epsilon, "given"
+  if sigma == 0:
+    sigma = accounting.noise_multiplier_for(dp.target_epsilon, q, total_steps, dp.delta,
+                                            dp.accountant)
+    budget, how = None, f"calibrated to epsilon<={dp.target_epsilon} after {config.rounds} rounds"
+  if dp.delta > 1.0 / units:
+    log.warning("dp.delta=%g > 1/%d (1/number of protected units): a mechanism that "
+                "publishes one unit's data outright meets this delta", dp.delta, units)
+  noise = ("coordinated: each of the K sites adds sigma/sqrt(K), so the secure sum carries "
+           "sigma (the epsilon holds against a server that sees only the sum; secure "
+           "aggregation is simulated, not implemented, in this version)"
+           if dp.noise == "coordinated" else "parallel: every site adds the full sigma")
+  description = (f"privacy: unit={unit}; neighbouring relation=add/remove one; sampling="
+                 f"{scheme}; accountant={dp.accountant}; delta={dp.delta:g}; "
+                 f"noise_multiplier={sigma:.4f} ({how}); clip_norm={dp.clip_norm:g}; "
+                 f"noise {noise}")
+  return PrivacyPlan(noise_multiplier=float(sigma), sampling_prob=q,
+                     steps_per_round=steps_per_round,
+                     accountant=accounting.Accountant(sigma, q, dp.delta, dp.accountant),
+                     budget=budget, description=description)
 
 
 def centralized_config(config):
@@ -77,17 +132,20 @@ class Experiment:
                  (("init", _INIT), ("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE))}
     self.client_tx = optim.make_optimizer(config.client.optimizer, config.client.lr,
                                           key_prefix="client", **config.client.optimizer_args)
+    if config.model.l2:  # the objective's (l2/2)||w||^2, as algorithms/common.py adds it
+      self.client_tx = optax.chain(optax.add_decayed_weights(config.model.l2), self.client_tx)
     self.server_tx = optim.make_optimizer(config.server.optimizer, config.server.lr,
                                           key_prefix="server", **config.server.optimizer_args)
     prox_mu = config.client.prox_mu if config.algorithm.name == "fedprox" else 0.0
+    self.privacy = privacy_plan(config, np.asarray(self.data.count))
     self.client_update = make_client_update(self.model, self.client_tx, ClientConfig(
         local_steps=config.client.local_steps, batch_size=config.client.batch_size,
-        shuffle=config.client.shuffle, prox_mu=prox_mu))
+        shuffle=config.client.shuffle, prox_mu=prox_mu), dp=self._example_dp())
     self.fedbn = config.algorithm.batch_stats == "local"
     self.algorithm = algorithms.make_algorithm(algorithms.AlgorithmContext(
         config=config, model=self.model, client_update=self.client_update,
         client_tx=self.client_tx, server_tx=self.server_tx, num_sites=self.data.num_sites,
-        mesh=self.mesh))
+        mesh=self.mesh, site_dp=self._site_dp()))
     self.round_fn = self.algorithm.round
     self.rounds_per_step = config.rounds_per_step
     step = (self.round_fn if self.rounds_per_step == 1
@@ -100,6 +158,35 @@ class Experiment:
     state = self.init_state()
     # One message: the model, plus the BatchNorm statistics when they are averaged.
     self.message_bytes = tree_bytes((state.params, {} if self.fedbn else state.model_state))
+
+  def _example_dp(self):
+    if self.privacy is None or self.config.dp.level != "example":
+      return None
+    dp, cfg = self.config.dp, self.config
+    share = self.privacy.noise_multiplier
+    if dp.noise == "coordinated":
+      share /= math.sqrt(cfg.cohort_size)
+    clipped = clipping.make_clipped_grad_sum(
+        self.model.module, lambda out, y: -jax.nn.log_softmax(out)[y], method=dp.clipping,
+        microbatch_size=dp.microbatch_size or None, apply_kwargs={"train": False},
+        return_losses=True)
+    return ExampleDP(clip_norm=dp.clip_norm, noise_multiplier=share,
+                     max_batch=sampling.max_sample_size(cfg.client.batch_size, self.data.n_max),
+                     clipped_grad_sum=clipped)
+
+  def _site_dp(self):
+    if self.privacy is None or self.config.dp.level != "site":
+      return None
+    cfg = self.config
+    return fedavg.SiteDP(clip_norm=cfg.dp.clip_norm,
+                         noise_multiplier=self.privacy.noise_multiplier,
+                         coordinated=cfg.dp.noise == "coordinated",
+                         max_cohort=sampling.max_sample_size(cfg.cohort_size, self.data.num_sites))
+
+  def epsilon(self, rounds: int) -> float | None:
+    if self.privacy is None:
+      return None
+    return self.privacy.accountant.epsilon_after(rounds * self.privacy.steps_per_round)
 
   def init_state(self):
     params, model_state = self.model.init(self.keys["init"], self.train.x[:2])
@@ -130,6 +217,10 @@ class Experiment:
     exp = Experiment(c, mesh=self.mesh)
     return exp.evaluate(exp.run_rounds(exp.init_state(), c.rounds)).accuracy
 
+  def _over_budget(self, rounds: int) -> bool:
+    return (self.privacy is not None and self.privacy.budget is not None
+            and self.epsilon(rounds) > self.privacy.budget)
+
   def run(self, workdir: str) -> dict:
     """Trains to `config.rounds`, resuming from the last checkpoint in `workdir`."""
     os.makedirs(workdir, exist_ok=True)
@@ -139,13 +230,24 @@ class Experiment:
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep)
     state = self.init_state()
     start, meta = 0, {"bytes_total": 0, "seconds_total": 0.0}
+    if self.privacy is not None:  # what the accountant composes; checked again on resume
+      meta.update(noise_multiplier=self.privacy.noise_multiplier,
+                  sampling_prob=self.privacy.sampling_prob,
+                  steps_per_round=self.privacy.steps_per_round)
     if ckpt.latest_round() is not None:
       start = ckpt.latest_round()
+      planned = dict(meta)
       state, meta = ckpt.restore(start, state)
+      for key in ("noise_multiplier", "sampling_prob", "steps_per_round"):
+        if key in planned and not math.isclose(meta.get(key, -1), planned[key], rel_tol=1e-9):
+          raise ConfigError("dp", f"the checkpoint in {workdir} was trained with {key}="
+                            f"{meta.get(key)}, this config gives {planned[key]}; use a new workdir")
       state = sharding.put_replicated(state, self.mesh)
       log.info("resumed from %s at round %d", workdir, start)
     logger = MetricsLogger(workdir, cfg.rounds, start, progress=cfg.log.progress,
                            tensorboard=cfg.log.tensorboard)
+    if self.privacy is not None:
+      log.info(self.privacy.description)
     completed, result = start, None
     # Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the round in flight, save, then stop.
     stop = {"signal": None}
@@ -153,10 +255,15 @@ class Experiment:
                 for s in (signal.SIGINT, signal.SIGTERM)}
     try:
       while completed < cfg.rounds and stop["signal"] is None:
+        if self._over_budget(completed + self.rounds_per_step):
+          log.warning("privacy budget dp.target_epsilon=%g reached: stopping after round %d "
+                      "(epsilon %.4f)", self.privacy.budget, completed, self.epsilon(completed))
+          break
         t0 = time.perf_counter()
         state, metrics = self.step(state, self.data, self.keys["sampling"], self.keys["client"])
         losses = np.atleast_1d(np.asarray(metrics.train_loss))
         messages = np.atleast_1d(np.asarray(metrics.messages))
+        overflow = np.atleast_1d(np.asarray(metrics.dp_overflow))
         for i, loss in enumerate(losses):
           completed += 1
           evaluate = completed % cfg.eval.every == 0 or completed == cfg.rounds
@@ -171,9 +278,11 @@ class Experiment:
               "test_loss": result.loss if result else None,
               "site_accuracy_mean": result.site_accuracy_mean if result else None,
               "site_accuracy_worst10": result.site_accuracy_worst10 if result else None,
-              "epsilon": None, "seconds": seconds, "bytes_communicated": round_bytes,
-              "bytes_total": meta["bytes_total"]})
-        if completed % cfg.checkpoint.every == 0 or completed == cfg.rounds or stop["signal"]:
+              "epsilon": self.epsilon(completed), "seconds": seconds,
+              "bytes_communicated": round_bytes, "bytes_total": meta["bytes_total"],
+              **({"dp_overflow": int(overflow[i])} if self.privacy else {})})
+        if (completed % cfg.checkpoint.every == 0 or completed == cfg.rounds or stop["signal"]
+            or self._over_budget(completed + self.rounds_per_step)):
           ckpt.save(completed, state, meta)
     finally:
       for s, h in handlers.items():
@@ -187,7 +296,7 @@ class Experiment:
         "test_accuracy": result.accuracy, "test_loss": result.loss,
         "site_accuracy_mean": result.site_accuracy_mean,
         "site_accuracy_worst10": result.site_accuracy_worst10,
-        "epsilon": None, "rounds_completed": completed,
+        "epsilon": self.epsilon(completed), "rounds_completed": completed,
         "total_seconds": meta["seconds_total"], "bytes_total": meta["bytes_total"],
         "params_sha256": params_sha256(state.params),
         "config": json.loads(self.config.to_json_best_effort()),

@@ -12,6 +12,7 @@ The experiment jits `round` (and fuses several with lax.scan); per-site state li
 state as stacked arrays [sites, ...], sharded like the data.
 """
 
+import importlib
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -28,6 +29,7 @@ class AlgorithmContext(NamedTuple):
   server_tx: optax.GradientTransformationExtraArgs
   num_sites: int
   mesh: Any
+  site_dp: Any = None        # fedavg.SiteDP for dp.level="site", else None
 
 
 class Algorithm(NamedTuple):
@@ -40,14 +42,28 @@ def _fedavg(ctx: AlgorithmContext) -> Algorithm:
   cfg = ctx.config
   fedbn = cfg.algorithm.batch_stats == "local"
   round_fn = fedavg.make_round(ctx.client_update, ctx.server_tx, cohort_size=cfg.cohort_size,
-                               weighting=cfg.server.weighting, fedbn=fedbn, mesh=ctx.mesh)
+                               weighting=cfg.server.weighting, fedbn=fedbn, mesh=ctx.mesh,
+                               site_dp=ctx.site_dp)
   init = lambda params, model_state: fedavg.init_server_state(
       params, model_state, ctx.server_tx, ctx.num_sites, fedbn)
   return Algorithm(init=init, round=round_fn)
 
 
+def _module_builder(module_name: str) -> Callable:
+  """The `build(ctx)` of fedjax_lab.algorithms.<module_name>, imported when first used."""
+  def build(ctx: AlgorithmContext) -> Algorithm:
+    return importlib.import_module(f"fedjax_lab.algorithms.{module_name}").build(ctx)
+  return build
+
+
 # fedprox is fedavg whose client adds the proximal term (client.prox_mu), see client.py.
-_BUILDERS = {"fedavg": _fedavg, "fedprox": _fedavg}
+_BUILDERS = {"fedavg": _fedavg, "fedprox": _fedavg,
+             "scaffold": _module_builder("scaffold"),   # control variates, option II
+             "proxskip": _module_builder("proxskip"),   # Scaffnew: communicate w.p. p
+             "randcom": _module_builder("randcom"),     # ProxSkip-style over a graph
+             "dsgd": _module_builder("gossip")}         # decentralized SGD (gossip)
+# Algorithms whose every site keeps its own model and takes part in every local step.
+PER_SITE_MODELS = ("proxskip", "randcom", "dsgd")
 ALGORITHMS = tuple(_BUILDERS)
 
 

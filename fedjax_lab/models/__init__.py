@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab.errors import ConfigError
-from fedjax_lab.models import cnn, mlp, resnet
+from fedjax_lab.models import cnn, linear, mlp, resnet
 
 _MODELS = {
     "mlp": mlp.MLP,
     "transcriptomics_mlp": mlp.TranscriptomicsMLP,
     "cnn": cnn.CNN,
     "resnet": resnet.ResNet,
+    "linear": linear.Linear,
 }
 MODEL_NAMES = tuple(_MODELS)
 NORMS = ("batch", "group", "none")

@@ -1,0 +1,103 @@
+"""What the algorithms with per-site state share: a site's gradient at local step t, the
+per-site keys, and arithmetic on stacked site arrays (leaves [sites, ...]).
+
+`site_gradient(params, site_idx, site_count, rng, step, data) -> (loss, grads)` is the ONE
+place these algorithms touch data, and it draws minibatches exactly as `client.py` does for
+FedAvg (`minibatch_positions` on the key split the same way, dropout keyed by the step), so a
+site sees the same minibatch sequence under every algorithm. Its objective is the site's mean
+cross-entropy plus the l2 term of `model.l2`:
+
+  f_i(w) = mean_{k in site i} CE(model(w, x_k), y_k) + (l2 / 2) ||w||^2,
+
+strongly convex for a linear model when l2 > 0 (FedAvg gets the same term through
+`optax.add_decayed_weights` in front of its client optimizer, see experiment.py). The
+reported loss is the cross-entropy alone, as FedAvg reports it. The round functions take
+any function with this signature, so tests drive them with exact gradients of a quadratic.
+"""
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_lab.client import minibatch_positions
+from fedjax_lab.data.federated import FederatedData
+from fedjax_lab.models import Model, cross_entropy
+
+SiteGradient = Callable  # (params, site_idx [n_max], site_count, rng, step, data) -> (loss, grads)
+
+
+class RoundMetrics(NamedTuple):
+  train_loss: jax.Array   # mean minibatch loss over the sites and local steps of the round
+  messages: jax.Array     # model-sized messages sent this round (up + down / to neighbours)
+  comm_steps: jax.Array   # local steps of the round that communicated
+  dp_overflow: jax.Array  # always 0: these algorithms do not run under DP (config.validate)
+
+
+def round_metrics(train_loss, messages, comm_steps) -> RoundMetrics:
+  return RoundMetrics(train_loss=train_loss, messages=jnp.asarray(messages, jnp.int32),
+                      comm_steps=jnp.asarray(comm_steps, jnp.int32),
+                      dp_overflow=jnp.zeros((), jnp.int32))
+
+
+def make_site_gradient(model: Model, batch_size: int, shuffle: bool, l2: float = 0.0,
+                       full_batch: bool = False) -> SiteGradient:
+  """The minibatch gradient of f_i at local step `step` (or its exact gradient if full_batch).
+
+  full_batch: the exact mean over the site's `site_count` examples (padding weighted 0);
+  used by benchmarks/comm_skipping.py, where deterministic gradients isolate the effect of
+  communication skipping.
+  """
+
+  def loss_on(params, x, y, weights, rng):
+    logits, _ = model.apply(params, {}, x, True, rng)
+    return jnp.sum(weights * cross_entropy(logits, y))
+
+  def site_gradient(params, site_idx, site_count, rng, step, data: FederatedData):
+    batch_rng, step_rng = jax.random.split(rng)  # as client.py splits the site's round key
+    n_max = site_idx.shape[0]
+    if full_batch:
+      rows = site_idx
+      weights = (jnp.arange(n_max) < site_count) / site_count.astype(jnp.float32)
+    else:
+      rows = site_idx[minibatch_positions(batch_rng, step, site_count, n_max, batch_size,
+                                          shuffle)]
+      weights = jnp.full((batch_size,), 1.0 / batch_size)
+    loss, grads = jax.value_and_grad(loss_on)(params, data.x[rows], data.y[rows], weights,
+                                              jax.random.fold_in(step_rng, step))
+    if l2:
+      grads = jax.tree.map(lambda g, w: g + l2 * w, grads, params)
+    return loss, grads
+
+  return site_gradient
+
+
+def site_keys(client_rng, round_index, num_sites: int) -> jax.Array:
+  """[S] keys, site s's key for this round: fold_in(fold_in(client_rng, round), s), as FedAvg."""
+  round_rng = jax.random.fold_in(client_rng, round_index)
+  return jax.vmap(lambda s: jax.random.fold_in(round_rng, s))(jnp.arange(num_sites))
+
+
+def all_site_gradients(site_gradient: SiteGradient, site_params, site_idx, site_count, keys,
+                       step, data: FederatedData):
+  """(losses [S], grads leaves [S, ...]): every site's gradient at its own model x_i.
+
+  site_params leaves [S, ...]; site_idx [S, n_max]; site_count [S]; keys [S]; step: int.
+  """
+  return jax.vmap(site_gradient, in_axes=(0, 0, 0, 0, None, None))(
+      site_params, site_idx, site_count, keys, step, data)
+
+
+def broadcast_to_sites(tree, num_sites: int):
+  """Leaves [...] -> [S, ...]: every site starts from the same model."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_sites, *a.shape)), tree)
+
+
+def site_mean(tree):
+  """Leaves [S, ...] -> [...]: the uniform average over sites."""
+  return jax.tree.map(lambda a: a.mean(0), tree)
+
+
+def zeros_like_sites(tree, num_sites: int):
+  return jax.tree.map(lambda a: jnp.zeros((num_sites, *a.shape), a.dtype), tree)
+
