@@ -1,0 +1,203 @@
+"""Differential privacy inside the round, against independent references.
+
+Gradients: a NumPy per-example loop (manual MLP backprop, clipped in NumPy). Epsilon:
+dp-accounting called directly. Noise: its empirical standard deviation.
+"""
+
+import json
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from dp_accounting import rdp
+
+from fedjax_lab.algorithms import fedavg
+from fedjax_lab.client import ClientConfig, ExampleDP, make_client_update
+from fedjax_lab.config import validate
+from fedjax_lab.data.federated import from_partition
+from fedjax_lab.errors import ConfigError
+from fedjax_lab.experiment import Experiment
+from fedjax_lab.privacy import clipping
+from fedjax_lab.privacy.sampling import max_sample_size, poisson_sample
+from test_experiment import tiny_config
+from test_round import _mlp, _to_numpy
+
+
+def _numpy_example_grads(p, x, y):
+  """Per-example gradients of softmax cross-entropy for the 1-hidden-layer MLP."""
+  w1, b1, w2, b2 = p
+  out = []
+  for xi, yi in zip(x, y):
+    h_pre = xi @ w1 + b1
+    h = np.maximum(h_pre, 0)
+    z = h @ w2 + b2
+    prob = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    d = prob.copy()
+    d[yi] -= 1
+    dh = (w2 @ d) * (h_pre > 0)
+    out.append([np.outer(xi, dh), dh, np.outer(h, d), d])
+  return out
+
+
+def _clip(g, c):
+  norm = np.sqrt(sum((a ** 2).sum() for a in g))
+  return [a * min(1.0, c / norm) for a in g]
+
+
+def test_poisson_inclusion_rate_matches_q_and_ignores_padding():
+  q, count, draws = 0.2, 40, 4000
+  hits = np.zeros(60)
+  size = max_sample_size(q * count, 60)
+  for r in range(draws):
+    pos, mask, overflow = poisson_sample(jax.random.key(r), count, q, 60, size)
+    assert int(overflow) == 0
+    np.add.at(hits, np.asarray(pos)[np.asarray(mask) > 0], 1)
+  rate = hits[:count] / draws
+  assert np.all(np.abs(rate - q) < 4 * np.sqrt(q * (1 - q) / draws))
+  assert hits[count:].sum() == 0  # padding positions are never sampled
+  # The same key selects the same examples whatever the padded width.
+  a = poisson_sample(jax.random.key(7), count, q, 60, size)
+  b = poisson_sample(jax.random.key(7), count, q, count, size)
+  np.testing.assert_array_equal(np.asarray(a[0])[np.asarray(a[1]) > 0],
+                                np.asarray(b[0])[np.asarray(b[1]) > 0])
+
+
+def test_example_level_dp_step_equals_numpy_clipped_sum():
+  rng = np.random.RandomState(0)
+  x = rng.randn(30, 6).astype(np.float32) * 3
+  y = rng.randint(0, 3, 30).astype(np.int32)
+  data = from_partition(x, y, [np.arange(30)], 3)
+  model = _mlp()
+  params, ms = model.init(jax.random.key(0), x[:2])
+  lr, clip, batch = 0.5, 0.3, 6
+  dp = ExampleDP(clip_norm=clip, noise_multiplier=0.0, max_batch=max_sample_size(batch, 30),
+                 clipped_grad_sum=clipping.make_clipped_grad_sum(
+                     model.module, lambda o, t: -jax.nn.log_softmax(o)[t],
+                     apply_kwargs={"train": False}, return_losses=True))
+  update = make_client_update(model, optax.with_extra_args_support(optax.sgd(lr)),
+                              ClientConfig(1, batch, True, 0.0), dp=dp)
+  key = jax.random.key(4)
+  out = update(params, ms, data.idx[0], data.count[0], key, data)
+  # The examples this step sampled (same derivation as the client: batch key, step 0).
+  batch_rng = jax.random.split(key)[0]
+  pos, mask, _ = poisson_sample(jax.random.fold_in(batch_rng, 0), 30, batch / 30, 30,
+                                dp.max_batch)
+  chosen = np.asarray(pos)[np.asarray(mask) > 0]
+  assert 0 < len(chosen) < 30
+  p = _to_numpy(params)
+  grads = [_clip(g, clip) for g in _numpy_example_grads(p, x[chosen].astype(np.float64),
+                                                        y[chosen])]
+  want = [-lr * sum(g[i] for g in grads) / batch for i in range(4)]  # / expected batch size
+  assert any(np.sqrt(sum((a ** 2).sum() for a in g)) > clip for g in
+             _numpy_example_grads(p, x[chosen].astype(np.float64), y[chosen]))
+  got = _to_numpy(out.delta)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _site_round(noise, coordinated, cohort=4, sites=8, clip=0.05, hidden=16):
+  rng = np.random.RandomState(1)
+  x = rng.randn(sites * 5, 6).astype(np.float32)
+  y = rng.randint(0, 3, sites * 5).astype(np.int32)
+  data = from_partition(x, y, np.split(np.arange(sites * 5), sites), 3)
+  model = _mlp(hidden)
+  params, ms = model.init(jax.random.key(0), x[:2])
+  cu = make_client_update(model, optax.with_extra_args_support(optax.sgd(1.0)),
+                          ClientConfig(1, 5, False, 0.0))
+  site_dp = fedavg.SiteDP(clip_norm=clip, noise_multiplier=noise, coordinated=coordinated,
+                          max_cohort=max_sample_size(cohort, sites))
+  round_fn = jax.jit(fedavg.make_round(cu, optax.sgd(1.0), cohort_size=cohort, site_dp=site_dp))
+  state = fedavg.init_server_state(params, ms, optax.sgd(1.0), sites, False)
+  return x, y, params, state, round_fn, data, site_dp
+
+
+def test_site_level_dp_fedavg_equals_numpy_clipped_mean():
+  x, y, params, state, round_fn, data, site_dp = _site_round(0.0, False)
+  key = jax.random.key(9)
+  new, metrics = round_fn(state, data, key, key)
+  cohort, mask, _ = poisson_sample(jax.random.fold_in(key, 0), 8, 4 / 8, 8, site_dp.max_cohort)
+  chosen = np.asarray(cohort)[np.asarray(mask) > 0]
+  assert int(metrics.messages) == 2 * len(chosen)
+  p = _to_numpy(params)
+  total = [np.zeros_like(a) for a in p]
+  for s in chosen:
+    rows = np.arange(s * 5, s * 5 + 5)
+    g = _numpy_example_grads(p, x[rows].astype(np.float64), y[rows])
+    delta = [-sum(gi[i] for gi in g) / 5 for i in range(4)]  # one SGD step, lr 1, batch 5
+    total = [t + d for t, d in zip(total, _clip(delta, site_dp.clip_norm))]
+  want = [a + t / 4 for a, t in zip(p, total)]  # divided by the EXPECTED cohort size
+  for a, b in zip(_to_numpy(new.params), want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("coordinated", [False, True])
+def test_site_level_noise_std(coordinated):
+  # Updates clipped to 1e-4 against noise of std 1 per site: what moves the params is the
+  # noise; 2000 hidden units give ~20k coordinates, so the std is estimated to ~0.5%.
+  sigma, clip = 1e4, 1e-4
+  _, _, params, state, round_fn, data, _ = _site_round(sigma, coordinated, cohort=8, clip=clip,
+                                                       hidden=2000)
+  key = jax.random.key(3)
+  new, metrics = round_fn(state, data, key, key)
+  n = int(metrics.messages) // 2  # all 8 sites at q = 1
+  moved = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
+                          zip(jax.tree.leaves(new.params), jax.tree.leaves(params))])
+  # Sum of n shares, divided by the expected cohort size 8.
+  share = sigma * clip / (np.sqrt(n) if coordinated else 1.0)
+  want = share * np.sqrt(n) / 8
+  assert abs(moved.std() / want - 1) < 0.03
+
+
+def test_epsilon_every_round_matches_dp_accounting(tmp_path):
+  c = tiny_config(**{"dp.level": "example", "dp.noise_multiplier": 1.3, "rounds": 4})
+  exp = Experiment(c)
+  exp.run(str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  q = c.client.batch_size / np.asarray(exp.data.count).min()
+  for r in rows:
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        q, dp_accounting.GaussianDpEvent(1.3)), r["round"] * c.client.local_steps)
+    want = rdp.RdpAccountant().compose(event).get_epsilon(c.dp.delta)
+    assert r["epsilon"] == pytest.approx(want, rel=1e-9)
+    assert r["dp_overflow"] == 0
+
+
+def test_budget_stops_cleanly_and_resume_reports_the_same_epsilon(tmp_path):
+  c = tiny_config(**{"dp.level": "site", "dp.noise_multiplier": 0.8, "rounds": 50,
+                     "cohort_size": 10, "dp.target_epsilon": 3.0})
+  first = Experiment(c).run(str(tmp_path))
+  assert first["rounds_completed"] < 50 and first["epsilon"] <= 3.0
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert all(r["epsilon"] <= 3.0 for r in rows)
+  again = Experiment(c).run(str(tmp_path))
+  assert again["epsilon"] == first["epsilon"]
+  assert again["params_sha256"] == first["params_sha256"]
+
+
+def test_calibrated_sigma_meets_the_target():
+  c = tiny_config(**{"dp.level": "site", "dp.target_epsilon": 2.0, "rounds": 20,
+                     "cohort_size": 5})
+  exp = Experiment(c)
+  assert exp.epsilon(20) <= 2.0
+  assert exp.epsilon(20) > 2.0 * 0.97  # calibrated, not just any large sigma
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"dp.level": "example", "dp.noise_multiplier": -1.0}, "dp.noise_multiplier"),
+    ({"dp.level": "example", "dp.noise_multiplier": 1.0, "dp.clip_norm": 0.0}, "dp.clip_norm"),
+    ({"dp.level": "site", "dp.target_epsilon": -2.0}, "dp.target_epsilon"),
+    ({"dp.level": "site", "dp.noise_multiplier": 1.0, "dp.delta": 1.0}, "dp.delta"),
+    ({"dp.level": "example"}, "dp.noise_multiplier"),
+    ({"dp.level": "example", "dp.noise_multiplier": 1.0, "dp.noise": "coordinated"}, "dp.noise"),
+    ({"dp.level": "example", "dp.noise_multiplier": 1.0, "model.norm": "batch"}, "model.norm"),
+    ({"dp.level": "example", "dp.noise_multiplier": 1.0, "client.optimizer": "esgd"},
+     "client.optimizer"),
+])
+def test_dp_config_errors(overrides, key):
+  with pytest.raises(ConfigError) as e:
+    validate(tiny_config(**overrides))
+  assert e.value.key == key
