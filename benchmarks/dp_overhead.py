@@ -1,6 +1,6 @@
 """Overhead of a DP-SGD step over a non-private SGD step.
 
-    python benchmarks/dp_overhead.py [--steps 30] [--warmup 3]
+    python benchmarks/dp_overhead.py [--steps 20] [--warmup 3]
 
 A non-private step is `value_and_grad` of the mean loss plus an SGD update; a
 DP step is the clipped per-example gradient sum (`make_clipped_grad_sum`),
@@ -8,10 +8,14 @@ DP step is the clipped per-example gradient sum (`make_clipped_grad_sum`),
 the same random batch. Models: MLP 784-256-256-10 at batch 256 and a small CNN
 (Conv 16 3x3 /2, Conv 32 3x3 /2, Dense 10; relu) on 28x28x1 at batch 128.
 
-Every step is timed alone (after `block_until_ready` on its result) and the
-variants are interleaved step by step, so a slow patch of a shared machine
-hits all of them alike; the median over steps is reported. The last line is
+Every step is timed alone (after `block_until_ready` on its result), right
+after an untimed step of the same variant, and the variants are interleaved
+round by round in rotating order, so a slow patch of a shared machine hits all
+of them alike; the median over steps is reported (and the minimum, for a
+sense of the load). The last line is
 `RATIO mlp=<dp/non-dp> cnn=<dp/non-dp>` for the path `method="auto"` picks.
+The row "ghost-no-noise" (ghost clipping without `privatize`; not private) is
+there to split the overhead into clipping and noise generation.
 """
 
 import argparse
@@ -70,13 +74,15 @@ def make_steps(model, params, inputs):
     params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
     return params, loss
 
-  def dp(method):
+  def dp(method, noise=True):
     clipped = clipping.make_clipped_grad_sum(model, example_loss,
                                              method=method)
 
     def step(params, inputs, labels, rng):
       grad_sum, norms = clipped(params, inputs, labels, None, CLIP_NORM)
-      noisy = clipping.privatize(grad_sum, CLIP_NORM, NOISE_MULTIPLIER, rng)
+      noisy = grad_sum
+      if noise:
+        noisy = clipping.privatize(grad_sum, CLIP_NORM, NOISE_MULTIPLIER, rng)
       batch = inputs.shape[0]
       params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g / batch,
                             params, noisy)
@@ -87,20 +93,31 @@ def make_steps(model, params, inputs):
   steps = {"non-private": non_private}
   for method in ("vmap", "ghost"):
     steps[f"dp-{method}"] = dp(method)
+  # Not a DP step: shows how much of the overhead is clipping vs noise.
+  steps["ghost-no-noise"] = dp("ghost", noise=False)
   auto = clipping.choose_method(model, params, inputs)
   return {k: jax.jit(v) for k, v in steps.items()}, f"dp-{auto}"
 
 
 def time_variants(steps, params, inputs, labels, num_steps, warmup):
-  """Interleaved per-step wall times; returns {variant: [seconds]}."""
+  """Interleaved per-step wall times; returns {variant: [seconds]}.
+
+  Each round runs every variant once untimed and once timed, in an order
+  rotated every round: the untimed step refills caches after the previous
+  variant (the vmap path streams hundreds of MB through them), and the
+  rotation spreads any drift in machine load over all variants.
+  """
   rng = jax.random.key(0)
   for step in steps.values():
     for _ in range(warmup):
       jax.block_until_ready(step(params, inputs, labels, rng))
-  times = {name: [] for name in steps}
+  names = list(steps)
+  times = {name: [] for name in names}
   for i in range(num_steps):
     key = jax.random.fold_in(rng, i)
-    for name, step in steps.items():
+    for name in names[i % len(names):] + names[:i % len(names)]:
+      step = steps[name]
+      jax.block_until_ready(step(params, inputs, labels, key))
       start = time.perf_counter()
       jax.block_until_ready(step(params, inputs, labels, key))
       times[name].append(time.perf_counter() - start)
@@ -109,7 +126,7 @@ def time_variants(steps, params, inputs, labels, num_steps, warmup):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
   args = parser.parse_args()
 
@@ -123,7 +140,8 @@ def main():
         f"{jax.device_count()} device(s), {platform.machine()}; "
         f"median of {args.steps} interleaved steps after {args.warmup} "
         "warm-up steps")
-  print(f"{'model':5} {'variant':12} {'median ms':>10} {'ratio':>7}")
+  print(f"{'model':5} {'variant':14} {'median ms':>10} {'min ms':>8} "
+        f"{'ratio':>7}")
   for name, (model, batch, shape) in configs.items():
     inputs = jax.random.normal(jax.random.fold_in(rng, 1), (batch,) + shape)
     labels = jax.random.randint(jax.random.fold_in(rng, 2), (batch,), 0, 10)
@@ -135,8 +153,8 @@ def main():
     for variant, ts in times.items():
       median = statistics.median(ts)
       mark = "  <- auto" if variant == auto else ""
-      print(f"{name:5} {variant:12} {1e3 * median:10.2f} "
-            f"{median / base:7.2f}{mark}")
+      print(f"{name:5} {variant:14} {1e3 * median:10.2f} "
+            f"{1e3 * min(ts):8.2f} {median / base:7.2f}{mark}")
     ratios[name] = statistics.median(times[auto]) / base
   print(f"RATIO mlp={ratios['mlp']:.2f} cnn={ratios['cnn']:.2f}")
 

@@ -74,6 +74,16 @@ class RematModel(nn.Module):
     return nn.Dense(5)(x)
 
 
+class TiedModel(nn.Module):
+  """Reuses a Dense kernel outside that Dense's call (weight tying)."""
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.Dense(4)
+    h = nn.relu(dense(x))
+    return nn.Dense(5)(h @ dense.variables["params"]["kernel"].T)
+
+
 class SharedLayerModel(nn.Module):
 
   @nn.compact
@@ -274,12 +284,12 @@ def test_model_microbatching_losses_and_nan_rows(method):
   weights = jnp.asarray([1, 1, 0, 1, 1, 0, 1], jnp.float32)
   want, _ = numpy_clipped_sum(model_grads(model, params, inputs, labels),
                               0.5, np.asarray(weights))
-  full = clipping.make_clipped_grad_sum(model, example_loss, method=method,
-                                        return_losses=True)
+  full = jax.jit(clipping.make_clipped_grad_sum(
+      model, example_loss, method=method, return_losses=True))
   chunked = clipping.make_clipped_grad_sum(
       model, example_loss, method=method, microbatch_size=3,
       return_losses=True)
-  grads, norms, losses = jax.jit(full)(params, inputs, labels, weights, 0.5)
+  grads, norms, losses = full(params, inputs, labels, weights, 0.5)
   grads_mb, norms_mb, losses_mb = jax.jit(chunked)(params, inputs, labels,
                                                    weights, 0.5)
   assert_tree_close(grads, want)
@@ -290,7 +300,7 @@ def test_model_microbatching_losses_and_nan_rows(method):
   np.testing.assert_allclose(losses_mb, want_losses, rtol=1e-5)
   # NaN in a weight-0 row must not leak into the sum.
   poisoned = inputs.at[2].set(jnp.nan).at[5].set(jnp.inf)
-  grads_nan, _, _ = jax.jit(full)(params, poisoned, labels, weights, 0.5)
+  grads_nan, _, _ = full(params, poisoned, labels, weights, 0.5)
   assert_tree_close(grads_nan, want)
 
 
@@ -318,6 +328,7 @@ def test_auto_falls_back_to_vmap_for_batchnorm():
 @pytest.mark.parametrize("model,problem", [
     (SharedLayerModel(), "more than once"),
     (RematModel(), "lifted transform"),
+    (TiedModel(), "outside that layer"),
 ])
 def test_auto_falls_back_to_vmap_for_unsupported_structure(model, problem):
   variables, inputs, labels = model_problem(model, (6,))
@@ -408,3 +419,11 @@ def test_privatize_under_vmap_over_sites():
   # Sites' noise is independent: no two rows alike.
   rows = np.asarray(noisy["w"])
   assert abs(np.corrcoef(rows)[0, 1]) < 0.05
+
+
+def test_negative_arguments_rejected():
+  loss_fn, params, batch = linear_problem()
+  with pytest.raises(ValueError, match="clip_norm"):
+    clipping.clipped_grad_sum(loss_fn, params, batch, -1.0)
+  with pytest.raises(ValueError, match="noise_multiplier"):
+    clipping.privatize(params, 1.0, -0.5, jax.random.key(0))

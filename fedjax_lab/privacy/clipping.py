@@ -64,6 +64,11 @@ import jax.numpy as jnp
 PyTree = Any
 Method = Literal["auto", "vmap", "ghost"]
 _METHODS = ("auto", "vmap", "ghost")
+# Norms and sums in full float32 even where the backend would default to
+# TF32/bf16 passes (GPU, TPU): a norm computed less precisely than the sum it
+# bounds could let an example's clipped contribution exceed clip_norm. Free on
+# CPU, where float32 matmuls are always exact float32.
+_EXACT = lax.Precision.HIGHEST
 
 
 # ---------------------------------------------------------------------------
@@ -91,6 +96,12 @@ def clip_factors(norms: jax.Array, clip_norm: jax.Array,
   if weights is not None:
     factors = factors * weights
   return factors
+
+
+def _check_nonnegative(name: str, value) -> None:
+  # Only concrete Python numbers can be checked; traced values pass through.
+  if isinstance(value, (int, float)) and not value >= 0:
+    raise ValueError(f"{name} must be >= 0, got {value}.")
 
 
 def _leading_size(tree: PyTree) -> int:
@@ -198,7 +209,8 @@ def clipped_grad_sum(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     clip_norm: C, the L2 bound on each example's gradient over the whole
       params pytree.
     weights: [B] optional multipliers of the clipped gradients (0/1 for
-      padding, or real). Default: all ones.
+      padding, or real). Default: all ones. The sum's L2 sensitivity to one
+      example is clip_norm * max_i |w_i|: weights above 1 need more noise.
     microbatch_size: if set, process the batch in chunks of this many examples
       with lax.scan (peak memory ~ microbatch_size per-example gradients);
       the result is the same sum.
@@ -208,6 +220,7 @@ def clipped_grad_sum(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     grad_sum, a pytree like params: sum_i w_i min(1, C / ||g_i||) g_i; or
     (grad_sum, norms [B]) with return_norms=True.
   """
+  _check_nonnegative("clip_norm", clip_norm)
   size = _leading_size(batch)
   weights = jnp.ones((size,), jnp.float32) if weights is None else weights
   grad_sum, norms, _ = _microbatched(
@@ -234,6 +247,8 @@ def privatize(grad_sum: PyTree, clip_norm: float | jax.Array,
     A pytree like grad_sum. Noise is drawn in float32 (at least) and cast to
     each leaf's dtype.
   """
+  _check_nonnegative("clip_norm", clip_norm)
+  _check_nonnegative("noise_multiplier", noise_multiplier)
   leaves, treedef = jax.tree.flatten(grad_sum)
   keys = jax.random.split(rng, len(leaves))
   std = jnp.asarray(noise_multiplier, jnp.float32) * jnp.asarray(
@@ -381,8 +396,9 @@ def _im2col(x: jax.Array, module: nn.Conv) -> jax.Array:
   Strided slices of the padded input, one per kernel offset: pure data
   movement, unlike `lax.conv_general_dilated_patches`, which runs a
   convolution with a k x k identity kernel (k times the layer's FLOPs).
-  The feature order within a patch differs from the kernel's layout, which
-  does not matter for a norm.
+  Patch features are ordered (kernel offset row-major, in-channel), the
+  order of `kernel.reshape(-1, out_channels)`, so a_i^T g_i reshapes straight
+  into the kernel's gradient.
   """
   kernel_size = _conv_kernel_size(module)
   ndim = len(kernel_size)
@@ -455,7 +471,8 @@ def _layer_norms_and_sum(layer: _Layer, layer_params: PyTree, x: jax.Array,
     def dense_sum(factors):
       keep = (factors != 0).astype(jnp.float32)
       scaled_g = _scale_rows(float_g, factors)
-      return pack(_scale_rows(float_x, keep).T @ scaled_g,
+      return pack(jnp.matmul(_scale_rows(float_x, keep).T, scaled_g,
+                             precision=_EXACT),
                   jnp.sum(scaled_g, axis=0))
 
     return sq, dense_sum
@@ -475,22 +492,23 @@ def _layer_norms_and_sum(layer: _Layer, layer_params: PyTree, x: jax.Array,
   if t * (k + o) < k * o:
     # Ghost norm: ||a^T g||_F^2 = sum_{p,q} (a_p . a_q)(g_p . g_q), cost
     # T^2 (k + o) instead of T k o.
-    gram_a = jnp.einsum("btk,bsk->bts", a, a)
-    gram_g = jnp.einsum("bto,bso->bts", g3, g3)
+    gram_a = jnp.einsum("btk,bsk->bts", a, a, precision=_EXACT)
+    gram_g = jnp.einsum("bto,bso->bts", g3, g3, precision=_EXACT)
     sq = jnp.sum(gram_a * gram_g, axis=(1, 2)) + bias_sq
 
     def ghost_sum(factors):
       keep = (factors != 0).astype(jnp.float32)
       scaled_g = _scale_rows(g3, factors)
       return pack(
-          jnp.einsum("btk,bto->ko", _scale_rows(a, keep), scaled_g),
+          jnp.einsum("btk,bto->ko", _scale_rows(a, keep), scaled_g,
+                     precision=_EXACT),
           jnp.sum(scaled_g, axis=(0, 1)))
 
     return sq, ghost_sum
 
   # Materialize the per-example kernel gradients of this layer only; the
   # clipped sum is then a weighted sum of them, with no extra pass over a.
-  per_example = jnp.einsum("btk,bto->bko", a, g3)
+  per_example = jnp.einsum("btk,bto->bko", a, g3, precision=_EXACT)
   sq = jnp.sum(jnp.square(per_example), axis=(1, 2)) + bias_sq
 
   def materialized_sum(factors):
@@ -658,7 +676,9 @@ def _ghost_chunk(module, example_loss, params, clip_norm, layers,
                                          layer_grads[layer.key])
         for layer in layers
     }
-    norms = jnp.sqrt(sum(sq for sq, _ in per_layer.values()))
+    # The Gram form can round a ~0 norm to a tiny negative; sqrt would give
+    # NaN and silently drop the example.
+    norms = jnp.sqrt(jnp.maximum(sum(sq for sq, _ in per_layer.values()), 0))
     factors = clip_factors(norms, clip_norm, weights)
     # Book-keeping: the clipped sum needs no second backward pass, because
     # the output cotangent of sum_i w_i c_i loss_i is w_i c_i g_i row by row.
@@ -763,6 +783,7 @@ def make_clipped_grad_sum(module: nn.Module,
   apply_kwargs = dict(apply_kwargs or {})
 
   def fn(params, inputs, labels, weights, clip_norm, model_state=None):
+    _check_nonnegative("clip_norm", clip_norm)
     size = _leading_size(inputs)
     if weights is None:
       weights = jnp.ones((size,), jnp.float32)
