@@ -125,3 +125,34 @@ def test_bad_config_exits_2_with_one_line(flags, key, tmp_path):
   assert proc.returncode == 2, proc.stderr
   assert len(lines) == 1 and key in lines[0], proc.stderr
   assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_then_the_same_command_finishes_identically(tmp_path):
+  import signal
+  import time
+  flags = ["--config.rounds=400", "--config.eval.every=50", "--config.checkpoint.every=1000",
+           "--config.log.progress=False"]
+  env = {**os.environ, "XLA_FLAGS": ""}
+  cmd = lambda d: [sys.executable, "train.py", "--workdir", str(d), *flags]
+  proc = subprocess.Popen(cmd(tmp_path / "a"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "a" / "metrics.jsonl"
+  deadline = time.time() + 120
+  while time.time() < deadline and not (metrics.exists() and
+                                        len(metrics.read_text().splitlines()) >= 20):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  done = len(metrics.read_text().splitlines())
+  assert 20 <= done < 400  # interrupted mid-run ...
+  saved = [int(d) for d in os.listdir(tmp_path / "a" / "checkpoints") if d.isdigit()]
+  assert saved == [done]  # ... and saved the round it had finished, not just every 1000
+  resumed = subprocess.run(cmd(tmp_path / "a"), cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+  straight = subprocess.run(cmd(tmp_path / "b"), cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+  sha = lambda p: json.loads(p.stdout.strip().splitlines()[-1])["params_sha256"]
+  assert resumed.returncode == 0 and straight.returncode == 0
+  assert sha(resumed) == sha(straight)
