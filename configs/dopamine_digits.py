@@ -13,8 +13,8 @@ q, sigma and steps, hence the same epsilon:
   coordinated: every site adds N(0, sigma^2 C^2 / 10), so the (securely) summed noise is
                exactly central DP-SGD's; the epsilon holds against a server that only sees
                the sum (secure aggregation is simulated here).
-Measured on a 2-core CPU (~40 s each; mean of 3 seeds): central 0.93, coordinated 0.91,
-parallel 0.63 (benchmarks/dopamine_comparison.py sweeps epsilon and draws the plot).
+Measured on a 2-core CPU (~40 s each; mean of 3 seeds): central 0.921, coordinated 0.901,
+parallel 0.617 (benchmarks/dopamine_comparison.py sweeps epsilon and draws the plot).
 """
 
 from fedjax_lab.config import default_config
