@@ -73,6 +73,8 @@ def main():
   for v in VARIANTS:
     ax.plot(epsilons, acc[v], marker="o", label=v)
   ax.set_xscale("log")
+  ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+  ax.minorticks_off()
   ax.set_xlabel("epsilon (delta 1e-5, RDP)")
   ax.set_ylabel("test accuracy")
   ax.set_title(os.path.basename(args.config))
