@@ -52,10 +52,10 @@ def test_poisson_inclusion_rate_matches_q_and_ignores_padding():
   q, count, draws = 0.2, 40, 4000
   hits = np.zeros(60)
   size = max_sample_size(q * count, 60)
-  for r in range(draws):
-    pos, mask, overflow = poisson_sample(jax.random.key(r), count, q, 60, size)
-    assert int(overflow) == 0
-    np.add.at(hits, np.asarray(pos)[np.asarray(mask) > 0], 1)
+  keys = jax.vmap(jax.random.key)(jnp.arange(draws))
+  pos, mask, overflow = jax.jit(jax.vmap(lambda k: poisson_sample(k, count, q, 60, size)))(keys)
+  assert int(overflow.max()) == 0
+  np.add.at(hits, np.asarray(pos)[np.asarray(mask) > 0], 1)
   rate = hits[:count] / draws
   assert np.all(np.abs(rate - q) < 4 * np.sqrt(q * (1 - q) / draws))
   assert hits[count:].sum() == 0  # padding positions are never sampled
