@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+import fedjax_lab  # noqa: F401  (first: it sets up the CPU devices before jax loads)
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags

@@ -10,25 +10,35 @@ lr 0.1, batches in stored order); FedAvg; 50 rounds. S10 samples 10 sites a roun
 
 * naive: a Python loop over the cohort's sites and their local steps, one jitted SGD step per
   call, then the average (the same math; tests/test_benchmarks.py checks equal params).
-* bare:  the ceiling: one jit, vmap over sites, scan over steps, mean, nothing else.
+* bare:  one jit, vmap over sites, scan over steps, mean, nothing else, on one device.
+* bare_sharded: the same with the sites axis sharded over the lab's devices (one
+  sharding constraint): the like-for-like ceiling for the lab's own overhead.
 * lab:   fedjax_lab's Experiment.step (cohort sampling, index-table gather, weighted
   aggregation, server optax optimizer), i.e. what train.py runs.
+On a CPU host fedjax_lab runs one single-threaded XLA device per core (see
+fedjax_lab/__init__.py); naive and bare run on one device. So that no baseline is handicapped
+by that setup, naive and bare are also timed in a child process with JAX's defaults (one CPU
+device, multi-threaded XLA) and each ratio uses the FASTER of the two baseline timings.
 Then a sweep of 10 ... 10,000 sites per round (digits' sites tiled) with s/round and memory.
-The last line is `RATIO S10=<naive/lab> S100=<naive/lab> overhead_S100=<lab/bare>`.
+The last line is `RATIO S10=<naive/lab> S100=<naive/lab> overhead_S100=<lab/bare_sharded>`.
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import fedjax_lab  # noqa: F401  (before jax: the lab's CPU device setup)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lab import sharding
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.config import default_config
 from fedjax_lab.experiment import Experiment
@@ -86,9 +96,13 @@ def make_naive(exp: Experiment):
   return round_
 
 
-def make_bare(exp: Experiment):
+def make_bare(exp: Experiment, mesh=None):
   model = exp.model
   xs, ys = site_arrays(exp)
+  if mesh is None:
+    xs, ys = jax.device_put((xs, ys), jax.devices()[0])
+  else:
+    xs, ys = sharding.put_replicated((xs, ys), mesh)
 
   @jax.jit
   def round_(params, cohort):
@@ -99,7 +113,8 @@ def make_bare(exp: Experiment):
         g = jax.grad(lambda q: _loss(model, q, xb, yb))(p)
         return jax.tree.map(lambda w, gw: w - LR * gw, p, g), None
       return jax.lax.scan(step, params, jnp.arange(STEPS))[0]
-    local_params = jax.vmap(local)(xs[cohort], ys[cohort])
+    x, y = sharding.constrain_sites((xs[cohort], ys[cohort]), mesh)
+    local_params = jax.vmap(local)(x, y)
     return jax.tree.map(lambda w: w.mean(0), local_params)
 
   return round_
@@ -112,11 +127,15 @@ def run_lab(exp, rounds):
   return state.params
 
 
-def run_reference(exp, round_fn, rounds):
-  params = exp.init_state().params
+def run_reference(exp, round_fn, rounds, mesh=None):
+  params = single_device(exp.init_state().params) if mesh is None else exp.init_state().params
   for cohort in cohorts(exp, rounds):
     params = round_fn(params, jnp.asarray(cohort))
   return params
+
+
+def single_device(tree):
+  return jax.device_put(jax.device_get(tree), jax.devices()[0])
 
 
 def _time_rounds(fn, state, rounds):
@@ -128,24 +147,39 @@ def _time_rounds(fn, state, rounds):
   return state, times
 
 
-def time_variants(cohort_size, rounds, repeats):
+def time_variants(cohort_size, rounds, repeats, variants=("naive", "bare", "bare_sharded", "lab")):
   exp = Experiment(reference_config(cohort_size, rounds))
-  naive, bare = make_naive(exp), make_bare(exp)
+  fns = {"naive": make_naive(exp), "bare": make_bare(exp),
+         "bare_sharded": make_bare(exp, exp.mesh)}
   plan = [jnp.asarray(c) for c in cohorts(exp, rounds)]
   step = lambda s: exp.step(s, exp.data, exp.keys["sampling"], exp.keys["client"])[0]
-  params0 = exp.init_state().params
-  times = {"naive": [], "bare": [], "lab": []}
+  start = {"naive": single_device(exp.init_state().params),
+           "bare": single_device(exp.init_state().params),
+           "bare_sharded": exp.init_state().params}
+  times = {v: [] for v in variants}
   # Warm-up compiles, then interleave the variants so machine noise hits all of them alike.
-  jax.block_until_ready(naive(params0, plan[0]))
-  jax.block_until_ready(bare(params0, plan[0]))
-  jax.block_until_ready(step(exp.init_state()))
+  for v in variants:
+    if v == "lab":
+      jax.block_until_ready(step(exp.init_state()))
+    else:
+      jax.block_until_ready(fns[v](start[v], plan[0]))
   for _ in range(repeats):
-    it = iter(plan)
-    times["naive"] += _time_rounds(lambda p: naive(p, next(it)), params0, rounds)[1]
-    it = iter(plan)
-    times["bare"] += _time_rounds(lambda p: bare(p, next(it)), params0, rounds)[1]
-    times["lab"] += _time_rounds(step, exp.init_state(), rounds)[1]
+    for v in variants:
+      if v == "lab":
+        times[v] += _time_rounds(step, exp.init_state(), rounds)[1]
+      else:
+        it = iter(plan)
+        times[v] += _time_rounds(lambda p: fns[v](p, next(it)), start[v], rounds)[1]
   return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def baselines_with_jax_defaults(rounds, repeats):
+  """naive and bare timed in a child process with JAX's default CPU setup."""
+  env = {**os.environ, "FEDJAX_LAB_CPU_DEVICES": "1"}
+  out = subprocess.run([sys.executable, __file__, "--baselines-only", "--rounds", str(rounds),
+                        "--repeats", str(repeats)], env=env, capture_output=True, text=True,
+                       check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _rss_mb():
@@ -175,25 +209,39 @@ def sweep(site_counts, rounds):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="few rounds, small sweep")
+  parser.add_argument("--baselines-only", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--rounds", type=int, default=None)
+  parser.add_argument("--repeats", type=int, default=None)
   args = parser.parse_args()
   rounds, repeats = (10, 1) if args.quick else (50, 3)
+  rounds, repeats = args.rounds or rounds, args.repeats or repeats
+  if args.baselines_only:
+    print(json.dumps({name: time_variants(k, rounds, repeats, ("naive", "bare"))
+                      for name, k in (("S10", 10), ("S100", 100))}))
+    return
   site_counts = (10, 100, 1000) if args.quick else (10, 100, 1000, 10000)
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
-        f"{os.cpu_count()} cpus; {rounds} rounds x {repeats} repeats, medians")
+  print(f"jax {jax.__version__}: {jax.device_count()} {jax.devices()[0].platform} device(s) for "
+        f"the lab, {os.cpu_count()} cpus; {rounds} rounds x {repeats} repeats, medians (ms/round)")
+  defaults = baselines_with_jax_defaults(rounds, repeats)
   results = {}
   for name, k in (("S10", 10), ("S100", 100)):
-    r = results[name] = time_variants(k, rounds, repeats)
-    print(f"{name}: naive {r['naive'] * 1e3:8.2f} ms/round   bare {r['bare'] * 1e3:7.2f}   "
-          f"lab {r['lab'] * 1e3:7.2f}   naive/lab {r['naive'] / r['lab']:5.1f}x   "
-          f"lab/bare {r['lab'] / r['bare']:4.2f}")
+    r = time_variants(k, rounds, repeats)
+    d = defaults[name]
+    naive, bare = min(r["naive"], d["naive"]), min(r["bare"], d["bare"])
+    results[name] = (naive, bare, r)
+    print(f"{name}: naive {r['naive'] * 1e3:.2f} (JAX defaults {d['naive'] * 1e3:.2f})  "
+          f"bare {r['bare'] * 1e3:.2f} (JAX defaults {d['bare'] * 1e3:.2f})  "
+          f"bare_sharded {r['bare_sharded'] * 1e3:.2f}  lab {r['lab'] * 1e3:.2f}  |  "
+          f"naive/lab {naive / r['lab']:.2f}x  lab/bare_sharded "
+          f"{r['lab'] / r['bare_sharded']:.2f}  lab/bare(1 device) {r['lab'] / bare:.2f}")
   print("sweep (lab, all sites every round):")
   print(f"{'sites':>7} {'ms/round':>10} {'ms/site':>8} {'rss MB (round 1 -> last)':>26} {'peak MB':>8}")
   for sites, sec, rss0, rss1, peak in sweep(site_counts, rounds):
     print(f"{sites:7d} {sec * 1e3:10.2f} {sec * 1e3 / sites:8.4f} {rss0:12.0f} -> {rss1:<11.0f} "
           f"{peak:8.0f}")
-  s10, s100 = results["S10"], results["S100"]
-  print(f"RATIO S10={s10['naive'] / s10['lab']:.2f} S100={s100['naive'] / s100['lab']:.2f} "
-        f"overhead_S100={s100['lab'] / s100['bare']:.2f}")
+  (n10, _, r10), (n100, _, r100) = results["S10"], results["S100"]
+  print(f"RATIO S10={n10 / r10['lab']:.2f} S100={n100 / r100['lab']:.2f} "
+        f"overhead_S100={r100['lab'] / r100['bare_sharded']:.2f}")
 
 
 if __name__ == "__main__":

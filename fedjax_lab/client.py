@@ -133,7 +133,8 @@ def make_client_update(model: Model, client_tx: optax.GradientTransformationExtr
     (params, _, model_state), (losses, overflow) = jax.lax.scan(
         step, init, jnp.arange(config.local_steps))
     delta = jax.tree.map(jnp.subtract, params, global_params)
+    # Without DP the overflow is a constant 0, so no cross-device sum is compiled for it.
     return ClientOutput(delta=delta, model_state=model_state, train_loss=losses.mean(),
-                        dp_overflow=overflow.sum())
+                        dp_overflow=overflow.sum() if dp is not None else jnp.int32(0))
 
   return client_update

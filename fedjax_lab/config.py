@@ -53,6 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(every=1, batch_size=2048, centralized_baseline=False))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
   c.rounds_per_step = 1           # >1 fuses that many rounds into one lax.scan dispatch
+  c.min_sites_per_device = 16     # split a cohort over the devices only above this many each
   c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True))
   return c
 
@@ -115,6 +116,7 @@ def validate(config) -> None:
   _positive("eval.every", config.eval.every, integer=True)
   _positive("checkpoint.every", config.checkpoint.every, integer=True)
   _positive("rounds_per_step", config.rounds_per_step, integer=True)
+  _positive("min_sites_per_device", config.min_sites_per_device, integer=True)
   _validate_dp(config)
 
 

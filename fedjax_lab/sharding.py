@@ -40,12 +40,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def mesh_if_worth_it(mesh: Mesh | None, sites: int, min_sites_per_device: int) -> Mesh | None:
+  """The mesh to split `sites` over, or None when each device would get too few."""
+  if mesh is None or sites < min_sites_per_device * mesh.size:
+    return None
+  return mesh
+
+
 def constrain_sites(tree, mesh: Mesh | None):
   """Inside jit: shard every leaf's leading (sites) axis over the mesh."""
   if mesh is None or mesh.size == 1:
     return tree
   return jax.tree.map(
       lambda a: jax.lax.with_sharding_constraint(a, sites_sharding(mesh, a.ndim)), tree)
+
+
+def constrain_replicated(tree, mesh: Mesh | None):
+  """Inside jit: keep small per-cohort vectors (weights) whole on every device."""
+  if mesh is None or mesh.size == 1:
+    return tree
+  return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, replicated(mesh)), tree)
 
 
 def put_sites(tree, mesh: Mesh | None):

@@ -167,7 +167,8 @@ def test_eight_devices_equal_one_device():
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.make_mesh(devices)
-    round_fn = jax.jit(fedavg.make_round(cu, optax.sgd(1.0), cohort_size=8, mesh=mesh))
+    round_fn = jax.jit(fedavg.make_round(cu, optax.sgd(1.0), cohort_size=8, mesh=mesh,
+                                         min_sites_per_device=1))
     state = sharding.put_replicated(
         fedavg.init_server_state(params, ms, optax.sgd(1.0), 10, False), mesh)
     d = sharding.put_replicated(data, mesh)

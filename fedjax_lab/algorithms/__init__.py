@@ -43,7 +43,8 @@ def _fedavg(ctx: AlgorithmContext) -> Algorithm:
   fedbn = cfg.algorithm.batch_stats == "local"
   round_fn = fedavg.make_round(ctx.client_update, ctx.server_tx, cohort_size=cfg.cohort_size,
                                weighting=cfg.server.weighting, fedbn=fedbn, mesh=ctx.mesh,
-                               site_dp=ctx.site_dp)
+                               site_dp=ctx.site_dp,
+                               min_sites_per_device=cfg.min_sites_per_device)
   init = lambda params, model_state: fedavg.init_server_state(
       params, model_state, ctx.server_tx, ctx.num_sites, fedbn)
   return Algorithm(init=init, round=round_fn)

@@ -87,7 +87,8 @@ def clip_by_global_norm(tree, clip_norm):
 
 def make_round(client_update: Callable, server_tx: optax.GradientTransformation, *,
                cohort_size: int, weighting: str = "examples", fedbn: bool = False,
-               mesh=None, site_dp: SiteDP | None = None) -> Callable:
+               mesh=None, site_dp: SiteDP | None = None,
+               min_sites_per_device: int = 16) -> Callable:
   """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, RoundMetrics).
 
   `client_update` is `client.make_client_update(...)`; the keys are the run's per-purpose
@@ -105,7 +106,16 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
       cohort, in_cohort, cohort_overflow = poisson_sample(
           round_sampling_rng, data.num_sites, cohort_size / data.num_sites, data.num_sites,
           site_dp.max_cohort)
-    site_idx, site_count = sharding.constrain_sites((data.idx[cohort], data.count[cohort]), mesh)
+    # Aggregation weights from the replicated counts: no cross-device sum for the normaliser.
+    # Below min_sites_per_device a cross-device sum costs more than the split saves: every
+    # device then runs the whole (replicated) cohort.
+    split = sharding.mesh_if_worth_it(mesh, cohort.shape[0], min_sites_per_device)
+    cohort_count = sharding.constrain_replicated(data.count[cohort], split)
+    if weighting == "examples":
+      weights = cohort_count.astype(jnp.float32) / cohort_count.sum()
+    else:
+      weights = jnp.full(cohort.shape, 1.0 / cohort.shape[0])
+    site_idx, site_count = sharding.constrain_sites((data.idx[cohort], cohort_count), split)
     round_rng = jax.random.fold_in(client_rng, t)
     site_rngs = jax.vmap(lambda s: jax.random.fold_in(round_rng, s))(cohort)
     if fedbn and state.model_state:
@@ -124,10 +134,6 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
                                  expected_cohort=cohort_size)
       weights = in_cohort / jnp.maximum(num_in, 1.0)
     else:
-      if weighting == "examples":
-        weights = site_count.astype(jnp.float32) / site_count.sum()
-      else:
-        weights = jnp.full((cohort.shape[0],), 1.0 / cohort.shape[0])
       mean_delta = weighted_mean(out.delta, weights)
     updates, opt_state = server_tx.update(jax.tree.map(jnp.negative, mean_delta),
                                           state.opt_state, state.params)
