@@ -19,9 +19,13 @@ there to split the overhead into clipping and noise generation.
 """
 
 import argparse
+import os
 import platform
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.linen as nn
 import jax
