@@ -20,8 +20,11 @@ communication. Messages per round (model = 9,610 floats for the MLP, 650 for the
 FedAvg 32, SCAFFOLD 64 (controls travel too), ProxSkip 32 per communicating step (10 p
 expected a round), RandCom / D-SGD sum of degrees per gossip (ring 32, 4 x 4 torus 64).
 
-Expected on a 2-core CPU (~10 s a run, 150 rounds): see benchmarks/RESULTS_comm.md for the
-final test loss / accuracy and total bytes of every variant, and the plots.
+Expected on a 2-core CPU: ~12 s a run with start-up (150 rounds). Final test accuracy on
+digits: FedAvg 0.966, SCAFFOLD 0.983, ProxSkip 0.973-0.980 (184 MB sent by FedAvg, 196 MB by
+ProxSkip p = 0.1, 1845 MB by p = 1), RandCom 0.976; on logistic: FedAvg 0.916 (test loss
+0.591: client drift), every corrected method 0.943 (test loss 0.425-0.428), D-SGD ring 0.926.
+Full tables and plots: benchmarks/RESULTS.md, benchmarks/plots/compare_*.png.
 """
 
 from fedjax_lab.config import default_config

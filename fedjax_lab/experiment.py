@@ -100,6 +100,15 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
                      budget=budget, description=description)
 
 
+def place_state(state, mesh):
+  """The state replicated, except its per-site fields (named site_*, leaves [sites, ...]),
+  sharded over the mesh as the rounds keep them: the jitted round then sees the same input
+  shardings at every call and compiles once."""
+  state = sharding.put_replicated(state, mesh)
+  return state._replace(**{f: sharding.put_sites(getattr(state, f), mesh)
+                           for f in state._fields if f.startswith("site_")})
+
+
 def centralized_config(config):
   """The config with the federation removed: one site holds all the training examples."""
   c = config.copy_and_resolve_references()
@@ -190,9 +199,7 @@ class Experiment:
 
   def init_state(self):
     params, model_state = self.model.init(self.keys["init"], self.train.x[:2])
-    state = self.algorithm.init(params, model_state)
-    state = sharding.put_replicated(state, self.mesh)
-    return state._replace(site_model_state=sharding.put_sites(state.site_model_state, self.mesh))
+    return place_state(self.algorithm.init(params, model_state), self.mesh)
 
   def evaluate(self, state) -> evaluation.EvalResult:
     if self.fedbn and state.model_state:
@@ -242,7 +249,7 @@ class Experiment:
         if key in planned and not math.isclose(meta.get(key, -1), planned[key], rel_tol=1e-9):
           raise ConfigError("dp", f"the checkpoint in {workdir} was trained with {key}="
                             f"{meta.get(key)}, this config gives {planned[key]}; use a new workdir")
-      state = sharding.put_replicated(state, self.mesh)
+      state = place_state(state, self.mesh)
       log.info("resumed from %s at round %d", workdir, start)
     logger = MetricsLogger(workdir, cfg.rounds, start, progress=cfg.log.progress,
                            tensorboard=cfg.log.tensorboard)

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_lab import sharding
 from fedjax_lab.client import minibatch_positions
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.models import Model, cross_entropy
@@ -58,11 +59,12 @@ def make_site_gradient(model: Model, batch_size: int, shuffle: bool, l2: float =
     n_max = site_idx.shape[0]
     if full_batch:
       rows = site_idx
-      weights = (jnp.arange(n_max) < site_count) / site_count.astype(jnp.float32)
+      dtype = data.x.dtype
+      weights = (jnp.arange(n_max) < site_count).astype(dtype) / site_count.astype(dtype)
     else:
       rows = site_idx[minibatch_positions(batch_rng, step, site_count, n_max, batch_size,
                                           shuffle)]
-      weights = jnp.full((batch_size,), 1.0 / batch_size)
+      weights = jnp.full((batch_size,), 1.0 / batch_size, data.x.dtype)
     loss, grads = jax.value_and_grad(loss_on)(params, data.x[rows], data.y[rows], weights,
                                               jax.random.fold_in(step_rng, step))
     if l2:
@@ -101,3 +103,18 @@ def site_mean(tree):
 def zeros_like_sites(tree, num_sites: int):
   return jax.tree.map(lambda a: jnp.zeros((num_sites, *a.shape), a.dtype), tree)
 
+
+
+def place_per_site(tree, mesh):
+  """Inside jit: leaves [S, ...] sharded over the mesh exactly as `sharding.put_sites` places
+  them outside (replicated when the device count does not divide S), so a round returns its
+  per-site state with the shardings it received and the jitted round compiles once."""
+  if mesh is None:
+    return tree
+
+  def place(a):
+    spec = (sharding.sites_sharding(mesh, a.ndim) if a.shape[0] % mesh.size == 0
+            else sharding.replicated(mesh))
+    return jax.lax.with_sharding_constraint(a, spec)
+
+  return jax.tree.map(place, tree)

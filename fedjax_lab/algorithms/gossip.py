@@ -15,7 +15,8 @@ in the adapt-then-combine form with local steps of Koloskova, Loizou, Boreiri, J
 
 W is the Metropolis-Hastings matrix of `algorithm.topology` (topology.py). Without correction
 terms the fixed point is NOT the optimum under heterogeneous data: with a constant step the
-site models stay O(gamma * heterogeneity / spectral gap) apart, the bias RandCom removes.
+iterates settle in a neighbourhood that grows with the step size, the heterogeneity of the
+sites' gradients at the optimum and 1 / spectral gap; RandCom's correction removes it.
 Plain D-SGD: `algorithm.comm_schedule='every_k'` with `comm_every=1`.
 
 In the lab: gamma = client.lr, a round is client.local_steps steps, all sites every step; a
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import sharding
-from fedjax_lab.algorithms import common, schedules, topology as topology_lib
+from fedjax_lab.algorithms import Algorithm, common, schedules, topology as topology_lib
 from fedjax_lab.data.federated import FederatedData
 
 log = logging.getLogger("fedjax_lab")
@@ -62,8 +63,8 @@ def make_round(site_gradient: common.SiteGradient, schedule: schedules.CommSched
   def round_fn(state: GossipState, data: FederatedData, sampling_rng, client_rng):
     coins = schedule.coins(sampling_rng, state.round)
     keys = common.site_keys(client_rng, state.round, data.num_sites)
-    site_idx, site_count, x = sharding.constrain_sites(
-        (data.idx, data.count, state.site_params), mesh)
+    site_idx, site_count = sharding.constrain_sites((data.idx, data.count), mesh)
+    x = common.place_per_site(state.site_params, mesh)
 
     def local_step(x, step_and_coin):
       t, coin = step_and_coin
@@ -73,6 +74,7 @@ def make_round(site_gradient: common.SiteGradient, schedule: schedules.CommSched
 
     x, losses = jax.lax.scan(local_step, x, (jnp.arange(schedule.local_steps), coins))
     comm_steps = coins.sum()
+    x = common.place_per_site(x, mesh)
     new_state = state._replace(params=common.site_mean(x), site_params=x, round=state.round + 1)
     return new_state, common.round_metrics(
         losses.mean(), topology.messages_per_gossip * comm_steps, comm_steps)
@@ -81,7 +83,6 @@ def make_round(site_gradient: common.SiteGradient, schedule: schedules.CommSched
 
 
 def build(ctx):
-  from fedjax_lab.algorithms import Algorithm  # pylint: disable=g-import-not-at-top
   cfg = ctx.config
   topology = topology_lib.from_config(cfg)
   log.info("dsgd: %s", topology_lib.describe(topology))

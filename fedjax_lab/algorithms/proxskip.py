@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import sharding
-from fedjax_lab.algorithms import common, schedules
+from fedjax_lab.algorithms import Algorithm, common, schedules
 from fedjax_lab.data.federated import FederatedData
 
 
@@ -39,7 +39,7 @@ class ProxSkipState(NamedTuple):
   params: Any            # the evaluated model: (1/S) sum_i x_i
   model_state: Any       # {} (models with BatchNorm statistics are not supported)
   site_params: Any       # x_i, leaves [S, ...]
-  control: Any           # h_i, leaves [S, ...]
+  site_controls: Any     # h_i, leaves [S, ...]
   site_model_state: Any  # {}
   round: jax.Array       # int32 rounds completed
 
@@ -47,7 +47,7 @@ class ProxSkipState(NamedTuple):
 def init_state(params, model_state, num_sites: int) -> ProxSkipState:
   return ProxSkipState(params=params, model_state=model_state,
                        site_params=common.broadcast_to_sites(params, num_sites),
-                       control=common.zeros_like_sites(params, num_sites),
+                       site_controls=common.zeros_like_sites(params, num_sites),
                        site_model_state={}, round=jnp.zeros((), jnp.int32))
 
 
@@ -81,8 +81,8 @@ def make_round(site_gradient: common.SiteGradient, schedule: schedules.CommSched
     num_sites = data.num_sites
     coins = schedule.coins(sampling_rng, state.round)  # [local_steps], one coin for all sites
     keys = common.site_keys(client_rng, state.round, num_sites)
-    site_idx, site_count, x, h = sharding.constrain_sites(
-        (data.idx, data.count, state.site_params, state.control), mesh)
+    site_idx, site_count = sharding.constrain_sites((data.idx, data.count), mesh)
+    x, h = common.place_per_site((state.site_params, state.site_controls), mesh)
 
     def local_step(carry, step_and_coin):
       x, h = carry
@@ -94,7 +94,8 @@ def make_round(site_gradient: common.SiteGradient, schedule: schedules.CommSched
     (x, h), losses = jax.lax.scan(local_step, (x, h),
                                   (jnp.arange(schedule.local_steps), coins))
     comm_steps = coins.sum()
-    new_state = state._replace(params=common.site_mean(x), site_params=x, control=h,
+    x, h = common.place_per_site((x, h), mesh)
+    new_state = state._replace(params=common.site_mean(x), site_params=x, site_controls=h,
                                round=state.round + 1)
     return new_state, common.round_metrics(losses.mean(), 2 * num_sites * comm_steps,
                                            comm_steps)
@@ -103,7 +104,6 @@ def make_round(site_gradient: common.SiteGradient, schedule: schedules.CommSched
 
 
 def build(ctx):
-  from fedjax_lab.algorithms import Algorithm  # pylint: disable=g-import-not-at-top
   cfg = ctx.config
   schedule = schedules.from_config(cfg)
   site_gradient = common.make_site_gradient(ctx.model, cfg.client.batch_size,

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import sharding
-from fedjax_lab.algorithms import common, schedules, topology as topology_lib
+from fedjax_lab.algorithms import Algorithm, common, schedules, topology as topology_lib
 from fedjax_lab.data.federated import FederatedData
 
 log = logging.getLogger("fedjax_lab")
@@ -45,7 +45,7 @@ class RandComState(NamedTuple):
   params: Any            # the evaluated model: (1/S) sum_i x_i
   model_state: Any       # {} (models with BatchNorm statistics are not supported)
   site_params: Any       # x_i, leaves [S, ...]
-  control: Any           # h_i, leaves [S, ...]
+  site_controls: Any     # h_i, leaves [S, ...]
   site_model_state: Any  # {}
   round: jax.Array       # int32 rounds completed
 
@@ -53,7 +53,7 @@ class RandComState(NamedTuple):
 def init_state(params, model_state, num_sites: int) -> RandComState:
   return RandComState(params=params, model_state=model_state,
                       site_params=common.broadcast_to_sites(params, num_sites),
-                      control=common.zeros_like_sites(params, num_sites),
+                      site_controls=common.zeros_like_sites(params, num_sites),
                       site_model_state={}, round=jnp.zeros((), jnp.int32))
 
 
@@ -80,8 +80,8 @@ def make_round(site_gradient: common.SiteGradient, schedule: schedules.CommSched
   def round_fn(state: RandComState, data: FederatedData, sampling_rng, client_rng):
     coins = schedule.coins(sampling_rng, state.round)  # [local_steps], one coin for all sites
     keys = common.site_keys(client_rng, state.round, data.num_sites)
-    site_idx, site_count, x, h = sharding.constrain_sites(
-        (data.idx, data.count, state.site_params, state.control), mesh)
+    site_idx, site_count = sharding.constrain_sites((data.idx, data.count), mesh)
+    x, h = common.place_per_site((state.site_params, state.site_controls), mesh)
 
     def local_step(carry, step_and_coin):
       x, h = carry
@@ -93,7 +93,8 @@ def make_round(site_gradient: common.SiteGradient, schedule: schedules.CommSched
     (x, h), losses = jax.lax.scan(local_step, (x, h),
                                   (jnp.arange(schedule.local_steps), coins))
     comm_steps = coins.sum()
-    new_state = state._replace(params=common.site_mean(x), site_params=x, control=h,
+    x, h = common.place_per_site((x, h), mesh)
+    new_state = state._replace(params=common.site_mean(x), site_params=x, site_controls=h,
                                round=state.round + 1)
     return new_state, common.round_metrics(
         losses.mean(), topology.messages_per_gossip * comm_steps, comm_steps)
@@ -102,7 +103,6 @@ def make_round(site_gradient: common.SiteGradient, schedule: schedules.CommSched
 
 
 def build(ctx):
-  from fedjax_lab.algorithms import Algorithm  # pylint: disable=g-import-not-at-top
   cfg = ctx.config
   topology = topology_lib.from_config(cfg)
   log.info("randcom: %s", topology_lib.describe(topology, lazy=True))

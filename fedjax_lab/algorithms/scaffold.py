@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab import sharding
-from fedjax_lab.algorithms import common
+from fedjax_lab.algorithms import Algorithm, common
 from fedjax_lab.algorithms.fedavg import sample_cohort, weighted_mean
 from fedjax_lab.data.federated import FederatedData
 
@@ -96,7 +96,8 @@ def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTran
                                           state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     control = jax.tree.map(jnp.add, state.control, weighted_mean(dc, q))
-    site_controls = jax.tree.map(lambda all_, d: all_.at[cohort].add(d), state.site_controls, dc)
+    site_controls = common.place_per_site(
+        jax.tree.map(lambda all_, d: all_.at[cohort].add(d), state.site_controls, dc), mesh)
 
     new_state = state._replace(params=params, opt_state=opt_state, control=control,
                                site_controls=site_controls, round=t + 1)
@@ -106,7 +107,6 @@ def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTran
 
 
 def build(ctx):
-  from fedjax_lab.algorithms import Algorithm  # pylint: disable=g-import-not-at-top
   cfg = ctx.config
   site_gradient = common.make_site_gradient(ctx.model, cfg.client.batch_size,
                                             cfg.client.shuffle, cfg.model.l2)

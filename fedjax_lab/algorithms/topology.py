@@ -35,8 +35,8 @@ class Topology(NamedTuple):
   """An undirected graph over S sites with its Metropolis-Hastings weights (host NumPy).
 
   receivers, senders: [E] int32, both directions of every edge (E = sum of degrees).
-  edge_weights: [E] float32, W[receivers[e], senders[e]].
-  self_weights: [S] float32, W_ii.
+  edge_weights: [E] float64, W[receivers[e], senders[e]] (cast to the model's dtype in `mix`).
+  self_weights: [S] float64, W_ii.
   """
   name: str
   num_sites: int
@@ -57,8 +57,8 @@ class Topology(NamedTuple):
 
   def mixing_matrix(self) -> np.ndarray:
     """The dense [S, S] float64 W (host only: tests and the spectral gap)."""
-    w = np.diag(self.self_weights.astype(np.float64))
-    np.add.at(w, (self.receivers, self.senders), self.edge_weights.astype(np.float64))
+    w = np.diag(self.self_weights)
+    np.add.at(w, (self.receivers, self.senders), self.edge_weights)
     return w
 
 
@@ -73,6 +73,8 @@ def _torus_shape(n):
 
 def _edges_torus(n):
   rows, cols = _torus_shape(n)
+  if n == 1:
+    return []
   if rows < 2:
     raise ConfigError("algorithm.topology",
                       f"torus needs data.num_sites = rows x cols with rows, cols >= 2; {n} is "
@@ -139,7 +141,7 @@ def metropolis_hastings(num_sites: int, pairs) -> tuple[np.ndarray, ...]:
   senders = np.asarray(senders, np.int32)
   weights = np.asarray(weights, np.float64)
   self_weights = 1.0 - np.bincount(receivers, weights=weights, minlength=num_sites)
-  return receivers, senders, weights.astype(np.float32), self_weights.astype(np.float32)
+  return receivers, senders, weights, self_weights
 
 
 def build(name: str, num_sites: int, erdos_renyi_p: float = 0.3, seed: int = 0) -> Topology:
@@ -176,9 +178,9 @@ def spectral_gap(topology: Topology, lazy: bool = False) -> float:
     return float(1.0 - max(abs(eig[0]), abs(eig[-2])))
   import scipy.sparse as sp  # pylint: disable=g-import-not-at-top
   import scipy.sparse.linalg as spla  # pylint: disable=g-import-not-at-top
-  w = sp.coo_matrix((topology.edge_weights.astype(np.float64),
-                     (topology.receivers, topology.senders)), shape=(n, n)).tocsr()
-  w = w + sp.diags(topology.self_weights.astype(np.float64))
+  w = sp.coo_matrix((topology.edge_weights, (topology.receivers, topology.senders)),
+                    shape=(n, n)).tocsr()
+  w = w + sp.diags(topology.self_weights)
   if lazy:
     w = (sp.identity(n) + w) / 2.0
 
