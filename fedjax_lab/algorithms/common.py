@@ -1,5 +1,7 @@
 """What the algorithms with per-site state share: a site's gradient at local step t, the
-per-site keys, and arithmetic on stacked site arrays (leaves [sites, ...]).
+per-site keys, arithmetic on stacked site arrays (leaves [sites, ...]), and the round of the
+methods whose every site keeps its own model (ProxSkip, RandCom, D-SGD), which differ only in
+their `step`.
 
 `site_gradient(params, site_idx, site_count, rng, step, data) -> (loss, grads)` is the ONE
 place these algorithms touch data, and it draws minibatches exactly as `client.py` does for
@@ -15,12 +17,13 @@ reported loss is the cross-entropy alone, as FedAvg reports it. The round functi
 any function with this signature, so tests drive them with exact gradients of a quadratic.
 """
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fedjax_lab import sharding
+from fedjax_lab.algorithms import Algorithm, schedules
 from fedjax_lab.client import minibatch_positions
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.models import Model, cross_entropy
@@ -118,3 +121,68 @@ def place_per_site(tree, mesh):
     return jax.lax.with_sharding_constraint(a, spec)
 
   return jax.tree.map(place, tree)
+
+
+class PerSiteState(NamedTuple):
+  """State of the algorithms whose every site keeps its own model (ProxSkip, RandCom, D-SGD)."""
+  params: Any            # the evaluated model: (1/S) sum_i x_i
+  model_state: Any       # {} (models with BatchNorm statistics are not supported)
+  site_params: Any       # x_i, leaves [S, ...]
+  site_controls: Any     # h_i, leaves [S, ...]; {} for D-SGD, which has none
+  site_model_state: Any  # {}
+  round: jax.Array       # int32 rounds completed
+
+
+def init_per_site_state(params, model_state, num_sites: int, *,
+                        controls: bool) -> PerSiteState:
+  return PerSiteState(params=params, model_state=model_state,
+                      site_params=broadcast_to_sites(params, num_sites),
+                      site_controls=zeros_like_sites(params, num_sites) if controls else {},
+                      site_model_state={}, round=jnp.zeros((), jnp.int32))
+
+
+def make_per_site_round(site_gradient: SiteGradient, schedule, step: Callable,
+                        messages_per_comm: Callable[[int], int], mesh=None):
+  """A round of client.local_steps steps in which every site moves its own model.
+
+  step(x, h, grads, coin) -> (x, h): one iteration of the algorithm on stacked site arrays;
+  `coin` (one per step, shared by all sites) says whether this step communicates.
+  messages_per_comm(num_sites): models sent by one communicating step.
+  Returns round_fn(state, data, sampling_rng, client_rng) -> (state, RoundMetrics).
+  """
+
+  def round_fn(state: PerSiteState, data: FederatedData, sampling_rng, client_rng):
+    coins = schedule.coins(sampling_rng, state.round)  # [local_steps], one coin for all sites
+    keys = site_keys(client_rng, state.round, data.num_sites)
+    site_idx, site_count = sharding.constrain_sites((data.idx, data.count), mesh)
+    x, h = place_per_site((state.site_params, state.site_controls), mesh)
+
+    def local_step(carry, step_and_coin):
+      x, h = carry
+      t, coin = step_and_coin
+      losses, grads = all_site_gradients(site_gradient, x, site_idx, site_count, keys, t, data)
+      return step(x, h, grads, coin), losses
+
+    (x, h), losses = jax.lax.scan(local_step, (x, h),
+                                  (jnp.arange(schedule.local_steps), coins))
+    comm_steps = coins.sum()
+    x, h = place_per_site((x, h), mesh)
+    new_state = state._replace(params=site_mean(x), site_params=x, site_controls=h,
+                               round=state.round + 1)
+    return new_state, round_metrics(losses.mean(),
+                                    messages_per_comm(data.num_sites) * comm_steps, comm_steps)
+
+  return round_fn
+
+
+def build_per_site(ctx, make_round, *, controls: bool, **kwargs):
+  """The Algorithm of a per-site-model method from the config (shared by its build())."""
+  cfg = ctx.config
+  site_gradient = make_site_gradient(ctx.model, cfg.client.batch_size, cfg.client.shuffle,
+                                     cfg.model.l2)
+  round_fn = make_round(site_gradient, schedules.from_config(cfg), lr=cfg.client.lr,
+                        mesh=ctx.mesh, **kwargs)
+  return Algorithm(
+      init=lambda params, model_state: init_per_site_state(params, model_state, ctx.num_sites,
+                                                           controls=controls),
+      round=round_fn)

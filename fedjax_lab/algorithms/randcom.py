@@ -29,32 +29,19 @@ models (no site holds it: it is the quantity the analysis bounds).
 """
 
 import logging
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
-from fedjax_lab import sharding
-from fedjax_lab.algorithms import Algorithm, common, schedules, topology as topology_lib
-from fedjax_lab.data.federated import FederatedData
+from fedjax_lab.algorithms import common, schedules, topology as topology_lib
 
 log = logging.getLogger("fedjax_lab")
 
 
-class RandComState(NamedTuple):
-  params: Any            # the evaluated model: (1/S) sum_i x_i
-  model_state: Any       # {} (models with BatchNorm statistics are not supported)
-  site_params: Any       # x_i, leaves [S, ...]
-  site_controls: Any     # h_i, leaves [S, ...]
-  site_model_state: Any  # {}
-  round: jax.Array       # int32 rounds completed
+RandComState = common.PerSiteState
 
 
 def init_state(params, model_state, num_sites: int) -> RandComState:
-  return RandComState(params=params, model_state=model_state,
-                      site_params=common.broadcast_to_sites(params, num_sites),
-                      site_controls=common.zeros_like_sites(params, num_sites),
-                      site_model_state={}, round=jnp.zeros((), jnp.int32))
+  return common.init_per_site_state(params, model_state, num_sites, controls=True)
 
 
 def step(x, h, grads, coin, lr: float, comm_prob: float, topology: topology_lib.Topology):
@@ -76,40 +63,12 @@ def make_round(site_gradient: common.SiteGradient, schedule: schedules.CommSched
                topology: topology_lib.Topology, *, lr: float, mesh=None):
   """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, common.RoundMetrics)."""
   p = schedule.comm_prob
-
-  def round_fn(state: RandComState, data: FederatedData, sampling_rng, client_rng):
-    coins = schedule.coins(sampling_rng, state.round)  # [local_steps], one coin for all sites
-    keys = common.site_keys(client_rng, state.round, data.num_sites)
-    site_idx, site_count = sharding.constrain_sites((data.idx, data.count), mesh)
-    x, h = common.place_per_site((state.site_params, state.site_controls), mesh)
-
-    def local_step(carry, step_and_coin):
-      x, h = carry
-      t, coin = step_and_coin
-      losses, grads = common.all_site_gradients(site_gradient, x, site_idx, site_count, keys,
-                                                t, data)
-      return step(x, h, grads, coin, lr, p, topology), losses
-
-    (x, h), losses = jax.lax.scan(local_step, (x, h),
-                                  (jnp.arange(schedule.local_steps), coins))
-    comm_steps = coins.sum()
-    x, h = common.place_per_site((x, h), mesh)
-    new_state = state._replace(params=common.site_mean(x), site_params=x, site_controls=h,
-                               round=state.round + 1)
-    return new_state, common.round_metrics(
-        losses.mean(), topology.messages_per_gossip * comm_steps, comm_steps)
-
-  return round_fn
+  return common.make_per_site_round(
+      site_gradient, schedule, lambda x, h, grads, coin: step(x, h, grads, coin, lr, p, topology),
+      messages_per_comm=lambda _: topology.messages_per_gossip, mesh=mesh)
 
 
 def build(ctx):
-  cfg = ctx.config
-  topology = topology_lib.from_config(cfg)
+  topology = topology_lib.from_config(ctx.config)
   log.info("randcom: %s", topology_lib.describe(topology, lazy=True))
-  schedule = schedules.from_config(cfg)
-  site_gradient = common.make_site_gradient(ctx.model, cfg.client.batch_size,
-                                            cfg.client.shuffle, cfg.model.l2)
-  round_fn = make_round(site_gradient, schedule, topology, lr=cfg.client.lr, mesh=ctx.mesh)
-  return Algorithm(init=lambda params, model_state: init_state(params, model_state,
-                                                               ctx.num_sites),
-                   round=round_fn)
+  return common.build_per_site(ctx, make_round, controls=True, topology=topology)
