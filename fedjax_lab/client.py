@@ -12,10 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lab import optim
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.models import Model, cross_entropy
 from fedjax_lab.privacy.clipping import privatize
 from fedjax_lab.privacy.sampling import poisson_sample
+
+_PROBE_STREAM = 0x5EED  # fold_in tag of the curvature probes' key (batches use split)
 
 
 class ClientConfig(NamedTuple):
@@ -129,7 +132,11 @@ def make_client_update(model: Model, client_tx: optax.GradientTransformationExtr
       updates, opt_state = client_tx.update(grads, opt_state, params, obj_fn=obj_fn)
       return (optax.apply_updates(params, updates), opt_state, new_ms), (loss, overflow)
 
-    init = (global_params, client_tx.init(global_params), model_state)
+    # The optimizer state is fresh every round; without a fresh probe key every site and every
+    # round would draw the same Rademacher probes for its curvature estimates.
+    opt_state = optim.reseed_probes(client_tx.init(global_params),
+                                    jax.random.fold_in(rng, _PROBE_STREAM))
+    init = (global_params, opt_state, model_state)
     (params, _, model_state), (losses, overflow) = jax.lax.scan(
         step, init, jnp.arange(config.local_steps))
     delta = jax.tree.map(jnp.subtract, params, global_params)

@@ -107,6 +107,12 @@ def validate(config) -> None:
     _positive(f"{side}.lr", config[side].lr)
   _positive("client.local_steps", config.client.local_steps, integer=True)
   _positive("client.batch_size", config.client.batch_size, integer=True)
+  multiple = optim.local_steps_multiple(config.client.optimizer,
+                                        **config.client.optimizer_args.to_dict())
+  if config.client.local_steps % multiple:
+    raise ConfigError("client.local_steps", f"{config.client.local_steps} is not a multiple of "
+                      f"{multiple}: one '{config.client.optimizer}' update is 1/{multiple} of a "
+                      f"step, and the site would return mid-step parameters; use a multiple")
   if config.client.prox_mu < 0:
     raise ConfigError("client.prox_mu", f"must be >= 0, got {config.client.prox_mu}")
   _one_of("server.weighting", config.server.weighting, WEIGHTINGS)

@@ -113,6 +113,7 @@ BAD_CONFIGS = [
     ("--config.data.name=file --config.data.path=/nonexistent/x.npz", "data.path"),
     ("--config.no_such_key=1", "no_such_key"),
     ("--config.dp.delta=1.5", "dp.delta"),
+    ("--config.client.optimizer=sam --config.client.local_steps=3", "client.local_steps"),
 ]
 
 

@@ -177,3 +177,27 @@ def test_eight_devices_equal_one_device():
     results.append(state.params)
   for u, v in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
+
+
+def test_curvature_probes_differ_across_sites_and_rounds():
+  """ESGD's Rademacher probes come from the site's round key: two sites holding the same
+  examples, with batches in stored order, get the same update only when their keys match."""
+  from fedjax_lab import optim  # pylint: disable=g-import-not-at-top
+  x, y, _ = _problem()
+  data = from_partition(x, y, [np.arange(12), np.arange(12)], num_classes=3)
+  model = _mlp()
+  params, model_state = model.init(jax.random.key(0), x[:2])
+  update = make_client_update(model, optim.make_optimizer("esgd", 0.05),
+                              ClientConfig(local_steps=3, batch_size=12, shuffle=False,
+                                           prox_mu=0.0))
+  run = lambda site, key: update(params, model_state, data.idx[site], data.count[site],
+                                 jax.random.key(key), data).delta
+  jax.tree.map(np.testing.assert_array_equal, run(0, 1), run(1, 1))
+  differ = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), run(0, 1), run(1, 2)))
+  assert max(differ) > 1e-4
+  # The plain-SGD update of the same sites ignores the key entirely (batches in stored order).
+  sgd = make_client_update(model, optim.make_optimizer("sgd", 0.05),
+                           ClientConfig(local_steps=3, batch_size=12, shuffle=False, prox_mu=0.0))
+  jax.tree.map(np.testing.assert_array_equal,
+               sgd(params, model_state, data.idx[0], data.count[0], jax.random.key(1), data).delta,
+               sgd(params, model_state, data.idx[1], data.count[1], jax.random.key(2), data).delta)
