@@ -308,6 +308,13 @@ class Experiment:
         "params_sha256": params_sha256(state.params),
         "config": json.loads(self.config.to_json_best_effort()),
     }
+    if self.privacy is not None:
+      # What the accountant composed, so anyone can recompute epsilon with dp-accounting.
+      summary["privacy"] = {
+          "noise_multiplier": self.privacy.noise_multiplier,
+          "sampling_prob": self.privacy.sampling_prob,
+          "steps": completed * self.privacy.steps_per_round,
+          "accountant": cfg.dp.accountant, "delta": cfg.dp.delta}
     if cfg.eval.centralized_baseline:
       summary["centralized_test_accuracy"] = self.centralized_accuracy()
     with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -164,6 +164,10 @@ def test_epsilon_every_round_matches_dp_accounting(tmp_path):
     want = rdp.RdpAccountant().compose(event).get_epsilon(c.dp.delta)
     assert r["epsilon"] == pytest.approx(want, rel=1e-9)
     assert r["dp_overflow"] == 0
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["privacy"] == {"noise_multiplier": 1.3, "sampling_prob": pytest.approx(q),
+                                "steps": 4 * c.client.local_steps, "accountant": "rdp",
+                                "delta": c.dp.delta}
 
 
 def test_budget_stops_cleanly_and_resume_reports_the_same_epsilon(tmp_path):
