@@ -7,6 +7,7 @@ Writes WORKDIR/metrics.jsonl, summary.json, TensorBoard events and checkpoints; 
 same command again resumes from the last checkpoint. A bad config exits with code 2 and one line.
 """
 
+import ast
 import json
 import logging
 import os
@@ -34,6 +35,32 @@ def _unknown_key(error):
         "fedjax_lab/config.py:default_config()")
 
 
+def _take_optimizer_args(argv):
+  """Removes --config.{client,server}.optimizer_args.<name>=<value> from argv; returns them.
+
+  Those dicts are free-form (their names depend on the optimizer, which make_optimizer checks),
+  and config_flags only overrides keys that already exist, so train.py sets them itself.
+  """
+  taken, rest, args = [], [], iter(argv)
+  for arg in args:
+    side = next((s for s in ("client", "server")
+                 if arg.startswith(f"--config.{s}.optimizer_args.")), None)
+    if side is None:
+      rest.append(arg)
+      continue
+    name, eq, value = arg[len(f"--config.{side}.optimizer_args."):].partition("=")
+    taken.append((side, name, value if eq else next(args, "")))
+  return rest, taken
+
+
+def _literal(value: str):
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value  # a bare string, e.g. a schedule name
+
+
+sys.argv, _OPTIMIZER_ARGS = _take_optimizer_args(sys.argv)
 try:
   # config_flags applies --config.<key>=value overrides as soon as the flag is defined.
   _CONFIG = config_flags.DEFINE_config_file(
@@ -70,6 +97,9 @@ def main(argv):
     config.keys()  # config_flags defers a load failure until first use
   except OSError:
     _fail(f"--config: cannot load '{config_path}'; give a file like configs/digits_fedavg.py")
+  with config.unlocked():
+    for side, name, value in _OPTIMIZER_ARGS:
+      config[side].optimizer_args[name] = _literal(value)
   workdir = _WORKDIR.value or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_path))[0])
   try:

@@ -36,7 +36,6 @@ import fedjax_lab  # noqa: F401  (before jax: the lab's CPU device setup)
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fedjax_lab import sharding
 from fedjax_lab.algorithms import fedavg

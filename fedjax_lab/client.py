@@ -4,8 +4,16 @@ Minibatches are drawn inside jit from the site's row of the index table. Positio
 modulo the site's real example count, so padding rows are never read and a site's training
 depends only on its own examples, never on the padded width `n_max`: a site of 3 examples
 and a site of 300 train exactly as they would alone.
+
+Curvature optimizers (esgd, adahessian, sophia) take Hessian-vector products of the `obj_fn`
+each step hands them. When `data` carries a public calibration set (`optim.public_data`), that
+objective is the loss of a minibatch of PUBLIC examples, drawn inside jit from the site's key
+folded with the step; the gradient step still takes the (privatized) gradient of the site's
+minibatch. Without one it is the site's minibatch loss, except under example-level DP, where
+it is None (the config refuses curvature optimizers there).
 """
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -19,6 +27,7 @@ from fedjax_lab.privacy.clipping import privatize
 from fedjax_lab.privacy.sampling import poisson_sample
 
 _PROBE_STREAM = 0x5EED  # fold_in tag of the curvature probes' key (batches use split)
+_PUBLIC_STREAM = 0x9AB1  # fold_in tag of the public calibration batches' key
 
 
 class ClientConfig(NamedTuple):
@@ -26,6 +35,7 @@ class ClientConfig(NamedTuple):
   batch_size: int
   shuffle: bool       # False: batches in stored order (the reference benchmark's setting)
   prox_mu: float      # FedProx proximal coefficient (Li et al. 2020); 0 is FedAvg
+  public_batch_size: int = 64  # public examples per curvature objective (all if fewer)
 
 
 class ExampleDP(NamedTuple):
@@ -76,6 +86,33 @@ def minibatch_positions(rng, step, count, n_max, batch_size, shuffle):
   return perms[(epoch - first) % 2, offset]
 
 
+def public_minibatch_rows(rng, num_public: int, batch_size: int):
+  """[min(batch_size, num_public)] distinct rows of the public calibration set, uniformly."""
+  size = min(batch_size, num_public)
+  return jax.random.choice(rng, num_public, (size,), replace=False)
+
+
+def _loss_fn(model: Model, params, model_state, x, y, rng):
+  logits, new_state = model.apply(params, model_state, x, True, rng)
+  return cross_entropy(logits, y).mean(), new_state
+
+
+def make_public_objective(model: Model, batch_size: int):
+  """Returns objective(model_state, rows_rng, dropout_rng, data) -> obj_fn(params) -> loss.
+
+  obj_fn is the mean loss of `batch_size` public examples (`data.public_x`) drawn with
+  `rows_rng`: the curvature objective of a client step here and of the server step in
+  algorithms/fedavg.py and scaffold.py, which have no data of their own.
+  """
+
+  def objective(model_state, rows_rng, dropout_rng, data: FederatedData):
+    rows = public_minibatch_rows(rows_rng, data.public_x.shape[0], batch_size)
+    x, y = data.public_x[rows], data.public_y[rows]
+    return lambda p: _loss_fn(model, p, model_state, x, y, dropout_rng)[0]
+
+  return objective
+
+
 def make_client_update(model: Model, client_tx: optax.GradientTransformationExtraArgs,
                        config: ClientConfig, dp: ExampleDP | None = None):
   """Returns client_update(params, model_state, site_idx, site_count, rng, data) -> ClientOutput.
@@ -85,9 +122,8 @@ def make_client_update(model: Model, client_tx: optax.GradientTransformationExtr
   step is a DP-SGD step on a Poisson minibatch (see ExampleDP).
   """
 
-  def loss_fn(params, model_state, x, y, rng):
-    logits, new_state = model.apply(params, model_state, x, True, rng)
-    return cross_entropy(logits, y).mean(), new_state
+  loss_fn = functools.partial(_loss_fn, model)
+  public_objective = make_public_objective(model, config.public_batch_size)
 
   def plain_grad_fn(params, model_state, x, y, rng):
     (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -108,8 +144,17 @@ def make_client_update(model: Model, client_tx: optax.GradientTransformationExtr
     loss = (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     return loss, grads, ms, x, y, overflow
 
+  def curvature_objective(ms, x, y, rng_t, public_rng, data: FederatedData):
+    """The obj_fn of this step (see the module docstring): public rows, private rows or None."""
+    if data.public_x is not None:
+      return public_objective(ms, public_rng, rng_t, data)
+    if dp is not None:
+      return None  # Never the private batch under example-level DP.
+    return lambda p: loss_fn(p, ms, x, y, rng_t)[0]
+
   def client_update(global_params, model_state, site_idx, site_count, rng, data: FederatedData):
     batch_rng, step_rng = jax.random.split(rng)
+    public_rng = jax.random.fold_in(rng, _PUBLIC_STREAM)
     n_max = site_idx.shape[0]
 
     def step(carry, t):
@@ -128,7 +173,7 @@ def make_client_update(model: Model, client_tx: optax.GradientTransformationExtr
       if config.prox_mu:
         grads = jax.tree.map(lambda g, w, w0: g + config.prox_mu * (w - w0),
                              grads, params, global_params)
-      obj_fn = lambda p: loss_fn(p, ms, x, y, rng_t)[0]
+      obj_fn = curvature_objective(ms, x, y, rng_t, jax.random.fold_in(public_rng, t), data)
       updates, opt_state = client_tx.update(grads, opt_state, params, obj_fn=obj_fn)
       return (optax.apply_updates(params, updates), opt_state, new_ms), (loss, overflow)
 

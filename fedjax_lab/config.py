@@ -46,8 +46,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.dp = ml_collections.ConfigDict(dict(
       level="none", noise="parallel", clip_norm=1.0, noise_multiplier=0.0,
       target_epsilon=config_dict.placeholder(float), delta=1e-5, accountant="rdp",
-      clipping="auto", microbatch_size=0))
-  c.optim = ml_collections.ConfigDict(dict(public_data=config_dict.placeholder(str)))
+      clipping="auto", microbatch_size=0,
+      # Adaptive clipping (dp.level="site" only; Andrew et al. 2021, privacy/adaptive_clipping.py):
+      # clip_norm is C_0 and follows the target_quantile of the site update norms,
+      # C <- C exp(-clip_lr (noised fraction of updates with norm <= C - target_quantile)).
+      # count_noise_multiplier: std sigma_b of the noise on that count (unset: expected cohort
+      # size / 20); the accountant's noise_multiplier z is split, the update getting
+      # (z^-2 - (2 sigma_b)^-2)^-1/2 > z, so it needs 2 sigma_b > z.
+      adaptive_clip=False, target_quantile=0.5, clip_lr=0.2,
+      count_noise_multiplier=config_dict.placeholder(float)))
+  # optim.public_data: public calibration set of the curvature optimizers (data/public.py):
+  # "holdout:F", a .npz/.csv/.h5ad path or another source's name; public_batch_size examples
+  # of it per curvature estimate.
+  c.optim = ml_collections.ConfigDict(dict(public_data=config_dict.placeholder(str),
+                                           public_batch_size=64))
   # centralized_baseline: also train the same config on ONE site holding all the training
   # data (same rounds, local_steps x cohort_size steps a round) and report both accuracies.
   c.eval = ml_collections.ConfigDict(dict(every=1, batch_size=2048, centralized_baseline=False))
@@ -83,6 +95,7 @@ def _positive(key, value, integer=False):
 def validate(config) -> None:
   """Checks every key the core reads; data-dependent checks happen when data loads."""
   from fedjax_lab import algorithms, models, optim
+  from fedjax_lab.data import public
   known = _flatten(default_config())
   given = _flatten(config)
   for key in given:
@@ -105,6 +118,9 @@ def validate(config) -> None:
   for side in ("client", "server"):
     _one_of(f"{side}.optimizer", config[side].optimizer, optim.OPTIMIZERS)
     _positive(f"{side}.lr", config[side].lr)
+  optim.check_server_optimizer(config.server.optimizer, config.optim.public_data)
+  public.parse(config.optim.public_data, config.data)
+  _positive("optim.public_batch_size", config.optim.public_batch_size, integer=True)
   _positive("client.local_steps", config.client.local_steps, integer=True)
   _positive("client.batch_size", config.client.batch_size, integer=True)
   multiple = optim.local_steps_multiple(config.client.optimizer,
@@ -174,6 +190,7 @@ def _validate_dp(config):
   if dp.target_epsilon is not None and dp.target_epsilon <= 0:
     raise ConfigError("dp.target_epsilon", f"must be > 0 (or unset), got {dp.target_epsilon}")
   _one_of("dp.clipping", dp.clipping, ("auto", "vmap", "ghost"))
+  _validate_adaptive_clip(config)
   if dp.level == "none":
     return
   from fedjax_lab import optim
@@ -183,13 +200,11 @@ def _validate_dp(config):
   if config.model.norm == "batch":
     raise ConfigError("model.norm", "BatchNorm mixes examples (and its statistics are not "
                       "privatized); use group or none with dp.level != none")
-  for side in ("client", "server"):
-    optim.check_dp_compatible(config[side].optimizer, dp.level, config.optim.public_data,
-                              key=f"{side}.optimizer")
-    if config[side].optimizer in optim.CURVATURE_OPTIMIZERS:
-      # The client's obj_fn is still the private minibatch: refuse rather than leak.
-      raise ConfigError("optim.public_data", "a public calibration set is not wired into the "
-                        "round yet; under DP use a non-curvature optimizer")
+  # Curvature under DP: example level needs optim.public_data, site level covers the client's
+  # curvature (the rule and its reason: optim.check_dp_compatible); the server's needs public
+  # data at every level (checked in validate).
+  optim.check_dp_compatible(config.client.optimizer, dp.level, config.optim.public_data,
+                            key="client.optimizer")
   if dp.noise == "coordinated" and dp.level == "example":
     # Only then is each site's update linear in its noise, so the K shares of sigma/sqrt(K)
     # add up to central DP-SGD's noise on the (uniform) sum the server sees.
@@ -199,3 +214,41 @@ def _validate_dp(config):
     if config.server.weighting != "uniform":
       raise ConfigError("server.weighting", "coordinated noise needs 'uniform' (the secure sum "
                         "is unweighted; example weights would change the sensitivity)")
+
+
+def _validate_adaptive_clip(config):
+  dp = config.dp
+  if not 0 < dp.target_quantile < 1:
+    raise ConfigError("dp.target_quantile", f"must be in (0, 1), got {dp.target_quantile}")
+  _positive("dp.clip_lr", dp.clip_lr)
+  if dp.count_noise_multiplier is not None and not dp.count_noise_multiplier > 0:
+    raise ConfigError("dp.count_noise_multiplier", f"must be > 0 (or unset for cohort_size / "
+                      f"20), got {dp.count_noise_multiplier}")
+  if not dp.adaptive_clip:
+    return
+  if dp.level != "site":
+    raise ConfigError("dp.adaptive_clip", f"adaptive clipping is implemented for site-level "
+                      f"DP-FedAvg only, got dp.level={dp.level}; allowed with it: site")
+  if dp.noise_multiplier > 0:  # a calibrated one is checked by experiment.privacy_plan
+    adaptive_clip_noise(config, dp.noise_multiplier)
+
+
+def adaptive_clip_noise(config, noise_multiplier: float) -> tuple[float, float]:
+  """(z_update, sigma_b): the update's noise multiplier and the count's noise std that
+  together spend exactly the accountant's `noise_multiplier` z (privacy/adaptive_clipping.py).
+
+  Raises ConfigError naming dp.count_noise_multiplier unless 2 sigma_b > z.
+  """
+  from fedjax_lab.privacy import adaptive_clipping
+  sigma_b = config.dp.count_noise_multiplier
+  given = sigma_b is not None
+  if not given:
+    sigma_b = adaptive_clipping.default_count_stddev(config.cohort_size)
+  if not 2 * sigma_b > noise_multiplier:
+    what = f"{sigma_b:g}" if given else f"unset, so cohort_size / 20 = {sigma_b:g},"
+    raise ConfigError("dp.count_noise_multiplier", f"{what} is too small: adaptive clipping "
+                      f"needs 2 * count_noise_multiplier > the noise_multiplier z="
+                      f"{noise_multiplier:.4g} (the update then gets (z^-2 - (2 sigma_b)^-2)"
+                      f"^-1/2); set it above {noise_multiplier / 2:.4g}, e.g. 2.5 z = "
+                      f"{2.5 * noise_multiplier:.4g} (update noise ~2% above z)")
+  return adaptive_clipping.update_noise_multiplier(noise_multiplier, sigma_b), sigma_b

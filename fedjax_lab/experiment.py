@@ -17,7 +17,6 @@ import time
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -25,12 +24,12 @@ from fedjax_lab import config as config_lib
 from fedjax_lab import algorithms, evaluation, optim, sharding
 from fedjax_lab.checkpoint import Checkpointer
 from fedjax_lab.algorithms import fedavg
-from fedjax_lab.client import ClientConfig, ExampleDP, make_client_update
-from fedjax_lab.data import federated, partition, sources
+from fedjax_lab.client import ClientConfig, ExampleDP, make_client_update, make_public_objective
+from fedjax_lab.data import federated, partition, public, sources
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.logging import MetricsLogger
 from fedjax_lab.models import make_model
-from fedjax_lab.privacy import accounting, clipping, sampling
+from fedjax_lab.privacy import accounting, adaptive_clipping, clipping, sampling
 
 log = logging.getLogger("fedjax_lab")
 
@@ -57,6 +56,11 @@ class PrivacyPlan(NamedTuple):
   accountant: accounting.Accountant
   budget: float | None         # stop before epsilon would exceed this
   description: str             # the one log line stating what is protected and how
+  # Adaptive clipping (site DP) splits noise_multiplier over two releases: the update's
+  # multiplier z_update > noise_multiplier and the count's std sigma_b. Otherwise the update
+  # gets noise_multiplier itself and count_noise_multiplier is None.
+  update_noise_multiplier: float | None = None
+  count_noise_multiplier: float | None = None
 
 
 def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
@@ -90,14 +94,19 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
            "sigma (the epsilon holds against a server that sees only the sum; secure "
            "aggregation is simulated, not implemented, in this version)"
            if dp.noise == "coordinated" else "parallel: every site adds the full sigma")
+  update_sigma, count_stddev, clip = float(sigma), None, f"clip_norm={dp.clip_norm:g}"
+  if dp.adaptive_clip:  # the accountant still composes sigma (Andrew et al. 2021, Thm 1)
+    update_sigma, count_stddev = config_lib.adaptive_clip_noise(config, sigma)
+    clip = adaptive_clipping.describe(sigma, count_stddev, dp.target_quantile, dp.clip_lr,
+                                      dp.clip_norm)
   description = (f"privacy: unit={unit}; neighbouring relation=add/remove one; sampling="
                  f"{scheme}; accountant={dp.accountant}; delta={dp.delta:g}; "
-                 f"noise_multiplier={sigma:.4f} ({how}); clip_norm={dp.clip_norm:g}; "
-                 f"noise {noise}")
+                 f"noise_multiplier={sigma:.4f} ({how}); {clip}; noise {noise}")
   return PrivacyPlan(noise_multiplier=float(sigma), sampling_prob=q,
                      steps_per_round=steps_per_round,
                      accountant=accounting.Accountant(sigma, q, dp.delta, dp.accountant),
-                     budget=budget, description=description)
+                     budget=budget, description=description,
+                     update_noise_multiplier=update_sigma, count_noise_multiplier=count_stddev)
 
 
 def place_state(state, mesh):
@@ -125,12 +134,16 @@ class Experiment:
     config_lib.validate(config)
     self.config = config
     train, test = sources.load_dataset(config.data)
+    # holdout:F takes the public calibration set out of `train` before it is partitioned.
+    train, self.public = public.load(config.optim.public_data, config.data, train)
     if config.data.num_sites > len(train.y):
       raise ConfigError("data.num_sites", f"{config.data.num_sites} sites > {len(train.y)} "
                         "training examples; use fewer sites")
     self.train, self.test = train, test
     self.sites = partition.partition(train, config.data, config.seed)
-    self.data = federated.from_partition(train.x, train.y, self.sites, train.num_classes)
+    self.data = federated.from_partition(
+        train.x, train.y, self.sites, train.num_classes,
+        *((self.public.x, self.public.y) if self.public is not None else ()))
     self.site_hist = federated.site_label_histogram(self.data)
     self.mesh = mesh if mesh is not None else sharding.make_mesh()
     self.data = sharding.put_replicated(self.data, self.mesh)
@@ -149,12 +162,15 @@ class Experiment:
     self.privacy = privacy_plan(config, np.asarray(self.data.count))
     self.client_update = make_client_update(self.model, self.client_tx, ClientConfig(
         local_steps=config.client.local_steps, batch_size=config.client.batch_size,
-        shuffle=config.client.shuffle, prox_mu=prox_mu), dp=self._example_dp())
+        shuffle=config.client.shuffle, prox_mu=prox_mu,
+        public_batch_size=config.optim.public_batch_size), dp=self._example_dp())
     self.fedbn = config.algorithm.batch_stats == "local"
     self.algorithm = algorithms.make_algorithm(algorithms.AlgorithmContext(
         config=config, model=self.model, client_update=self.client_update,
         client_tx=self.client_tx, server_tx=self.server_tx, num_sites=self.data.num_sites,
-        mesh=self.mesh, site_dp=self._site_dp()))
+        mesh=self.mesh, site_dp=self._site_dp(),
+        server_objective=(make_public_objective(self.model, config.optim.public_batch_size)
+                          if config.server.optimizer in optim.CURVATURE_OPTIMIZERS else None)))
     self.round_fn = self.algorithm.round
     self.rounds_per_step = config.rounds_per_step
     step = (self.round_fn if self.rounds_per_step == 1
@@ -187,10 +203,16 @@ class Experiment:
     if self.privacy is None or self.config.dp.level != "site":
       return None
     cfg = self.config
+    adaptive = None
+    if cfg.dp.adaptive_clip:
+      adaptive = fedavg.AdaptiveClip(target_quantile=cfg.dp.target_quantile,
+                                     clip_lr=cfg.dp.clip_lr,
+                                     count_stddev=self.privacy.count_noise_multiplier)
     return fedavg.SiteDP(clip_norm=cfg.dp.clip_norm,
-                         noise_multiplier=self.privacy.noise_multiplier,
+                         noise_multiplier=self.privacy.update_noise_multiplier,
                          coordinated=cfg.dp.noise == "coordinated",
-                         max_cohort=sampling.max_sample_size(cfg.cohort_size, self.data.num_sites))
+                         max_cohort=sampling.max_sample_size(cfg.cohort_size, self.data.num_sites),
+                         adaptive=adaptive)
 
   def epsilon(self, rounds: int) -> float | None:
     if self.privacy is None:
@@ -241,11 +263,16 @@ class Experiment:
       meta.update(noise_multiplier=self.privacy.noise_multiplier,
                   sampling_prob=self.privacy.sampling_prob,
                   steps_per_round=self.privacy.steps_per_round)
+    adaptive = self.privacy is not None and cfg.dp.adaptive_clip
+    if adaptive:  # the split of noise_multiplier; C_t itself is in the checkpointed state
+      meta.update(update_noise_multiplier=self.privacy.update_noise_multiplier,
+                  count_noise_multiplier=self.privacy.count_noise_multiplier)
     if ckpt.latest_round() is not None:
       start = ckpt.latest_round()
       planned = dict(meta)
       state, meta = ckpt.restore(start, state)
-      for key in ("noise_multiplier", "sampling_prob", "steps_per_round"):
+      for key in ("noise_multiplier", "sampling_prob", "steps_per_round",
+                  "update_noise_multiplier", "count_noise_multiplier"):
         if key in planned and not math.isclose(meta.get(key, -1), planned[key], rel_tol=1e-9):
           raise ConfigError("dp", f"the checkpoint in {workdir} was trained with {key}="
                             f"{meta.get(key)}, this config gives {planned[key]}; use a new workdir")
@@ -255,6 +282,10 @@ class Experiment:
                            tensorboard=cfg.log.tensorboard)
     if self.privacy is not None:
       log.info(self.privacy.description)
+    if self.public is not None:
+      log.info("curvature objective: %d public examples of optim.public_data=%s, %d per "
+               "estimate (public by assumption: no epsilon covers them)", len(self.public),
+               cfg.optim.public_data, min(cfg.optim.public_batch_size, len(self.public)))
     completed, result = start, None
     # Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the round in flight, save, then stop.
     stop = {"signal": None}
@@ -271,6 +302,7 @@ class Experiment:
         losses = np.atleast_1d(np.asarray(metrics.train_loss))
         messages = np.atleast_1d(np.asarray(metrics.messages))
         overflow = np.atleast_1d(np.asarray(metrics.dp_overflow))
+        clip_norms = np.atleast_1d(np.asarray(metrics.clip_norm)) if adaptive else None
         for i, loss in enumerate(losses):
           completed += 1
           evaluate = completed % cfg.eval.every == 0 or completed == cfg.rounds
@@ -287,7 +319,9 @@ class Experiment:
               "site_accuracy_worst10": result.site_accuracy_worst10 if result else None,
               "epsilon": self.epsilon(completed), "seconds": seconds,
               "bytes_communicated": round_bytes, "bytes_total": meta["bytes_total"],
-              **({"dp_overflow": int(overflow[i])} if self.privacy else {})})
+              **({"dp_overflow": int(overflow[i])} if self.privacy else {}),
+              # The norm this round's site updates were clipped to (C_t, before its update).
+              **({"clip_norm": float(clip_norms[i])} if adaptive else {})})
         if (completed % cfg.checkpoint.every == 0 or completed == cfg.rounds or stop["signal"]
             or self._over_budget(completed + self.rounds_per_step)):
           ckpt.save(completed, state, meta)
@@ -315,6 +349,11 @@ class Experiment:
           "sampling_prob": self.privacy.sampling_prob,
           "steps": completed * self.privacy.steps_per_round,
           "accountant": cfg.dp.accountant, "delta": cfg.dp.delta}
+      if adaptive:  # how noise_multiplier was split, and the clip norm the next round would use
+        summary["privacy"].update(
+            update_noise_multiplier=self.privacy.update_noise_multiplier,
+            count_noise_multiplier=self.privacy.count_noise_multiplier,
+            final_clip_norm=float(state.clip_norm))
     if cfg.eval.centralized_baseline:
       summary["centralized_test_accuracy"] = self.centralized_accuracy()
     with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -20,6 +20,7 @@ from fedjax_lab.config import default_config, validate
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.experiment import Experiment
+from test_experiment import crash_during_step
 
 S, D, LOCAL_STEPS = 8, 4, 10
 SIZES = (12, 9, 20, 14, 10, 25, 16, 11)
@@ -341,10 +342,6 @@ def _tiny(name, **overrides):
 MODEL_BYTES = 4 * (64 * 10 + 10)  # linear 64 -> 10, float32
 
 
-class _Crash(Exception):
-  pass
-
-
 @pytest.mark.parametrize("name,messages", [("scaffold", 4 * 8), ("proxskip", 2 * 8 * 2),
                                            ("randcom", 16 * 2), ("dsgd", 16 * 2)])
 def test_train_writes_bytes_per_round_and_total_and_resumes(name, messages, tmp_path):
@@ -358,18 +355,7 @@ def test_train_writes_bytes_per_round_and_total_and_resumes(name, messages, tmp_
   if name != "randcom":
     return
   # Crash in round 2 (round 1 is checkpointed), rerun: per-site models and controls restored.
-  real_step, calls = exp.step, []
-
-  def crashing_step(*args):
-    calls.append(1)
-    if len(calls) == 2:
-      raise _Crash()
-    return real_step(*args)
-
-  exp.step = crashing_step
-  with pytest.raises(_Crash):
-    exp.run(str(tmp_path / "crashed"))
-  exp.step = real_step
+  crash_during_step(exp, str(tmp_path / "crashed"), 2)
   resumed = exp.run(str(tmp_path / "crashed"))
   assert resumed["params_sha256"] == summary["params_sha256"]
   assert resumed["bytes_total"] == summary["bytes_total"]

@@ -9,7 +9,6 @@ import json
 import dp_accounting
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -99,7 +98,9 @@ def test_example_level_dp_step_equals_numpy_clipped_sum():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def _site_round(noise, coordinated, cohort=4, sites=8, clip=0.05, hidden=16):
+def _round_with(site_dp, cohort=4, sites=8, hidden=16, clip=None):
+  """A jitted DP-FedAvg round over 8 sites of 5 random examples, its data and initial state;
+  `clip` sets the state's clip norm C_t (adaptive clipping), else it starts at C_0."""
   rng = np.random.RandomState(1)
   x = rng.randn(sites * 5, 6).astype(np.float32)
   y = rng.randint(0, 3, sites * 5).astype(np.int32)
@@ -108,11 +109,19 @@ def _site_round(noise, coordinated, cohort=4, sites=8, clip=0.05, hidden=16):
   params, ms = model.init(jax.random.key(0), x[:2])
   cu = make_client_update(model, optax.with_extra_args_support(optax.sgd(1.0)),
                           ClientConfig(1, 5, False, 0.0))
+  round_fn = jax.jit(fedavg.make_round(cu, optax.sgd(1.0), cohort_size=cohort, site_dp=site_dp))
+  adaptive = site_dp.adaptive is not None
+  state = fedavg.init_server_state(params, ms, optax.sgd(1.0), sites, False,
+                                   clip_norm=site_dp.clip_norm if adaptive else None)
+  if clip is not None:
+    state = state._replace(clip_norm=jnp.float32(clip))
+  return x, y, params, state, round_fn, data
+
+
+def _site_round(noise, coordinated, cohort=4, sites=8, clip=0.05, hidden=16):
   site_dp = fedavg.SiteDP(clip_norm=clip, noise_multiplier=noise, coordinated=coordinated,
                           max_cohort=max_sample_size(cohort, sites))
-  round_fn = jax.jit(fedavg.make_round(cu, optax.sgd(1.0), cohort_size=cohort, site_dp=site_dp))
-  state = fedavg.init_server_state(params, ms, optax.sgd(1.0), sites, False)
-  return x, y, params, state, round_fn, data, site_dp
+  return (*_round_with(site_dp, cohort, sites, hidden), site_dp)
 
 
 def test_site_level_dp_fedavg_equals_numpy_clipped_mean():
@@ -134,6 +143,12 @@ def test_site_level_dp_fedavg_equals_numpy_clipped_mean():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def _moved(new_params, params):
+  """All coordinates of new_params - params, flat."""
+  return np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
+                         zip(jax.tree.leaves(new_params), jax.tree.leaves(params))])
+
+
 @pytest.mark.parametrize("coordinated", [False, True])
 def test_site_level_noise_std(coordinated):
   # Updates clipped to 1e-4 against noise of std 1 per site: what moves the params is the
@@ -144,8 +159,7 @@ def test_site_level_noise_std(coordinated):
   key = jax.random.key(3)
   new, metrics = round_fn(state, data, key, key)
   n = int(metrics.messages) // 2  # all 8 sites at q = 1
-  moved = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
-                          zip(jax.tree.leaves(new.params), jax.tree.leaves(params))])
+  moved = _moved(new.params, params)
   # Sum of n shares, divided by the expected cohort size 8.
   share = sigma * clip / (np.sqrt(n) if coordinated else 1.0)
   want = share * np.sqrt(n) / 8

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -62,22 +61,30 @@ class _Crash(Exception):
   pass
 
 
-def test_crash_then_rerun_resumes_to_the_same_params(tmp_path, monkeypatch):
-  c = tiny_config()
-  full = Experiment(c).run(str(tmp_path / "full"))
-
-  crashing = Experiment(c)
-  real_step, calls = crashing.step, []
+def crash_during_step(exp, workdir, call):
+  """Runs `exp` into `workdir` and kills it inside its `call`-th compiled step (1-based), as
+  a crash or a lost machine would; checkpoints taken before then stay on disk."""
+  real_step, calls = exp.step, []
 
   def step(*args):
     calls.append(1)
-    if len(calls) == 4:  # dies during round 4; rounds 1-2 are checkpointed at round 2
+    if len(calls) == call:
       raise _Crash()
     return real_step(*args)
 
-  crashing.step = step
-  with pytest.raises(_Crash):
-    crashing.run(str(tmp_path / "crashed"))
+  exp.step = step
+  try:
+    with pytest.raises(_Crash):
+      exp.run(workdir)
+  finally:
+    exp.step = real_step
+
+
+def test_crash_then_rerun_resumes_to_the_same_params(tmp_path):
+  c = tiny_config()
+  full = Experiment(c).run(str(tmp_path / "full"))
+  # Dies during round 4; rounds 1-2 are checkpointed at round 2.
+  crash_during_step(Experiment(c), str(tmp_path / "crashed"), 4)
   assert sorted(os.listdir(tmp_path / "crashed" / "checkpoints"))[-1].startswith("2")
   resumed = Experiment(c).run(str(tmp_path / "crashed"))
   assert resumed["params_sha256"] == full["params_sha256"]
@@ -114,11 +121,28 @@ BAD_CONFIGS = [
     ("--config.no_such_key=1", "no_such_key"),
     ("--config.dp.delta=1.5", "dp.delta"),
     ("--config.client.optimizer=sam --config.client.local_steps=3", "client.local_steps"),
+    ("--config.client.optimizer_args.epz=0.1", "client.optimizer_args.epz"),
 ]
 
 
-@pytest.mark.parametrize("flags,key", BAD_CONFIGS)
-def test_bad_config_exits_2_with_one_line(flags, key, tmp_path):
+def test_optimizer_args_are_set_from_the_command_line(tmp_path):
+  """The free-form optimizer_args take --config overrides (both `=` and space forms): b1=0.9,
+  adam's default, gives the run without it; b1 0.5 another one."""
+  def sha(name, *extra):
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--workdir", str(tmp_path / name), "--config.rounds=1",
+         "--config.log.progress=False", "--config.log.tensorboard=False",
+         "--config.client.optimizer=adam", "--config.client.lr=0.01", *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((tmp_path / name / "summary.json").read_text())["params_sha256"]
+  default = sha("default")
+  assert sha("b1_09", "--config.client.optimizer_args.b1=0.9") == default
+  assert sha("b1_05", "--config.client.optimizer_args.b1", "0.5") != default
+
+
+def assert_exits_2_with_one_line(flags, key, tmp_path):
+  """train.py with these --config flags exits 2, printing one line that names `key`."""
   proc = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path), *flags.split()],
                         cwd=ROOT, capture_output=True, text=True, timeout=120,
                         env={**os.environ, "XLA_FLAGS": ""})
@@ -126,6 +150,11 @@ def test_bad_config_exits_2_with_one_line(flags, key, tmp_path):
   assert proc.returncode == 2, proc.stderr
   assert len(lines) == 1 and key in lines[0], proc.stderr
   assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("flags,key", BAD_CONFIGS)
+def test_bad_config_exits_2_with_one_line(flags, key, tmp_path):
+  assert_exits_2_with_one_line(flags, key, tmp_path)
 
 
 @pytest.mark.slow

@@ -390,12 +390,10 @@ def test_unknown_name_lists_allowed():
 
 
 @pytest.mark.parametrize("name", ["esgd", "adahessian", "sophia"])
-@pytest.mark.parametrize("dp_level", ["example", "site"])
-def test_dp_with_curvature_and_no_public_data_is_a_config_error(name,
-                                                                dp_level):
+def test_example_dp_with_curvature_and_no_public_data_is_a_config_error(name):
   for public_data in (None, ""):
     with pytest.raises(ConfigError) as info:
-      optim.check_dp_compatible(name, dp_level, public_data,
+      optim.check_dp_compatible(name, "example", public_data,
                                 "client.optimizer")
     message = str(info.value)
     assert info.value.key == "client.optimizer"
@@ -407,5 +405,18 @@ def test_dp_with_curvature_and_no_public_data_is_a_config_error(name,
 def test_dp_compatible_cases_pass():
   optim.check_dp_compatible("esgd", "example", "public_digits", "client.opt")
   optim.check_dp_compatible("adahessian", "none", None, "client.optimizer")
+  # Site-level DP clips and noises the whole site update: client curvature is inside it.
+  for name in optim.CURVATURE_OPTIMIZERS:
+    optim.check_dp_compatible(name, "site", None, "client.optimizer")
   for name in set(optim.OPTIMIZERS) - optim.CURVATURE_OPTIMIZERS:
-    optim.check_dp_compatible(name, "site", None, "server.optimizer")
+    optim.check_dp_compatible(name, "example", None, "client.optimizer")
+    optim.check_server_optimizer(name, None)
+
+
+@pytest.mark.parametrize("name", ["esgd", "adahessian", "sophia"])
+def test_server_curvature_optimizer_without_public_data_is_a_config_error(name):
+  with pytest.raises(ConfigError) as info:
+    optim.check_server_optimizer(name, None)
+  assert info.value.key == "server.optimizer"
+  assert "\n" not in str(info.value) and "adam" in str(info.value)
+  optim.check_server_optimizer(name, "holdout:0.2")

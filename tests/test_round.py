@@ -1,7 +1,6 @@
 """The vmapped round against an independent NumPy per-site loop (manual MLP backprop)."""
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax

@@ -30,6 +30,8 @@ class AlgorithmContext(NamedTuple):
   num_sites: int
   mesh: Any
   site_dp: Any = None        # fedavg.SiteDP for dp.level="site", else None
+  # client.make_public_objective(...) when server.optimizer is a curvature one, else None.
+  server_objective: Callable | None = None
 
 
 class Algorithm(NamedTuple):
@@ -44,9 +46,12 @@ def _fedavg(ctx: AlgorithmContext) -> Algorithm:
   round_fn = fedavg.make_round(ctx.client_update, ctx.server_tx, cohort_size=cfg.cohort_size,
                                weighting=cfg.server.weighting, fedbn=fedbn, mesh=ctx.mesh,
                                site_dp=ctx.site_dp,
-                               min_sites_per_device=cfg.min_sites_per_device)
+                               min_sites_per_device=cfg.min_sites_per_device,
+                               server_objective=ctx.server_objective)
+  adaptive = ctx.site_dp is not None and ctx.site_dp.adaptive is not None
   init = lambda params, model_state: fedavg.init_server_state(
-      params, model_state, ctx.server_tx, ctx.num_sites, fedbn)
+      params, model_state, ctx.server_tx, ctx.num_sites, fedbn,
+      clip_norm=ctx.site_dp.clip_norm if adaptive else None)  # C_0, then C_t in the state
   return Algorithm(init=init, round=round_fn)
 
 

@@ -4,13 +4,18 @@ McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Dec
 Data" (FedAvg); Reddi et al. 2021, "Adaptive Federated Optimization" (the server step as an
 optax optimizer on the pseudo-gradient: sgd lr 1 = FedAvg, momentum = FedAvgM, adam = FedAdam,
 yogi = FedYogi); Li et al. 2020 (FedProx: the client's proximal term, see client.py);
-Li et al. 2021, "FedBN" (BatchNorm statistics kept per site instead of averaged).
+Li et al. 2021, "FedBN" (BatchNorm statistics kept per site instead of averaged);
+site-level DP (SiteDP below), optionally with Andrew et al. 2021, "Differentially Private
+Learning with Adaptive Clipping" (the clip norm follows a quantile of the update norms).
 
 One round, as in the papers' algorithm box:
   sample a cohort S_t of K sites
   for each site k in S_t in parallel (jax.vmap):  Δ_k = ClientUpdate(w_t, data_k)
   Δ_t = Σ_k p_k Δ_k  with p_k ∝ n_k (or uniform)
   w_{t+1} = ServerOpt(w_t, -Δ_t)
+Under site-level DP, Δ_t = (Σ_k clip(Δ_k, C_t) + noise) / expected cohort size; with adaptive
+clipping, C_{t+1} = C_t exp(-η_C (b̃_t - γ)) from the noised fraction b̃_t of sites with
+||Δ_k|| <= C_t (privacy/adaptive_clipping.py); otherwise C_t = dp.clip_norm.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -21,12 +26,18 @@ import optax
 
 from fedjax_lab import sharding
 from fedjax_lab.data.federated import FederatedData
+from fedjax_lab.privacy import adaptive_clipping
 from fedjax_lab.privacy.sampling import poisson_sample
 
 
 # Site noise keys hang off fold_in(client_rng, _SITE_NOISE), a value no round index reaches,
 # so they never coincide with a round's client-training keys fold_in(client_rng, t).
 _SITE_NOISE = 0xFFFFFFFF
+# Adaptive clipping's count-noise keys hang off another such value.
+_SITE_COUNT_NOISE = 0xFFFFFFFE
+# fold_in tag (into the round's client key, beside the site ids) of the public minibatch a
+# curvature server optimizer takes its obj_fn on.
+_SERVER_PUBLIC = 0xFFFFFFFD
 
 
 class ServerState(NamedTuple):
@@ -35,12 +46,26 @@ class ServerState(NamedTuple):
   opt_state: Any         # the server optimizer's state
   site_model_state: Any  # FedBN: per-site statistics, leaves [sites, ...]; else {}
   round: jax.Array       # int32 rounds completed
+  clip_norm: Any         # adaptive clipping: C_t, the next round's clip norm (float32); else {}
 
 
 class RoundMetrics(NamedTuple):
   train_loss: jax.Array  # example-weighted mean of the cohort's local training losses
   messages: jax.Array    # model-sized messages sent: K down + K up
   dp_overflow: jax.Array  # Poisson-sampled examples/sites that did not fit (0 without DP)
+  clip_norm: Any          # site DP: the clip norm this round's updates were clipped to; else {}
+
+
+class AdaptiveClip(NamedTuple):
+  """Andrew et al. 2021, geometric update: C_{t+1} = C_t exp(-clip_lr (b̃_t - target_quantile)).
+
+  Each site also adds its share of N(0, count_stddev^2) to the centred count Σ (b_k - 1/2),
+  split over the sites like the update noise (parallel: each the full std; coordinated:
+  std / sqrt(n) each).
+  """
+  target_quantile: float  # γ
+  clip_lr: float          # η_C
+  count_stddev: float     # σ_b
 
 
 class SiteDP(NamedTuple):
@@ -51,11 +76,15 @@ class SiteDP(NamedTuple):
   noise "parallel": every site adds N(0, (sigma C)^2); "coordinated" (Dopamine): every site
   adds N(0, (sigma C)^2 / n) for the n sites of the round, so the secure sum carries exactly
   (sigma C)^2. The accountant uses sigma either way (parallel only adds more noise).
+
+  With `adaptive` set, C is C_t from the server state (clip_norm is only C_0) and
+  noise_multiplier is the update's share z_Δ of the accountant's sigma (adaptive_clipping.py).
   """
-  clip_norm: float
-  noise_multiplier: float
+  clip_norm: float         # C, or C_0 with adaptive clipping
+  noise_multiplier: float  # of the update: sigma, or z_Δ with adaptive clipping
   coordinated: bool
   max_cohort: int
+  adaptive: AdaptiveClip | None = None
 
 
 def sample_cohort(rng, num_sites: int, cohort_size: int) -> jax.Array:
@@ -65,12 +94,15 @@ def sample_cohort(rng, num_sites: int, cohort_size: int) -> jax.Array:
   return jax.random.choice(rng, num_sites, (cohort_size,), replace=False).astype(jnp.int32)
 
 
-def init_server_state(params, model_state, server_tx, num_sites: int, fedbn: bool) -> ServerState:
+def init_server_state(params, model_state, server_tx, num_sites: int, fedbn: bool,
+                      clip_norm: float | None = None) -> ServerState:
+  """`clip_norm`: C_0 under adaptive clipping (kept in the state, so it is checkpointed)."""
   site_state = {}
   if fedbn and model_state:
     site_state = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_sites, *a.shape)), model_state)
   return ServerState(params=params, model_state=model_state, opt_state=server_tx.init(params),
-                     site_model_state=site_state, round=jnp.zeros((), jnp.int32))
+                     site_model_state=site_state, round=jnp.zeros((), jnp.int32),
+                     clip_norm={} if clip_norm is None else jnp.asarray(clip_norm, jnp.float32))
 
 
 def weighted_mean(tree, weights):
@@ -85,15 +117,36 @@ def clip_by_global_norm(tree, clip_norm):
   return jax.tree.map(lambda a: a * factor, tree), norm
 
 
+def server_step(server_tx: optax.GradientTransformationExtraArgs, mean_delta, opt_state,
+                params, objective: Callable | None, model_state, round_rng,
+                data: FederatedData):
+  """x <- ServerOpt(x, -mean_delta); returns (params, opt_state).
+
+  The mean site update is a pseudo-gradient, not the gradient of a loss the server holds, so
+  a curvature server optimizer (esgd, adahessian, sophia) takes its Hessian-vector products of
+  `objective` (client.make_public_objective): the loss of a minibatch of the PUBLIC
+  calibration set at the global model, post-processing under any DP level. Without it
+  (no curvature server optimizer) the update gets no obj_fn.
+  """
+  extra = {}
+  if objective is not None:
+    key = jax.random.fold_in(round_rng, _SERVER_PUBLIC)
+    extra["obj_fn"] = objective(model_state, key, key, data)
+  updates, opt_state = server_tx.update(jax.tree.map(jnp.negative, mean_delta), opt_state,
+                                        params, **extra)
+  return optax.apply_updates(params, updates), opt_state
+
+
 def make_round(client_update: Callable, server_tx: optax.GradientTransformation, *,
                cohort_size: int, weighting: str = "examples", fedbn: bool = False,
                mesh=None, site_dp: SiteDP | None = None,
-               min_sites_per_device: int = 16) -> Callable:
+               min_sites_per_device: int = 16,
+               server_objective: Callable | None = None) -> Callable:
   """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, RoundMetrics).
 
   `client_update` is `client.make_client_update(...)`; the keys are the run's per-purpose
   roots: the round index and site id are folded in here, so a site's randomness never
-  depends on the cohort order or the device it ran on.
+  depends on the cohort order or the device it ran on. `server_objective`: see server_step.
   """
 
   def round_fn(state: ServerState, data: FederatedData, sampling_rng, client_rng):
@@ -128,16 +181,23 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
         state.params, site_ms, site_idx, site_count, site_rngs, data)
 
     num_in = in_cohort.sum()
+    clip_norm, next_clip_norm = {}, state.clip_norm
     if site_dp is not None:
+      clip_norm = state.clip_norm if site_dp.adaptive is not None else site_dp.clip_norm
       noise_rng = jax.random.fold_in(jax.random.fold_in(client_rng, _SITE_NOISE), t)
-      mean_delta = _private_mean(out.delta, in_cohort, num_in, cohort, noise_rng, site_dp,
-                                 expected_cohort=cohort_size)
+      mean_delta, norms = _private_mean(out.delta, in_cohort, num_in, cohort, noise_rng,
+                                        site_dp, clip_norm, expected_cohort=cohort_size)
       weights = in_cohort / jnp.maximum(num_in, 1.0)
+      if site_dp.adaptive is not None:
+        count_rng = jax.random.fold_in(jax.random.fold_in(client_rng, _SITE_COUNT_NOISE), t)
+        next_clip_norm = adaptive_clipping.next_clip_norm(
+            clip_norm, norms, in_cohort, count_noise(count_rng, cohort, in_cohort, num_in, site_dp),
+            cohort_size, site_dp.adaptive.target_quantile, site_dp.adaptive.clip_lr)
+      clip_norm = jnp.asarray(clip_norm, jnp.float32)
     else:
       mean_delta = weighted_mean(out.delta, weights)
-    updates, opt_state = server_tx.update(jax.tree.map(jnp.negative, mean_delta),
-                                          state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = server_step(server_tx, mean_delta, state.opt_state, state.params,
+                                    server_objective, state.model_state, round_rng, data)
 
     model_state, site_model_state = state.model_state, state.site_model_state
     if state.model_state:
@@ -148,24 +208,27 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
                                         site_model_state, out.model_state)
 
     new_state = ServerState(params=params, model_state=model_state, opt_state=opt_state,
-                            site_model_state=site_model_state, round=t + 1)
+                            site_model_state=site_model_state, round=t + 1,
+                            clip_norm=next_clip_norm)
     metrics = RoundMetrics(train_loss=jnp.dot(weights, out.train_loss),
                            messages=(2 * num_in).astype(jnp.int32),
-                           dp_overflow=cohort_overflow + out.dp_overflow.sum())
+                           dp_overflow=cohort_overflow + out.dp_overflow.sum(),
+                           clip_norm=clip_norm)
     return new_state, metrics
 
   return round_fn
 
 
-def _private_mean(deltas, in_cohort, num_in, cohort, noise_rng, site_dp: SiteDP,
+def _private_mean(deltas, in_cohort, num_in, cohort, noise_rng, site_dp: SiteDP, clip_norm,
                   expected_cohort: int):
-  """(Σ_k clip(Δ_k) + Σ_k noise_k) / expected_cohort over the sites in the cohort.
+  """(Σ_k clip(Δ_k, C) + Σ_k noise_k) / expected_cohort over the sites in the cohort, and
+  the sites' update norms ||Δ_k|| [K] (before clipping).
 
   Each site draws its own noise share from a key folded with its site id, as a real site
   would, so the noise never depends on the cohort order or the device.
   """
-  clipped, _ = jax.vmap(clip_by_global_norm, in_axes=(0, None))(deltas, site_dp.clip_norm)
-  share = site_dp.noise_multiplier * site_dp.clip_norm
+  clipped, norms = jax.vmap(clip_by_global_norm, in_axes=(0, None))(deltas, clip_norm)
+  share = site_dp.noise_multiplier * clip_norm
   if site_dp.coordinated:
     share = share / jnp.sqrt(jnp.maximum(num_in, 1.0))
 
@@ -177,4 +240,18 @@ def _private_mean(deltas, in_cohort, num_in, cohort, noise_rng, site_dp: SiteDP,
 
   noised = jax.vmap(lambda site, c: jax.tree.map(jnp.add, c, site_noise(site, c)))(
       cohort, clipped)
-  return jax.tree.map(lambda a: jnp.tensordot(in_cohort, a, axes=1) / expected_cohort, noised)
+  mean = jax.tree.map(lambda a: jnp.tensordot(in_cohort, a, axes=1) / expected_cohort, noised)
+  return mean, norms
+
+
+def count_noise(count_rng, cohort, in_cohort, num_in, site_dp: SiteDP):
+  """Σ_k ξ_k over the sites in the cohort: the noise on adaptive clipping's count.
+
+  Each site draws its share ξ_k from a key folded with its site id, N(0, σ_b^2) (parallel)
+  or N(0, σ_b^2 / n) for the n sites of the round (coordinated), as the update noise.
+  """
+  share = site_dp.adaptive.count_stddev
+  if site_dp.coordinated:
+    share = share / jnp.sqrt(jnp.maximum(num_in, 1.0))
+  draws = jax.vmap(lambda site: jax.random.normal(jax.random.fold_in(count_rng, site)))(cohort)
+  return share * jnp.dot(in_cohort, draws)

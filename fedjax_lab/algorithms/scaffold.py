@@ -31,7 +31,7 @@ import optax
 
 from fedjax_lab import sharding
 from fedjax_lab.algorithms import Algorithm, common
-from fedjax_lab.algorithms.fedavg import sample_cohort, weighted_mean
+from fedjax_lab.algorithms.fedavg import sample_cohort, server_step, weighted_mean
 from fedjax_lab.data.federated import FederatedData
 
 
@@ -70,8 +70,11 @@ def client_update(site_gradient: common.SiteGradient, local_steps: int, lr: floa
 
 def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTransformation, *,
                cohort_size: int, local_steps: int, lr: float, weighting: str = "examples",
-               mesh=None):
-  """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, common.RoundMetrics)."""
+               mesh=None, server_objective=None):
+  """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, common.RoundMetrics).
+
+  `server_objective`: the public curvature objective of a curvature ServerOpt (fedavg.server_step).
+  """
 
   def round_fn(state: ScaffoldState, data: FederatedData, sampling_rng, client_rng):
     t = state.round
@@ -92,9 +95,9 @@ def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTran
     else:
       w = jnp.full((cohort_size,), 1.0 / cohort_size)
       q = jnp.full((cohort_size,), 1.0 / data.num_sites)
-    updates, opt_state = server_tx.update(jax.tree.map(jnp.negative, weighted_mean(dy, w)),
-                                          state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = server_step(server_tx, weighted_mean(dy, w), state.opt_state,
+                                    state.params, server_objective, state.model_state,
+                                    round_rng, data)
     control = jax.tree.map(jnp.add, state.control, weighted_mean(dc, q))
     site_controls = common.place_per_site(
         jax.tree.map(lambda all_, d: all_.at[cohort].add(d), state.site_controls, dc), mesh)
@@ -112,7 +115,8 @@ def build(ctx):
                                             cfg.client.shuffle, cfg.model.l2)
   round_fn = make_round(site_gradient, ctx.server_tx, cohort_size=cfg.cohort_size,
                         local_steps=cfg.client.local_steps, lr=cfg.client.lr,
-                        weighting=cfg.server.weighting, mesh=ctx.mesh)
+                        weighting=cfg.server.weighting, mesh=ctx.mesh,
+                        server_objective=ctx.server_objective)
   return Algorithm(init=lambda params, model_state: init_state(params, model_state,
                                                                ctx.server_tx, ctx.num_sites),
                    round=round_fn)

@@ -3,6 +3,9 @@
 A skewed partition costs a few ints of padding per site, never copies of the data: site s
 owns `x[idx[s, :count[s]]]`; `idx[s, count[s]:]` is padding (0) and is never read as data
 because minibatch positions are taken modulo `count[s]`.
+
+The public calibration set of the curvature optimizers (`optim.public_data`, data/public.py),
+if any, lives here too, once and replicated: it belongs to no site.
 """
 
 from typing import Sequence
@@ -20,6 +23,8 @@ class FederatedData:
   idx: jax.Array     # [sites, n_max] int32 rows into x; padded with 0
   count: jax.Array   # [sites] int32 real examples per site
   num_classes: int = flax.struct.field(pytree_node=False)
+  public_x: jax.Array | None = None  # [P, ...] float32 public calibration examples, or None
+  public_y: jax.Array | None = None  # [P] int32 their labels (training label space), or None
 
   @property
   def num_sites(self) -> int:
@@ -31,14 +36,20 @@ class FederatedData:
 
 
 def from_partition(x: np.ndarray, y: np.ndarray, sites: Sequence[np.ndarray],
-                   num_classes: int) -> FederatedData:
-  """Builds the index table from per-site index arrays (as returned by a partitioner)."""
+                   num_classes: int, public_x: np.ndarray | None = None,
+                   public_y: np.ndarray | None = None) -> FederatedData:
+  """Builds the index table from per-site index arrays (as returned by a partitioner).
+
+  public_x [P, ...], public_y [P]: the public calibration set (`optim.public_data`), or None.
+  """
   counts = np.array([len(s) for s in sites], np.int32)
   idx = np.zeros((len(sites), max(int(counts.max()), 1)), np.int32)
   for s, rows in enumerate(sites):
     idx[s, :len(rows)] = rows
   return FederatedData(x=jnp.asarray(x, jnp.float32), y=jnp.asarray(y, jnp.int32),
-                       idx=jnp.asarray(idx), count=jnp.asarray(counts), num_classes=num_classes)
+                       idx=jnp.asarray(idx), count=jnp.asarray(counts), num_classes=num_classes,
+                       public_x=None if public_x is None else jnp.asarray(public_x, jnp.float32),
+                       public_y=None if public_y is None else jnp.asarray(public_y, jnp.int32))
 
 
 def site_label_histogram(data: FederatedData) -> np.ndarray:

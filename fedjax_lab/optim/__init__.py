@@ -5,7 +5,8 @@
 * `hessian`: matrix-free Hessian-vector products and Hutchinson estimates.
 * `make_optimizer(name, lr, key_prefix=..., **hparams)`: every optimizer a config
   can name (`OPTIMIZERS`), always an `optax.GradientTransformationExtraArgs`
-  whose update takes `obj_fn=`; `check_dp_compatible` for curvature under DP.
+  whose update takes `obj_fn=`; `check_dp_compatible` for curvature under DP,
+  `check_server_optimizer` for curvature at the server (needs public data).
 """
 
 from fedjax_lab.optim import hessian
@@ -16,6 +17,7 @@ from fedjax_lab.optim.esgd import esgd
 from fedjax_lab.optim.esgd import ESGDState
 from fedjax_lab.optim.esgd import scale_by_esgd
 from fedjax_lab.optim.registry import check_dp_compatible
+from fedjax_lab.optim.registry import check_server_optimizer
 from fedjax_lab.optim.registry import CURVATURE_OPTIMIZERS
 from fedjax_lab.optim.registry import HYPERPARAMETERS
 from fedjax_lab.optim.registry import local_steps_multiple
@@ -31,6 +33,7 @@ __all__ = [
     "OPTIMIZERS",
     "adahessian",
     "check_dp_compatible",
+    "check_server_optimizer",
     "esgd",
     "hessian",
     "local_steps_multiple",

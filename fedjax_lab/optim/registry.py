@@ -28,10 +28,12 @@ Names and hyperparameters (defaults in `HYPERPARAMETERS`):
 
 `hessian_update_every` is accepted as another name for `update_interval`.
 
-Under DP, the curvature optimizers (`CURVATURE_OPTIMIZERS`) take a
-Hessian-vector product of `obj_fn`; on private data that is a release DP-SGD
-does not account for. `check_dp_compatible` turns that into a config error
-unless a public calibration set is configured.
+The curvature optimizers (`CURVATURE_OPTIMIZERS`) take Hessian-vector products
+of `obj_fn`. Under example-level DP, on private data that is a release DP-SGD
+does not account for: `check_dp_compatible` makes it a config error unless a
+public calibration set (`optim.public_data`) supplies the objective. The server
+holds no data: as server optimizers they need that public set too
+(`check_server_optimizer`).
 """
 
 import itertools
@@ -313,34 +315,60 @@ def local_steps_multiple(name: str, **hparams) -> int:
 def check_dp_compatible(
     optim_name: str, dp_level: str, public_data: Optional[str], key: str
 ) -> None:
-  """Raises a ConfigError for a curvature optimizer on private data under DP.
-
-  A Hessian-vector product of the private minibatch's loss is a function of
-  private examples that DP-SGD's clipping and noise never touch, so a run that
-  uses one has no valid epsilon. Curvature optimizers are allowed under DP only
-  when `obj_fn` is evaluated on a public calibration set (`optim.public_data`).
+  """Raises a ConfigError for a client curvature optimizer DP does not cover.
 
   Args:
-    optim_name: the optimizer's name (`client.optimizer` or `server.optimizer`).
+    optim_name: the client optimizer's name (`client.optimizer`).
     dp_level: `dp.level`: "none", "example" or "site".
     public_data: `optim.public_data`, or None / "" if not configured.
     key: the config key to name in the error, e.g. "client.optimizer".
 
   Raises:
-    ConfigError: DP is on, the optimizer reads the curvature, and there is no
-      public calibration data.
+    ConfigError: dp.level="example", the optimizer reads the curvature, and
+      there is no public calibration data.
   """
-  if dp_level == "none" or optim_name not in CURVATURE_OPTIMIZERS:
+  # What each DP level covers. "example": the mechanism is the clipped, noised
+  # gradient of each local step, so anything else computed from private
+  # examples, like a Hessian-vector product of their loss, escapes it; the
+  # curvature must come from public examples (client.py then evaluates obj_fn on
+  # them only) or the optimizer is refused. "site": the mechanism clips and
+  # noises the site's whole update, whatever function of the site's data made
+  # it, so curvature on the site's own private minibatch is inside it. (The
+  # server optimizer has no objective under any level: check_server_optimizer.)
+  if (dp_level != "example" or optim_name not in CURVATURE_OPTIMIZERS
+      or public_data):
     return
-  if public_data:
-    return
-  plain = ", ".join(n for n in OPTIMIZERS if n not in CURVATURE_OPTIMIZERS)
   raise ConfigError(
       key,
       f"{optim_name!r} takes Hessian-vector products of the loss, and with "
       f"dp.level={dp_level!r} a Hessian-vector product on private data is a "
       "release that DP-SGD does not cover; set optim.public_data to a public "
-      f"calibration set, or use a non-curvature optimizer ({plain})")
+      f"calibration set, or use a non-curvature optimizer ({_plain_names()})")
+
+
+def check_server_optimizer(optim_name: str, public_data: Optional[str],
+                           key: str = "server.optimizer") -> None:
+  """Raises a ConfigError for a curvature server optimizer without public data.
+
+  The server step (algorithms/fedavg.py `server_step`) takes the mean site
+  update as a pseudo-gradient; it is not the gradient of a loss the server
+  could evaluate (it holds no data, and under DP sees only the privatized
+  aggregate). A curvature server optimizer therefore takes its Hessian-vector
+  products on a minibatch of the public calibration set (`optim.public_data`),
+  which is post-processing at every DP level; without one it is refused.
+  """
+  if optim_name not in CURVATURE_OPTIMIZERS or public_data:
+    return
+  raise ConfigError(
+      key,
+      f"{optim_name!r} takes Hessian-vector products of an objective, and the "
+      "server holds no data: its step takes the mean site update as a pseudo-"
+      "gradient; set optim.public_data to a public calibration set for its "
+      f"curvature, or use a non-curvature optimizer ({_plain_names()})")
+
+
+def _plain_names() -> str:
+  return ", ".join(n for n in OPTIMIZERS if n not in CURVATURE_OPTIMIZERS)
 
 
 def reseed_probes(opt_state: Any, key: jax.Array) -> Any:
