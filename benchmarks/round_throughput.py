@@ -187,16 +187,22 @@ def _rss_mb():
   return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def tiled_round(exp: Experiment, sites: int, sites_per_chunk: int):
+  """(step(state) -> state, data): the lab's FedAvg round over `sites` sites, every one in
+  every round, each holding 15 digits (the reference sites tiled)."""
+  tiled = np.asarray(exp.data.idx)[np.arange(sites) % 100]
+  data = exp.data.replace(idx=jnp.asarray(tiled), count=jnp.full((sites,), 15, jnp.int32))
+  round_fn = jax.jit(fedavg.make_round(exp.client_update, exp.server_tx, cohort_size=sites,
+                                       mesh=exp.mesh, sites_per_chunk=sites_per_chunk),
+                     donate_argnums=0)
+  return lambda s: round_fn(s, data, exp.keys["sampling"], exp.keys["client"])[0]
+
+
 def sweep(site_counts, rounds):
   exp = Experiment(reference_config(100, rounds))
   rows = []
   for sites in site_counts:
-    tiled = np.asarray(exp.data.idx)[np.arange(sites) % 100]
-    data = exp.data.replace(idx=jnp.asarray(tiled),
-                            count=jnp.full((sites,), 15, jnp.int32))
-    round_fn = jax.jit(fedavg.make_round(exp.client_update, exp.server_tx, cohort_size=sites,
-                                         mesh=exp.mesh), donate_argnums=0)
-    step = lambda s: round_fn(s, data, exp.keys["sampling"], exp.keys["client"])[0]
+    step = tiled_round(exp, sites, sharding.default_sites_per_chunk())  # the lab's default
     state = jax.block_until_ready(step(exp.init_state()))
     rss_start = _rss_mb()[0]
     state, times = _time_rounds(step, state, rounds)

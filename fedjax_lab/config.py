@@ -66,6 +66,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
   c.rounds_per_step = 1           # >1 fuses that many rounds into one lax.scan dispatch
   c.min_sites_per_device = 16     # split a cohort over the devices only above this many each
+  # Each device trains this many of its sites at a time (sharding.map_sites); 0: all at once;
+  # unset: 64 on CPU, 0 on GPU/TPU. Results do not depend on it beyond float rounding.
+  c.sites_per_chunk = config_dict.placeholder(int)
   c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True))
   return c
 
@@ -139,6 +142,9 @@ def validate(config) -> None:
   _positive("checkpoint.every", config.checkpoint.every, integer=True)
   _positive("rounds_per_step", config.rounds_per_step, integer=True)
   _positive("min_sites_per_device", config.min_sites_per_device, integer=True)
+  if config.sites_per_chunk is not None and config.sites_per_chunk < 0:
+    raise ConfigError("sites_per_chunk", f"must be >= 0 (0: all sites at once; unset: 64 on "
+                      f"CPU, 0 on GPU/TPU), got {config.sites_per_chunk}")
   _validate_dp(config)
 
 

@@ -170,7 +170,9 @@ class Experiment:
         client_tx=self.client_tx, server_tx=self.server_tx, num_sites=self.data.num_sites,
         mesh=self.mesh, site_dp=self._site_dp(),
         server_objective=(make_public_objective(self.model, config.optim.public_batch_size)
-                          if config.server.optimizer in optim.CURVATURE_OPTIMIZERS else None)))
+                          if config.server.optimizer in optim.CURVATURE_OPTIMIZERS else None),
+        sites_per_chunk=(sharding.default_sites_per_chunk() if config.sites_per_chunk is None
+                         else config.sites_per_chunk)))
     self.round_fn = self.algorithm.round
     self.rounds_per_step = config.rounds_per_step
     step = (self.round_fn if self.rounds_per_step == 1

@@ -122,6 +122,7 @@ BAD_CONFIGS = [
     ("--config.dp.delta=1.5", "dp.delta"),
     ("--config.client.optimizer=sam --config.client.local_steps=3", "client.local_steps"),
     ("--config.client.optimizer_args.epz=0.1", "client.optimizer_args.epz"),
+    ("--config.sites_per_chunk=-1", "sites_per_chunk"),
 ]
 
 

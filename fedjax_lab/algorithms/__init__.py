@@ -32,6 +32,7 @@ class AlgorithmContext(NamedTuple):
   site_dp: Any = None        # fedavg.SiteDP for dp.level="site", else None
   # client.make_public_objective(...) when server.optimizer is a curvature one, else None.
   server_objective: Callable | None = None
+  sites_per_chunk: int = 0   # config.sites_per_chunk resolved (sharding.map_sites)
 
 
 class Algorithm(NamedTuple):
@@ -47,7 +48,8 @@ def _fedavg(ctx: AlgorithmContext) -> Algorithm:
                                weighting=cfg.server.weighting, fedbn=fedbn, mesh=ctx.mesh,
                                site_dp=ctx.site_dp,
                                min_sites_per_device=cfg.min_sites_per_device,
-                               server_objective=ctx.server_objective)
+                               server_objective=ctx.server_objective,
+                               sites_per_chunk=ctx.sites_per_chunk)
   adaptive = ctx.site_dp is not None and ctx.site_dp.adaptive is not None
   init = lambda params, model_state: fedavg.init_server_state(
       params, model_state, ctx.server_tx, ctx.num_sites, fedbn,

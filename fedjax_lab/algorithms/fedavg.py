@@ -140,13 +140,14 @@ def server_step(server_tx: optax.GradientTransformationExtraArgs, mean_delta, op
 def make_round(client_update: Callable, server_tx: optax.GradientTransformation, *,
                cohort_size: int, weighting: str = "examples", fedbn: bool = False,
                mesh=None, site_dp: SiteDP | None = None,
-               min_sites_per_device: int = 16,
+               min_sites_per_device: int = 16, sites_per_chunk: int = 0,
                server_objective: Callable | None = None) -> Callable:
   """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, RoundMetrics).
 
   `client_update` is `client.make_client_update(...)`; the keys are the run's per-purpose
   roots: the round index and site id are folded in here, so a site's randomness never
   depends on the cohort order or the device it ran on. `server_objective`: see server_step.
+  `sites_per_chunk`: see sharding.map_sites.
   """
 
   def round_fn(state: ServerState, data: FederatedData, sampling_rng, client_rng):
@@ -177,7 +178,8 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
     else:
       site_ms, ms_axis = state.model_state, None
 
-    out = jax.vmap(client_update, in_axes=(None, ms_axis, 0, 0, 0, None))(
+    out = sharding.map_sites(client_update, (None, ms_axis, 0, 0, 0, None), split,
+                             sites_per_chunk)(
         state.params, site_ms, site_idx, site_count, site_rngs, data)
 
     num_in = in_cohort.sum()

@@ -70,7 +70,7 @@ def client_update(site_gradient: common.SiteGradient, local_steps: int, lr: floa
 
 def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTransformation, *,
                cohort_size: int, local_steps: int, lr: float, weighting: str = "examples",
-               mesh=None, server_objective=None):
+               mesh=None, server_objective=None, sites_per_chunk: int = 0):
   """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, common.RoundMetrics).
 
   `server_objective`: the public curvature objective of a curvature ServerOpt (fedavg.server_step).
@@ -86,7 +86,8 @@ def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTran
     site_rngs = jax.vmap(lambda s: jax.random.fold_in(round_rng, s))(cohort)
 
     update = lambda *a: client_update(site_gradient, local_steps, lr, *a)
-    dy, dc, losses = jax.vmap(update, in_axes=(None, None, 0, 0, 0, 0, None))(
+    dy, dc, losses = sharding.map_sites(update, (None, None, 0, 0, 0, 0, None), mesh,
+                                        sites_per_chunk)(
         state.params, state.control, c_i, site_idx, site_count, site_rngs, data)
 
     if weighting == "examples":
@@ -116,7 +117,8 @@ def build(ctx):
   round_fn = make_round(site_gradient, ctx.server_tx, cohort_size=cfg.cohort_size,
                         local_steps=cfg.client.local_steps, lr=cfg.client.lr,
                         weighting=cfg.server.weighting, mesh=ctx.mesh,
-                        server_objective=ctx.server_objective)
+                        server_objective=ctx.server_objective,
+                        sites_per_chunk=ctx.sites_per_chunk)
   return Algorithm(init=lambda params, model_state: init_state(params, model_state,
                                                                ctx.server_tx, ctx.num_sites),
                    round=round_fn)
