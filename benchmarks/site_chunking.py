@@ -6,8 +6,9 @@ r"""Sites trained in chunks per device (`sites_per_chunk`) vs one vmap over all 
 The round_throughput reference workload (digits, MLP 64-128-10, 3 local SGD steps of batch 5,
 FedAvg) with every one of 1,000 or 10,000 sites in every round, split over the lab's devices as
 train.py runs it. Each variant is the same jitted FedAvg round but for `sites_per_chunk`
-(sharding.map_sites): 0 is one vmap over a device's sites, N trains N of them at a time with
-lax.map. The variants are timed interleaved, so machine noise hits them alike; medians.
+(sharding.map_sum_sites): 0 is one vmap over a device's sites and then the weighted sum of
+their updates; N trains N of them at a time (a lax.scan over chunks) and adds each chunk's
+weighted updates into a running sum. Timed interleaved, so machine noise hits all alike.
 Memory: the XLA temp buffer each compiled round asks for (compiled.memory_analysis()).
 The last line is `RATIO sites1000=<one vmap/chunked> sites10000=<one vmap/chunked>`, the
 speed-up of the CPU default (sharding.default_sites_per_chunk(), 64) over one vmap.

@@ -89,17 +89,21 @@ def default_sites_per_chunk() -> int:
   return 64 if jax.default_backend() == "cpu" else 0
 
 
-def map_sites(fn, in_axes, mesh: Mesh | None, sites_per_chunk: int):
-  """`jax.vmap(fn, in_axes)` over the sites axis, each device running its sites in chunks.
+def map_sum_sites(fn, in_axes, mesh: Mesh | None, sites_per_chunk: int):
+  """Maps `fn` over the sites axis and sums part of its output over the sites.
 
-  in_axes: 0 (the argument has a leading sites axis) or None (shared), one per argument.
-  With the sites split over `mesh`'s devices, each device trains `sites_per_chunk` of its own
-  sites at a time (`lax.map` with `batch_size`), not all at once: one vmap over thousands of
-  sites streams every site's activations and gradients through memory at each local step,
-  while a chunk stays in cache through all of them (benchmarks/site_chunking.py: 1.3-1.4x
-  at 1,000 and 10,000 sites a round on 2 CPU cores). It also bounds the memory of
-  per-example gradients under DP to one chunk's. Each site's computation is unchanged: same
-  function, same keys. `sites_per_chunk=0` is one vmap over all sites.
+  fn(*args) -> (to_sum, per_site) for ONE site; run(*args) -> (Σ_sites to_sum, per_site
+  stacked [sites, ...]). in_axes: 0 (the argument has a leading sites axis) or None (shared),
+  one per argument.
+
+  With `sites_per_chunk` > 0, each device (of `mesh`, or the one device) trains that many of
+  its own sites at a time (a lax.scan over chunks of a vmap) and adds each chunk's `to_sum`
+  into a running total, instead of one vmap over all its sites followed by a sum over a
+  [sites, ...] array: a chunk's activations, gradients and updates stay in cache through the
+  local steps and the sum, and memory holds one chunk's per-site updates, not every site's
+  (benchmarks/site_chunking.py measures it). Each site's computation is unchanged: same
+  function, same keys; sites added to fill the last chunk are copies whose `to_sum` is zeroed
+  and whose `per_site` rows are dropped. `sites_per_chunk=0`: one vmap, then the sum.
   """
   vmapped = jax.vmap(fn, in_axes=in_axes)
   shards = 1 if mesh is None else mesh.size
@@ -107,27 +111,49 @@ def map_sites(fn, in_axes, mesh: Mesh | None, sites_per_chunk: int):
   def run(*args):
     mapped = [i for i, axis in enumerate(in_axes) if axis == 0]
     n = jax.tree.leaves([args[i] for i in mapped])[0].shape[0]
-    per_shard = -(-n // shards)
-    if not sites_per_chunk or per_shard <= sites_per_chunk:
-      return vmapped(*args)
-    pad = per_shard * shards - n  # padded with copies of the last site, dropped at the end
+    if not sites_per_chunk or -(-n // shards) <= sites_per_chunk:
+      to_sum, per_site = vmapped(*args)
+      return jax.tree.map(_sum_sites, to_sum), per_site
+    chunks = -(-n // (shards * sites_per_chunk))  # per device
+    padded = shards * chunks * sites_per_chunk
 
     def split(a):
-      if pad:
-        a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)])
-      return a.reshape(shards, per_shard, *a.shape[1:])
+      if padded > n:
+        a = jnp.concatenate([a, jnp.repeat(a[-1:], padded - n, axis=0)])
+      return a.reshape(shards, chunks, sites_per_chunk, *a.shape[1:])
 
-    parts = [constrain_sites(jax.tree.map(split, args[i]), mesh) for i in mapped]
+    parts = constrain_sites(
+        [jax.tree.map(split, args[i]) for i in mapped]
+        + [(jnp.arange(padded) < n).reshape(shards, chunks, sites_per_chunk)], mesh)
 
-    def one_shard(*shard_parts):
-      def one_site(site_parts):
-        full = list(args)
-        for i, part in zip(mapped, site_parts):
-          full[i] = part
-        return fn(*full)
-      return jax.lax.map(one_site, shard_parts, batch_size=sites_per_chunk)
+    def with_sites(site_parts):
+      full = list(args)
+      for i, part in zip(mapped, site_parts):
+        full[i] = part
+      return full
 
-    out = constrain_sites(jax.vmap(one_shard)(*parts), mesh)
-    return jax.tree.map(lambda a: a.reshape(shards * per_shard, *a.shape[2:])[:n], out)
+    one_site = [jax.tree.map(lambda a: a[0, 0, 0], p) for p in parts[:-1]]
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                         jax.eval_shape(lambda *a: fn(*with_sites(a))[0], *one_site))
+
+    def one_device(*device_parts):
+      def chunk(total, chunk_parts):
+        *site_parts, valid = chunk_parts
+        to_sum, per_site = vmapped(*with_sites(site_parts))
+        total = jax.tree.map(lambda t, a: t + _sum_sites(a, valid), total, to_sum)
+        return total, per_site
+      return jax.lax.scan(chunk, zeros, device_parts)
+
+    totals, per_site = jax.vmap(one_device)(*parts)
+    per_site = jax.tree.map(lambda a: a.reshape(padded, *a.shape[3:])[:n], per_site)
+    return jax.tree.map(lambda a: a.sum(0), totals), per_site
 
   return run
+
+
+def _sum_sites(a, weights=None):
+  """Σ over the leading axis, as a product with a vector of `weights` (default ones): XLA's CPU
+  backend runs that as a matrix-vector product, ~2x faster than its reduce over the leading
+  axis of a [sites, ...] array (benchmarks/site_chunking.py, one vmap)."""
+  weights = jnp.ones(a.shape[:1], a.dtype) if weights is None else weights.astype(a.dtype)
+  return jnp.tensordot(weights, a, axes=1)

@@ -204,7 +204,7 @@ def test_curvature_probes_differ_across_sites_and_rounds():
 
 
 @pytest.mark.parametrize("devices,chunk", [(1, 5), (8, 3), (8, 0), (None, 4)])
-def test_map_sites_equals_vmap(devices, chunk):
+def test_map_sum_sites_equals_vmap_and_sum(devices, chunk):
   """Sites chunked per device (37 sites: divisible by neither 8 devices nor the chunk), with
   shared, mapped and pytree arguments, give what one vmap gives."""
   mesh = None if devices is None else sharding.make_mesh(jax.devices()[:devices])
@@ -219,8 +219,17 @@ def test_map_sites_equals_vmap(devices, chunk):
   tree = {"w": rng.randn(3, 2).astype(np.float32)}
   in_axes = (None, 0, 0, None)
   want = jax.vmap(fn, in_axes=in_axes)(shared, site, extra, tree)
-  got = jax.jit(sharding.map_sites(fn, in_axes, mesh, chunk))(shared, site, extra, tree)
+  per_site_only = lambda *a: ({}, fn(*a))
+  _, got = jax.jit(sharding.map_sum_sites(per_site_only, in_axes, mesh, chunk))(
+      shared, site, extra, tree)
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6), got, want)
+  # The summed part: the chunks' padding (copies of the last site) adds nothing.
+  summed = lambda *a: ({"a": fn(*a)[0]["a"], "n": jnp.int32(1)}, fn(*a)[1])
+  total, per_site = jax.jit(sharding.map_sum_sites(summed, in_axes, mesh, chunk))(
+      shared, site, extra, tree)
+  np.testing.assert_allclose(total["a"], np.asarray(want[0]["a"]).sum(0), rtol=1e-5, atol=1e-5)
+  assert int(total["n"]) == 37
+  np.testing.assert_allclose(per_site, want[1], rtol=1e-6)
 
 
 @pytest.mark.parametrize("overrides", [

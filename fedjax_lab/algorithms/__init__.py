@@ -32,7 +32,7 @@ class AlgorithmContext(NamedTuple):
   site_dp: Any = None        # fedavg.SiteDP for dp.level="site", else None
   # client.make_public_objective(...) when server.optimizer is a curvature one, else None.
   server_objective: Callable | None = None
-  sites_per_chunk: int = 0   # config.sites_per_chunk resolved (sharding.map_sites)
+  sites_per_chunk: int = 0   # config.sites_per_chunk resolved (sharding.map_sum_sites)
 
 
 class Algorithm(NamedTuple):

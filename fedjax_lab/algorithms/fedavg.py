@@ -105,11 +105,6 @@ def init_server_state(params, model_state, server_tx, num_sites: int, fedbn: boo
                      clip_norm={} if clip_norm is None else jnp.asarray(clip_norm, jnp.float32))
 
 
-def weighted_mean(tree, weights):
-  """Σ_k w_k tree_k over the leading axis; `weights` [K] sum to 1."""
-  return jax.tree.map(lambda a: jnp.tensordot(weights.astype(a.dtype), a, axes=1), tree)
-
-
 def clip_by_global_norm(tree, clip_norm):
   """Scales the whole pytree to L2 norm <= clip_norm; returns (clipped, norm)."""
   norm = optax.global_norm(tree)
@@ -147,7 +142,7 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
   `client_update` is `client.make_client_update(...)`; the keys are the run's per-purpose
   roots: the round index and site id are folded in here, so a site's randomness never
   depends on the cohort order or the device it ran on. `server_objective`: see server_step.
-  `sites_per_chunk`: see sharding.map_sites.
+  `sites_per_chunk`: see sharding.map_sum_sites.
   """
 
   def round_fn(state: ServerState, data: FederatedData, sampling_rng, client_rng):
@@ -178,72 +173,75 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
     else:
       site_ms, ms_axis = state.model_state, None
 
-    out = sharding.map_sites(client_update, (None, ms_axis, 0, 0, 0, None), split,
-                             sites_per_chunk)(
-        state.params, site_ms, site_idx, site_count, site_rngs, data)
-
     num_in = in_cohort.sum()
-    clip_norm, next_clip_norm = {}, state.clip_norm
+    clip_norm, next_clip_norm, share = {}, state.clip_norm, None
     if site_dp is not None:
       clip_norm = state.clip_norm if site_dp.adaptive is not None else site_dp.clip_norm
-      noise_rng = jax.random.fold_in(jax.random.fold_in(client_rng, _SITE_NOISE), t)
-      mean_delta, norms = _private_mean(out.delta, in_cohort, num_in, cohort, noise_rng,
-                                        site_dp, clip_norm, expected_cohort=cohort_size)
+      share = site_dp.noise_multiplier * clip_norm
+      if site_dp.coordinated:
+        share = share / jnp.sqrt(jnp.maximum(num_in, 1.0))
       weights = in_cohort / jnp.maximum(num_in, 1.0)
+    noise_rng = jax.random.fold_in(jax.random.fold_in(client_rng, _SITE_NOISE), t)
+
+    def site_fn(params, ms, idx, count, rng, weight, in_k, site, data):
+      """One site: its update, and its terms of the round's sums (sharding.map_sum_sites)."""
+      out = client_update(params, ms, idx, count, rng, data)
+      scale = lambda tree, c: jax.tree.map(lambda a: c * a, tree)
+      to_sum = {"loss": weight * out.train_loss, "overflow": out.dp_overflow,
+                "model_state": scale(out.model_state, weight)}
+      per_site = {"model_state": out.model_state if fedbn else {}}
+      if site_dp is None:
+        to_sum["delta"] = scale(out.delta, weight)
+      else:  # clip, add this site's noise share, / the EXPECTED cohort size
+        clipped, per_site["norm"] = clip_by_global_norm(out.delta, clip_norm)
+        noised = jax.tree.map(jnp.add, clipped, _site_noise(noise_rng, site, clipped, share))
+        to_sum["delta"] = scale(noised, in_k / cohort_size)
+      return to_sum, per_site
+
+    sums, per_site = sharding.map_sum_sites(
+        site_fn, (None, ms_axis, 0, 0, 0, 0, 0, 0, None), split, sites_per_chunk)(
+            state.params, site_ms, site_idx, site_count, site_rngs, weights, in_cohort,
+            cohort, data)
+    mean_delta = sums["delta"]
+    if site_dp is not None:
       if site_dp.adaptive is not None:
         count_rng = jax.random.fold_in(jax.random.fold_in(client_rng, _SITE_COUNT_NOISE), t)
         next_clip_norm = adaptive_clipping.next_clip_norm(
-            clip_norm, norms, in_cohort, count_noise(count_rng, cohort, in_cohort, num_in, site_dp),
+            clip_norm, per_site["norm"], in_cohort,
+            count_noise(count_rng, cohort, in_cohort, num_in, site_dp),
             cohort_size, site_dp.adaptive.target_quantile, site_dp.adaptive.clip_lr)
       clip_norm = jnp.asarray(clip_norm, jnp.float32)
-    else:
-      mean_delta = weighted_mean(out.delta, weights)
     params, opt_state = server_step(server_tx, mean_delta, state.opt_state, state.params,
                                     server_objective, state.model_state, round_rng, data)
 
     model_state, site_model_state = state.model_state, state.site_model_state
     if state.model_state:
       # Under FedBN the global statistics are only used to evaluate the global model.
-      model_state = weighted_mean(out.model_state, weights)
+      model_state = sums["model_state"]
       if fedbn:
         site_model_state = jax.tree.map(lambda all_, new: all_.at[cohort].set(new),
-                                        site_model_state, out.model_state)
+                                        site_model_state, per_site["model_state"])
 
     new_state = ServerState(params=params, model_state=model_state, opt_state=opt_state,
                             site_model_state=site_model_state, round=t + 1,
                             clip_norm=next_clip_norm)
-    metrics = RoundMetrics(train_loss=jnp.dot(weights, out.train_loss),
+    metrics = RoundMetrics(train_loss=sums["loss"],
                            messages=(2 * num_in).astype(jnp.int32),
-                           dp_overflow=cohort_overflow + out.dp_overflow.sum(),
+                           dp_overflow=cohort_overflow + sums["overflow"],
                            clip_norm=clip_norm)
     return new_state, metrics
 
   return round_fn
 
 
-def _private_mean(deltas, in_cohort, num_in, cohort, noise_rng, site_dp: SiteDP, clip_norm,
-                  expected_cohort: int):
-  """(Σ_k clip(Δ_k, C) + Σ_k noise_k) / expected_cohort over the sites in the cohort, and
-  the sites' update norms ||Δ_k|| [K] (before clipping).
-
-  Each site draws its own noise share from a key folded with its site id, as a real site
-  would, so the noise never depends on the cohort order or the device.
-  """
-  clipped, norms = jax.vmap(clip_by_global_norm, in_axes=(0, None))(deltas, clip_norm)
-  share = site_dp.noise_multiplier * clip_norm
-  if site_dp.coordinated:
-    share = share / jnp.sqrt(jnp.maximum(num_in, 1.0))
-
-  def site_noise(site, like):
-    keys = jax.random.split(jax.random.fold_in(noise_rng, site), len(jax.tree.leaves(like)))
-    leaves = [share * jax.random.normal(k, l.shape, l.dtype)
-              for k, l in zip(keys, jax.tree.leaves(like))]
-    return jax.tree.unflatten(jax.tree.structure(like), leaves)
-
-  noised = jax.vmap(lambda site, c: jax.tree.map(jnp.add, c, site_noise(site, c)))(
-      cohort, clipped)
-  mean = jax.tree.map(lambda a: jnp.tensordot(in_cohort, a, axes=1) / expected_cohort, noised)
-  return mean, norms
+def _site_noise(noise_rng, site, like, share):
+  """One site's noise share, N(0, share^2) per coordinate of `like`, from a key folded with
+  its site id, as a real site would draw it: it never depends on the cohort order, the
+  device or the chunk the site ran in."""
+  keys = jax.random.split(jax.random.fold_in(noise_rng, site), len(jax.tree.leaves(like)))
+  leaves = [share * jax.random.normal(k, l.shape, l.dtype)
+            for k, l in zip(keys, jax.tree.leaves(like))]
+  return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 def count_noise(count_rng, cohort, in_cohort, num_in, site_dp: SiteDP):

@@ -31,7 +31,7 @@ import optax
 
 from fedjax_lab import sharding
 from fedjax_lab.algorithms import Algorithm, common
-from fedjax_lab.algorithms.fedavg import sample_cohort, server_step, weighted_mean
+from fedjax_lab.algorithms.fedavg import sample_cohort, server_step
 from fedjax_lab.data.federated import FederatedData
 
 
@@ -85,27 +85,31 @@ def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTran
     round_rng = jax.random.fold_in(client_rng, t)
     site_rngs = jax.vmap(lambda s: jax.random.fold_in(round_rng, s))(cohort)
 
-    update = lambda *a: client_update(site_gradient, local_steps, lr, *a)
-    dy, dc, losses = sharding.map_sites(update, (None, None, 0, 0, 0, 0, None), mesh,
-                                        sites_per_chunk)(
-        state.params, state.control, c_i, site_idx, site_count, site_rngs, data)
-
     if weighting == "examples":
       w = site_count.astype(jnp.float32) / site_count.sum()
       q = site_count.astype(jnp.float32) / data.count.sum()
     else:
       w = jnp.full((cohort_size,), 1.0 / cohort_size)
       q = jnp.full((cohort_size,), 1.0 / data.num_sites)
-    params, opt_state = server_step(server_tx, weighted_mean(dy, w), state.opt_state,
-                                    state.params, server_objective, state.model_state,
-                                    round_rng, data)
-    control = jax.tree.map(jnp.add, state.control, weighted_mean(dc, q))
+
+    def site_fn(x, c, c_i, idx, count, rng, w_i, q_i, data):
+      dy, dc, loss = client_update(site_gradient, local_steps, lr, x, c, c_i, idx, count, rng,
+                                   data)
+      scale = lambda tree, k: jax.tree.map(lambda a: k * a, tree)
+      return {"dy": scale(dy, w_i), "dc": scale(dc, q_i), "loss": w_i * loss}, dc
+
+    sums, dc = sharding.map_sum_sites(site_fn, (None, None, 0, 0, 0, 0, 0, 0, None), mesh,
+                                      sites_per_chunk)(
+        state.params, state.control, c_i, site_idx, site_count, site_rngs, w, q, data)
+    params, opt_state = server_step(server_tx, sums["dy"], state.opt_state, state.params,
+                                    server_objective, state.model_state, round_rng, data)
+    control = jax.tree.map(jnp.add, state.control, sums["dc"])
     site_controls = common.place_per_site(
         jax.tree.map(lambda all_, d: all_.at[cohort].add(d), state.site_controls, dc), mesh)
 
     new_state = state._replace(params=params, opt_state=opt_state, control=control,
                                site_controls=site_controls, round=t + 1)
-    return new_state, common.round_metrics(jnp.dot(w, losses), 4 * cohort_size, 1)
+    return new_state, common.round_metrics(sums["loss"], 4 * cohort_size, 1)
 
   return round_fn
 
