@@ -28,11 +28,16 @@ def _fail(message: str):
 
 def _unknown_key(error):
   """Names the full dotted key of the override that config_flags could not find."""
-  leaf = str(error).strip("\"'")
+  from fedjax_lab.config import unknown_key
+  # ml_collections raises KeyError("'clients'\nDid you mean ...") or an AttributeError
+  # wrapping one; the leaf name is the first line of the innermost message.
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  message = str(error.args[0]) if error.args else str(error)
+  leaf = message.splitlines()[0].strip("\"' ")
   keys = [a.split("=")[0][len("--config."):] for a in sys.argv if a.startswith("--config.")]
   key = next((k for k in keys if k == leaf or k.endswith("." + leaf)), leaf)
-  _fail(f"{key}: unknown key in a --config override; the allowed keys are those of "
-        "fedjax_lab/config.py:default_config()")
+  _fail(str(unknown_key(key)))
 
 
 def _take_optimizer_args(argv):

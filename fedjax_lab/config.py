@@ -84,6 +84,16 @@ def _flatten(cfg, prefix=""):
   return out
 
 
+def unknown_key(key: str) -> ConfigError:
+  """The error for a key default_config() lacks, listing the keys allowed beside it."""
+  known = _flatten(default_config())
+  parent = key.rsplit(".", 1)[0] if "." in key else ""
+  prefix = parent + "." if parent else ""
+  siblings = sorted({k[len(prefix):].split(".")[0] for k in known if k.startswith(prefix)})
+  return ConfigError(key, f"unknown key; allowed{' under ' + parent if parent else ''}: "
+                     f"{', '.join(siblings)}")
+
+
 def _one_of(key, value, allowed):
   if value not in allowed:
     raise ConfigError(key, f"unknown '{value}'; allowed: {', '.join(map(str, allowed))}")
@@ -100,14 +110,11 @@ def validate(config) -> None:
   from fedjax_lab import algorithms, models, optim
   from fedjax_lab.data import public
   known = _flatten(default_config())
-  given = _flatten(config)
-  for key in given:
+  for key in _flatten(config):
     if key not in known:
-      parent = key.rsplit(".", 1)[0] if "." in key else ""
-      siblings = sorted(k.rsplit(".", 1)[-1] for k in known
-                        if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
-      raise ConfigError(key, f"unknown key; allowed{' under ' + parent if parent else ''}: "
-                        f"{', '.join(siblings)}")
+      raise unknown_key(key)
+  if config.seed is None or config.seed < 0 or int(config.seed) != config.seed:
+    raise ConfigError("seed", f"must be an integer >= 0, got {config.seed}")
   _positive("rounds", config.rounds, integer=True)
   _positive("cohort_size", config.cohort_size, integer=True)
   _positive("data.num_sites", config.data.num_sites, integer=True)

@@ -123,6 +123,8 @@ BAD_CONFIGS = [
     ("--config.client.optimizer=sam --config.client.local_steps=3", "client.local_steps"),
     ("--config.client.optimizer_args.epz=0.1", "client.optimizer_args.epz"),
     ("--config.sites_per_chunk=-1", "sites_per_chunk"),
+    ("--config.seed=-1", "seed"),
+    ("--config.clients=3", "clients"),  # ml_collections adds a "Did you mean" line
 ]
 
 
@@ -149,7 +151,7 @@ def assert_exits_2_with_one_line(flags, key, tmp_path):
                         env={**os.environ, "XLA_FLAGS": ""})
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 2, proc.stderr
-  assert len(lines) == 1 and key in lines[0], proc.stderr
+  assert len(lines) == 1 and lines[0].startswith(f"config error: {key}: "), proc.stderr
   assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
