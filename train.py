@@ -87,14 +87,21 @@ def _parse_flags(argv):
 
 def main(argv):
   del argv
+  import jax
+  from fedjax_lab import sharding
   from fedjax_lab.errors import ConfigError
   from fedjax_lab.experiment import Experiment
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+  try:  # one process per host: every process runs this same command (README, multi-host)
+    sharding.initialize_distributed()
+  except ValueError as e:
+    _fail(str(e))
+  primary = jax.process_index() == 0
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter("fedjax_lab: %(message)s"))
   lab_log = logging.getLogger("fedjax_lab")
   lab_log.addHandler(handler)
-  lab_log.setLevel(logging.INFO)
+  lab_log.setLevel(logging.INFO if primary else logging.WARNING)
   lab_log.propagate = False
   config_path = flags.FLAGS["config"].config_filename
   try:
@@ -116,6 +123,8 @@ def main(argv):
   except KeyboardInterrupt as e:
     print(f"\ninterrupted: {e}", file=sys.stderr)
     sys.exit(130)
+  if not primary:
+    return
   eps = summary["epsilon"]
   print(f"test_accuracy={summary['test_accuracy']:.4f} "
         f"epsilon={'none' if eps is None else f'{eps:.3f}'} "

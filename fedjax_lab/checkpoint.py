@@ -9,6 +9,7 @@ run bit-for-bit; `meta` carries the running totals the logs report.
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -40,3 +41,25 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def read_state(workdir: str, round_: int | None = None) -> dict:
+  """The state saved at `round_` (default: the latest) as nested dicts of NumPy arrays.
+
+  For analysis after a run (attacks, plots, comparing runs): it needs no target state and
+  reads a checkpoint written by any process or device layout onto this process's first device.
+  """
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if round_ is None:
+    with ocp.CheckpointManager(directory) as manager:
+      round_ = manager.latest_step()
+    if round_ is None:
+      raise FileNotFoundError(f"no checkpoint under {directory}")
+  path = os.path.join(directory, str(round_), "state")
+  reader = ocp.StandardCheckpointer()
+  metadata = reader.metadata(path)
+  metadata = getattr(metadata, "item_metadata", metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        metadata)
+  return jax.tree.map(np.asarray, reader.restore(path, target))

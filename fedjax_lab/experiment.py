@@ -109,6 +109,19 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
                      update_noise_multiplier=update_sigma, count_noise_multiplier=count_stddev)
 
 
+def _any_process_signalled(signalled_here: bool) -> bool:
+  """Whether any process of a multi-process run was signalled to stop this round.
+
+  Saving a checkpoint is collective: a process that stops alone would wait for the others,
+  which wait in the next round for it. So all processes learn of a signal any one received
+  and stop after the same round. A single process has nothing to ask.
+  """
+  if jax.process_count() == 1:
+    return signalled_here
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(signalled_here))))
+
+
 def place_state(state, mesh):
   """The state replicated, except its per-site fields (named site_*, leaves [sites, ...]),
   sharded over the mesh as the rounds keep them: the jitted round then sees the same input
@@ -181,7 +194,9 @@ class Experiment:
     class_eval = evaluation.make_class_evaluator(
         self.model, test.x, test.y, train.num_classes, config.eval.batch_size)
     self.evaluate_global = jax.jit(class_eval)
-    self.evaluate_sites = jax.jit(jax.vmap(class_eval, in_axes=(None, 0)))
+    # Gathered whole: the host reads every site's counts (on every process of a multi-host run).
+    self.evaluate_sites = jax.jit(jax.vmap(class_eval, in_axes=(None, 0)),
+                                  out_shardings=sharding.replicated(self.mesh))
     state = self.init_state()
     # One message: the model, plus the BatchNorm statistics when they are averaged.
     self.message_bytes = tree_bytes((state.params, {} if self.fedbn else state.model_state))
@@ -280,8 +295,10 @@ class Experiment:
                             f"{meta.get(key)}, this config gives {planned[key]}; use a new workdir")
       state = place_state(state, self.mesh)
       log.info("resumed from %s at round %d", workdir, start)
+    # A multi-process run trains as one program; process 0 alone writes what it reports.
+    primary = jax.process_index() == 0
     logger = MetricsLogger(workdir, cfg.rounds, start, progress=cfg.log.progress,
-                           tensorboard=cfg.log.tensorboard)
+                           tensorboard=cfg.log.tensorboard, primary=primary)
     if self.privacy is not None:
       log.info(self.privacy.description)
     if self.public is not None:
@@ -324,6 +341,8 @@ class Experiment:
               **({"dp_overflow": int(overflow[i])} if self.privacy else {}),
               # The norm this round's site updates were clipped to (C_t, before its update).
               **({"clip_norm": float(clip_norms[i])} if adaptive else {})})
+        if _any_process_signalled(stop["signal"] is not None) and stop["signal"] is None:
+          stop["signal"] = signal.SIGTERM  # another process was: stop after the same round
         if (completed % cfg.checkpoint.every == 0 or completed == cfg.rounds or stop["signal"]
             or self._over_budget(completed + self.rounds_per_step)):
           ckpt.save(completed, state, meta)
@@ -358,7 +377,8 @@ class Experiment:
             final_clip_norm=float(state.clip_norm))
     if cfg.eval.centralized_baseline:
       summary["centralized_test_accuracy"] = self.centralized_accuracy()
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    if primary:
+      with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
     self.final_state = state
     return summary

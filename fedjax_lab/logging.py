@@ -10,11 +10,15 @@ import tqdm
 class MetricsLogger:
 
   def __init__(self, workdir: str, total_rounds: int, start_round: int, *, progress=True,
-               tensorboard=True):
+               tensorboard=True, primary=True):
+    """primary=False (the other processes of a multi-host run) writes and shows nothing."""
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._primary = primary
+    self._file = self._tb = self._bar = None
+    if not primary:
+      return
     self._truncate_after(start_round)
     self._file = open(self.path, "a")
-    self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -31,6 +35,8 @@ class MetricsLogger:
       f.writelines(rows)
 
   def write(self, row: dict) -> None:
+    if not self._primary:
+      return
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -46,6 +52,8 @@ class MetricsLogger:
     self._bar.update(1)
 
   def close(self) -> None:
+    if not self._primary:
+      return
     self._bar.close()
     self._file.close()
     if self._tb is not None:

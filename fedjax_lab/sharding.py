@@ -16,14 +16,29 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 SITES = "sites"
 
 
-def initialize_distributed() -> None:
-  """Starts jax.distributed when launched as one of several processes.
+def initialize_distributed() -> bool:
+  """Joins a multi-process run when the environment describes one; True if it did.
 
-  Reads the standard JAX variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-  JAX_PROCESS_ID) or a cluster JAX auto-detects (SLURM, TPU pods); a single process does nothing.
+  Either JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID are set for every process, or a cluster JAX auto-detects launched it (SLURM
+  with several tasks; TPU pods). Must run before anything touches a device. On CPU hosts the
+  processes exchange the sites' sums with gloo collectives.
   """
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_NTASKS", "1") != "1":
-    jax.distributed.initialize()
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not address and os.environ.get("SLURM_NTASKS", "1") == "1":
+    return False
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if not address:
+    jax.distributed.initialize()  # SLURM: JAX reads the task layout itself
+    return True
+  missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in os.environ]
+  if missing:
+    raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not; set "
+                     "JAX_NUM_PROCESSES and JAX_PROCESS_ID (0 .. N-1) for every process")
+  jax.distributed.initialize(coordinator_address=address,
+                             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                             process_id=int(os.environ["JAX_PROCESS_ID"]))
+  return True
 
 
 def make_mesh(devices=None) -> Mesh:
