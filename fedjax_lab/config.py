@@ -65,7 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(every=1, batch_size=2048, centralized_baseline=False))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
   c.rounds_per_step = 1           # >1 fuses that many rounds into one lax.scan dispatch
-  c.min_sites_per_device = 16     # split a cohort over the devices only above this many each
+  # Split a cohort over the devices only above this many each; below it a FedAvg round on a
+  # CPU host runs on one device (sharding.round_devices), elsewhere replicated on all.
+  c.min_sites_per_device = 16
   # Each device trains this many of its sites at a time (sharding.map_sum_sites); 0: all at once;
   # unset: 64 on CPU, 0 on GPU/TPU. Results do not depend on it beyond float rounding.
   c.sites_per_chunk = config_dict.placeholder(int)

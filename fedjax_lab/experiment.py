@@ -122,6 +122,16 @@ def _any_process_signalled(signalled_here: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.int32(signalled_here))))
 
 
+def _round_devices(config, num_sites: int) -> list:
+  """Every device, or one CPU device for a FedAvg round too small to split (see
+  sharding.round_devices); the other algorithms always shard their per-site state."""
+  if config.algorithm.name not in ("fedavg", "fedprox"):
+    return jax.devices()
+  per_round = (sampling.max_sample_size(config.cohort_size, num_sites)
+               if config.dp.level == "site" else config.cohort_size)
+  return sharding.round_devices(per_round, config.min_sites_per_device)
+
+
 def place_state(state, mesh):
   """The state replicated, except its per-site fields (named site_*, leaves [sites, ...]),
   sharded over the mesh as the rounds keep them: the jitted round then sees the same input
@@ -158,7 +168,8 @@ class Experiment:
         train.x, train.y, self.sites, train.num_classes,
         *((self.public.x, self.public.y) if self.public is not None else ()))
     self.site_hist = federated.site_label_histogram(self.data)
-    self.mesh = mesh if mesh is not None else sharding.make_mesh()
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(
+        _round_devices(config, self.data.num_sites))
     self.data = sharding.put_replicated(self.data, self.mesh)
 
     self.model = make_model(config.model, train.num_classes, train.x[:2])

@@ -48,6 +48,23 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(devices.reshape(-1), (SITES,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def round_devices(sites_per_round: int, min_sites_per_device: int) -> list:
+  """The devices a FedAvg-style round should run on: every device JAX sees, except on one
+  CPU host whose round would not split its sites anyway (mesh_if_worth_it): then the first.
+
+  The host's CPU devices are slices of one machine (fedjax_lab/__init__.py); a replicated
+  round on all of them repeats the same work on each and pays their synchronisation at every
+  step (10 sites a round: 0.58 ms on two devices, 0.31 ms on one; benchmarks/RESULTS.md).
+  Accelerators and multi-process runs keep every device: there the devices are real, and a
+  multi-process program must span them all.
+  """
+  devices = jax.devices()
+  if (jax.default_backend() == "cpu" and jax.process_count() == 1
+      and mesh_if_worth_it(make_mesh(devices), sites_per_round, min_sites_per_device) is None):
+    return devices[:1]
+  return devices
+
+
 def sites_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(SITES, *([None] * (ndim - 1))))
 

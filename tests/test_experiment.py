@@ -51,6 +51,26 @@ def test_outputs_follow_the_contract(tmp_path):
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
 
 
+@pytest.mark.parametrize("overrides,devices", [
+    ({}, 1),                                        # 5 sites a round < 16 x 8: not split
+    ({"cohort_size": 20, "min_sites_per_device": 2}, 8),
+    ({"algorithm.name": "scaffold"}, 8),            # per-site controls always sharded
+])
+def test_small_cpu_rounds_run_on_one_device_with_the_same_result(overrides, devices):
+  """A FedAvg round too small to split runs on one of the host's CPU devices instead of
+  repeating itself on all 8; it trains exactly as on the mesh of all devices."""
+  import jax
+  from fedjax_lab import sharding
+  c = tiny_config(**overrides)
+  exp = Experiment(c)
+  assert exp.mesh.size == devices
+  everywhere = Experiment(c, mesh=sharding.make_mesh(jax.devices()))
+  got = exp.run_rounds(exp.init_state(), 2).params
+  want = everywhere.run_rounds(everywhere.init_state(), 2).params
+  for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, atol=1e-7)
+
+
 def test_params_sha256_matches_a_hand_computation():
   params = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), np.float32)}
   want = hashlib.sha256(np.ones(4, "<f4").tobytes() + np.arange(3, dtype="<f4").tobytes())
