@@ -120,6 +120,8 @@ def main(argv):
     _fail(str(e))
   try:
     summary = experiment.run(workdir)
+  except ConfigError as e:  # e.g. a checkpoint in workdir trained with another privacy plan
+    _fail(str(e))
   except KeyboardInterrupt as e:
     print(f"\ninterrupted: {e}", file=sys.stderr)
     sys.exit(130)

@@ -150,6 +150,9 @@ def validate(config) -> None:
   _positive("eval.every", config.eval.every, integer=True)
   _positive("checkpoint.every", config.checkpoint.every, integer=True)
   _positive("rounds_per_step", config.rounds_per_step, integer=True)
+  if config.rounds % config.rounds_per_step:
+    raise ConfigError("rounds_per_step", f"{config.rounds_per_step} must divide "
+                      f"rounds={config.rounds}")
   _positive("min_sites_per_device", config.min_sites_per_device, integer=True)
   if config.sites_per_chunk is not None and config.sites_per_chunk < 0:
     raise ConfigError("sites_per_chunk", f"must be >= 0 (0: all sites at once; unset: 64 on "

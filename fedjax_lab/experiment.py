@@ -282,8 +282,6 @@ class Experiment:
     """Trains to `config.rounds`, resuming from the last checkpoint in `workdir`."""
     os.makedirs(workdir, exist_ok=True)
     cfg = self.config
-    if cfg.rounds % self.rounds_per_step:
-      raise ConfigError("rounds_per_step", f"{cfg.rounds_per_step} must divide rounds={cfg.rounds}")
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep)
     state = self.init_state()
     start, meta = 0, {"bytes_total": 0, "seconds_total": 0.0}

@@ -219,3 +219,17 @@ def test_dp_config_errors(overrides, key):
   with pytest.raises(ConfigError) as e:
     validate(tiny_config(**overrides))
   assert e.value.key == key
+
+
+def test_resuming_with_another_privacy_plan_is_refused(tmp_path):
+  """The checkpoint's sigma/q/steps are what its epsilon composed; continuing it under
+  another sigma would report an epsilon that is true of neither run."""
+  c = tiny_config(**{"dp.level": "site", "dp.noise_multiplier": 0.8, "rounds": 4,
+                     "cohort_size": 10})
+  Experiment(c).run(str(tmp_path))
+  rows = (tmp_path / "metrics.jsonl").read_text()
+  c.dp.noise_multiplier, c.rounds = 1.2, 8
+  with pytest.raises(ConfigError) as e:
+    Experiment(c).run(str(tmp_path))
+  assert e.value.key == "dp" and "noise_multiplier=0.8" in str(e.value)
+  assert (tmp_path / "metrics.jsonl").read_text() == rows

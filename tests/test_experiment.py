@@ -144,6 +144,7 @@ BAD_CONFIGS = [
     ("--config.client.optimizer_args.epz=0.1", "client.optimizer_args.epz"),
     ("--config.sites_per_chunk=-1", "sites_per_chunk"),
     ("--config.seed=-1", "seed"),
+    ("--config.rounds=50 --config.rounds_per_step=7", "rounds_per_step"),
     ("--config.clients=3", "clients"),  # ml_collections adds a "Did you mean" line
 ]
 
