@@ -219,6 +219,18 @@ class Experiment:
     share = self.privacy.noise_multiplier
     if dp.noise == "coordinated":
       share /= math.sqrt(cfg.cohort_size)
+    # Decided from shapes now, so that dp.clipping=ghost on a model it cannot handle is a
+    # config error rather than a failure inside the first round's trace.
+    params, model_state = jax.eval_shape(self.model.init, self.keys["init"], self.train.x[:2])
+    try:
+      path = clipping.choose_method(self.model.module, params, self.train.x[:2],
+                                    method=dp.clipping, model_state=model_state or None,
+                                    apply_kwargs={"train": False})
+    except ValueError as e:
+      problem = str(e).split(" Use method=")[0]
+      raise ConfigError("dp.clipping", f"{problem} (model.name={cfg.model.name}, model.norm="
+                        f"{cfg.model.norm}); use dp.clipping=auto or vmap") from None
+    log.info("per-example clipping: %s path (dp.clipping=%s)", path, dp.clipping)
     clipped = clipping.make_clipped_grad_sum(
         self.model.module, lambda out, y: -jax.nn.log_softmax(out)[y], method=dp.clipping,
         microbatch_size=dp.microbatch_size or None, apply_kwargs={"train": False},

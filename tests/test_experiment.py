@@ -145,6 +145,8 @@ BAD_CONFIGS = [
     ("--config.sites_per_chunk=-1", "sites_per_chunk"),
     ("--config.seed=-1", "seed"),
     ("--config.rounds=50 --config.rounds_per_step=7", "rounds_per_step"),
+    ("--config.dp.level=example --config.dp.noise_multiplier=1 --config.model.name=resnet "
+     "--config.model.norm=group --config.dp.clipping=ghost", "dp.clipping"),
     ("--config.clients=3", "clients"),  # ml_collections adds a "Did you mean" line
 ]
 
