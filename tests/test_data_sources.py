@@ -310,6 +310,27 @@ def test_csv_missing_label_column_lists_columns(tmp_path):
     sources.load_dataset(_config(name="file", path=str(path), label_column="label"))
 
 
+def test_csv_numeric_site_id_is_the_by_column_column_not_a_feature(tmp_path):
+  frame = pd.DataFrame({"f1": np.arange(40.0), "hospital": np.arange(40) % 4,
+                        "label": np.arange(40) % 2})
+  path = tmp_path / "d.csv"
+  frame.to_csv(path, index=False)
+  plain, _ = sources.load_dataset(_config(name="file", path=str(path)))
+  assert plain.x.shape[1] == 2 and not plain.columns  # an int column is a feature by default
+  train, _ = sources.load_dataset(_config(name="file", path=str(path), partition="by_column",
+                                          column="hospital"))
+  assert train.x.shape[1] == 1
+  rows = train.x[:, 0].astype(int)
+  np.testing.assert_array_equal(train.columns["hospital"], rows % 4)
+
+
+def test_empty_csv_is_a_config_error(tmp_path):
+  path = tmp_path / "d.csv"
+  path.write_text("")
+  with pytest.raises(ConfigError, match=r"data.path: .*is empty"):
+    sources.load_dataset(_config(name="file", path=str(path)))
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_h5ad_dense_and_sparse(tmp_path, sparse):
   rng = np.random.default_rng(0)

@@ -21,7 +21,8 @@
 - `file`: a user file at `data.path`: `.npz` (arrays x, y; optional x_test, y_test; other
   1-D arrays of length N become columns), `.csv` (numeric columns are features, the label
   column by name, other non-numeric columns become columns) or `.h5ad` (obs label column,
-  X dense or sparse, obs categoricals become columns).
+  X dense or sparse, obs categoricals become columns). The `data.column` of a by_column
+  partition is a column even when numeric (a site id), never a feature.
 
 Sources without a natural test split use `stratified_split` with `data.test_fraction` and
 `data.split_seed`. Labels that are not non-negative integers become categorical codes in
@@ -33,6 +34,7 @@ Bad input raises `ConfigError(key, problem)` naming the config key and the fix.
 import concurrent.futures
 import dataclasses
 import importlib.util
+import logging
 import os
 import pathlib
 from typing import Any, Callable, Mapping
@@ -42,6 +44,8 @@ import ml_collections
 import numpy as np
 
 from fedjax_lab.errors import ConfigError
+
+log = logging.getLogger("fedjax_lab")
 
 NAMES = ("digits", "pbmc68k", "synthetic_expression", "tfds:<name>", "file")
 FILE_EXTENSIONS = (".npz", ".csv", ".h5ad")
@@ -235,6 +239,12 @@ def _categorical_codes(series) -> tuple[np.ndarray, tuple[str, ...]]:
   return cat.cat.codes.to_numpy().astype(np.int32), tuple(str(c) for c in cat.cat.categories)
 
 
+def _split_column(data_config) -> str | None:
+  """The column by_column partitions on: taken as site metadata even when it is numeric
+  (a hospital or donor id), and so never a feature."""
+  return data_config.column if data_config.partition == "by_column" else None
+
+
 def _is_categorical(series) -> bool:
   import pandas as pd  # pylint: disable=g-import-not-at-top
   return (isinstance(series.dtype, pd.CategoricalDtype) or pd.api.types.is_object_dtype(series)
@@ -280,7 +290,8 @@ def _from_anndata(path: pathlib.Path, label_column: str, name: str, data_config)
   x = np.asarray(x, dtype=np.float32)
   columns = {}
   for key in adata.obs.columns:
-    if key != label_column and _is_categorical(adata.obs[key]):
+    if key != label_column and (_is_categorical(adata.obs[key])
+                                or key == _split_column(data_config)):
       columns[str(key)] = _categorical_codes(adata.obs[key])[0]
   return _split(x, y, num_classes, columns, name, class_names, data_config)
 
@@ -374,19 +385,26 @@ def _load_npz(path: pathlib.Path, data_config) -> tuple[Dataset, Dataset]:
 
 def _load_csv(path: pathlib.Path, label_column: str, data_config) -> tuple[Dataset, Dataset]:
   import pandas as pd  # pylint: disable=g-import-not-at-top
-  frame = pd.read_csv(path)
+  try:
+    frame = pd.read_csv(path)
+  except pd.errors.EmptyDataError:
+    raise ConfigError("data.path", f"{path} is empty; give a CSV with a header row, feature "
+                      "columns and a label column") from None
   y, num_classes, class_names = _label_from_frame(frame, label_column, str(path))
   features, columns = [], {}
   for key in frame.columns:
     if key == label_column:
       continue
-    if _is_categorical(frame[key]):
+    if _is_categorical(frame[key]) or key == _split_column(data_config):
       columns[str(key)] = _categorical_codes(frame[key])[0]
     else:
       features.append(key)
   if not features:
     raise ConfigError("data.path", f"{path} has no numeric feature columns besides the label "
                       f"'{label_column}'")
+  if columns:  # a numeric column with one stray string lands here too: say which is which
+    log.info("%s: %d numeric feature columns; site columns (not features): %s", path,
+             len(features), ", ".join(columns))
   x = frame[features].to_numpy(dtype=np.float32)
   if not np.all(np.isfinite(x)):
     bad = [str(k) for k in features if not np.all(np.isfinite(frame[k].to_numpy(float)))]
