@@ -211,8 +211,10 @@ def test_histogram_command(tmp_path):
   np.testing.assert_array_equal(counts, expected)
 
 
-def test_histogram_command_config_error_exits_2(tmp_path):
-  result = _run_histogram(tmp_path, "--config.data.alpha=-1.0",
-                          f"--out={tmp_path / 'h.png'}")
-  assert result.returncode == 2
-  assert "config error: data.alpha" in result.stderr
+@pytest.mark.parametrize("flag,key", [("--config.data.alpha=-1.0", "data.alpha"),
+                                      ("--config.data.alpah=1", "data.alpah")])
+def test_histogram_command_config_error_exits_2(tmp_path, flag, key):
+  result = _run_histogram(tmp_path, flag, f"--out={tmp_path / 'h.png'}")
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert result.returncode == 2 and len(lines) == 1, result.stderr
+  assert lines[0].startswith(f"config error: {key}: ")

@@ -1,28 +1,29 @@
 r"""Prints and plots the per-site label histogram of a config's partition.
 
-  python -m fedjax_lab.data.histogram --config configs/X.py \
-      [--config.data.alpha=0.1] --out hist.png
+  python -m fedjax_lab.data.histogram [--config configs/X.py] \
+      [--config.data.alpha=0.1] [--out hist.png]
 
 Loads `config.data` exactly as a run would, partitions train with `config.seed`, prints one
 row per site (counts per class and the site total, then a `total` row; the table's grand
 total is the number of training examples) and saves a sites x classes heatmap to `--out`.
-A bad config prints `config error: KEY: PROBLEM` and exits with code 2.
+`--config` defaults to train.py's (configs/digits_fedavg.py). A bad config prints
+`config error: KEY: PROBLEM` and exits with code 2, as train.py does (fedjax_lab/cli.py).
 """
 
+import os
 import sys
 from typing import Sequence
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 import numpy as np
 
+from fedjax_lab import cli
 from fedjax_lab.data import partition as partition_lib
 from fedjax_lab.data import sources
 from fedjax_lab.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
+_CONFIG = cli.define_config_flag()
 _OUT = flags.DEFINE_string("out", "hist.png", "Where to save the heatmap PNG.")
 
 
@@ -64,21 +65,19 @@ def save_heatmap(hist: np.ndarray, path: str, class_names: Sequence[str] = (),
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required")
+  config, _ = cli.load_config(_CONFIG)
   try:
     train, _ = sources.load_dataset(config.data)
     sites = partition_lib.partition(train, config.data, int(config.get("seed", 0)))
   except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   hist = partition_lib.label_histogram(train.y, sites, train.num_classes)
   print(format_table(hist, train.class_names))
   title = (f"{config.data.name}: {config.data.partition}, {len(sites)} sites")
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   save_heatmap(hist, _OUT.value, train.class_names, title)
   print(f"saved {_OUT.value}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,102 @@
+"""The `--config` flag of the lab's commands (train.py, python -m fedjax_lab.data.histogram).
+
+    CONFIG = cli.define_config_flag()        # at import time, before absl parses argv
+    app.run(main, flags_parser=cli.parse_flags)
+    config, path = cli.load_config(CONFIG)    # inside main
+
+Every way a config can be wrong ends the same way: one line `config error: KEY: PROBLEM` on
+stderr and exit code 2, before anything compiles: an unknown --config key (with the keys
+allowed beside it), a badly typed value, a config file that does not load.
+"""
+
+import ast
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "digits_fedavg.py")
+
+_optimizer_args = []  # (side, name, value) taken out of argv by define_config_flag
+
+
+def fail(message: str):
+  print(f"config error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _unknown_key(error):
+  """Names the full dotted key of the override that config_flags could not find."""
+  from fedjax_lab.config import unknown_key  # pylint: disable=g-import-not-at-top
+  # ml_collections raises KeyError("'clients'\nDid you mean ...") or an AttributeError
+  # wrapping one; the leaf name is the first line of the innermost message.
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  message = str(error.args[0]) if error.args else str(error)
+  leaf = message.splitlines()[0].strip("\"' ")
+  keys = [a.split("=")[0][len("--config."):] for a in sys.argv if a.startswith("--config.")]
+  key = next((k for k in keys if k == leaf or k.endswith("." + leaf)), leaf)
+  fail(str(unknown_key(key)))
+
+
+def _take_optimizer_args(argv):
+  """Removes --config.{client,server}.optimizer_args.<name>=<value> from argv; returns them.
+
+  Those dicts are free-form (their names depend on the optimizer, which make_optimizer checks),
+  and config_flags only overrides keys that already exist, so load_config sets them itself.
+  """
+  taken, rest, args = [], [], iter(argv)
+  for arg in args:
+    side = next((s for s in ("client", "server")
+                 if arg.startswith(f"--config.{s}.optimizer_args.")), None)
+    if side is None:
+      rest.append(arg)
+      continue
+    name, eq, value = arg[len(f"--config.{side}.optimizer_args."):].partition("=")
+    taken.append((side, name, value if eq else next(args, "")))
+  return rest, taken
+
+
+def _literal(value: str):
+  try:
+    return ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return value  # a bare string, e.g. a schedule name
+
+
+def define_config_flag(default: str = DEFAULT_CONFIG):
+  """Defines --config (an ml_collections config file, overridable key by key)."""
+  sys.argv, taken = _take_optimizer_args(sys.argv)
+  _optimizer_args.extend(taken)
+  try:
+    # config_flags applies --config.<key>=value overrides as soon as the flag is defined.
+    return config_flags.DEFINE_config_file("config", default, "Experiment config file.",
+                                           lock_config=True)
+  except (AttributeError, KeyError) as e:
+    _unknown_key(e)
+
+
+def parse_flags(argv):
+  """absl's flags_parser, with config errors as one line and exit code 2."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    _unknown_key(e)
+  except (flags.Error, ValueError, TypeError) as e:  # a badly typed value
+    fail(str(e).splitlines()[0])
+
+
+def load_config(config_flag):
+  """(the config with every override applied, the config file's path)."""
+  path = flags.FLAGS["config"].config_filename
+  try:
+    config = config_flag.value
+    config.keys()  # config_flags defers a load failure until first use
+  except (OSError, AttributeError):
+    fail(f"--config: cannot load '{path}'; give a file like configs/digits_fedavg.py")
+  with config.unlocked():
+    for side, name, value in _optimizer_args:
+      config[side].optimizer_args[name] = _literal(value)
+  return config, path
