@@ -71,6 +71,39 @@ def test_small_cpu_rounds_run_on_one_device_with_the_same_result(overrides, devi
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"dp.level": "site", "dp.noise_multiplier": 1.0, "cohort_size": 10},
+    {"algorithm.name": "scaffold", "min_sites_per_device": 1},
+])
+def test_the_round_vmaps_over_seeds(overrides):
+  """Seeds (init, cohorts, batches, noise) as a vmapped axis of one compiled round, the
+  basis of seed sweeps and shadow models: each seed's slice equals that seed run alone."""
+  import jax
+  c = tiny_config(**overrides)
+  exp = Experiment(c)
+  seeds = np.arange(3)
+
+  def init(seed):
+    params, model_state = exp.model.init(jax.random.key(seed), exp.train.x[:2])
+    return exp.algorithm.init(params, model_state)
+
+  keys = lambda seed: (jax.random.fold_in(jax.random.key(seed), 1),
+                       jax.random.fold_in(jax.random.key(seed), 2))
+  batched = jax.jit(jax.vmap(exp.round_fn, in_axes=(0, None, 0, 0)))
+  state = jax.vmap(init)(seeds)
+  sampling, client = jax.vmap(keys)(seeds)
+  alone = jax.jit(exp.round_fn)
+  singles = [init(s) for s in seeds]
+  for _ in range(2):
+    state, _ = batched(state, exp.data, sampling, client)
+    singles = [alone(st, exp.data, *keys(s))[0] for st, s in zip(singles, seeds)]
+  for s in seeds:
+    for u, v in zip(jax.tree.leaves(state.params), jax.tree.leaves(singles[s].params)):
+      np.testing.assert_allclose(np.asarray(u)[s], np.asarray(v), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(*(np.asarray(jax.tree.leaves(state.params)[0])[:2]))
+
+
 def test_params_sha256_matches_a_hand_computation():
   params = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), np.float32)}
   want = hashlib.sha256(np.ones(4, "<f4").tobytes() + np.arange(3, dtype="<f4").tobytes())
