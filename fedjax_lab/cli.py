@@ -72,10 +72,15 @@ def define_config_flag(default: str = DEFAULT_CONFIG):
   _optimizer_args.extend(taken)
   try:
     # config_flags applies --config.<key>=value overrides as soon as the flag is defined.
-    return config_flags.DEFINE_config_file("config", default, "Experiment config file.",
-                                           lock_config=True)
+    holder = config_flags.DEFINE_config_file(
+        "config", default, "Experiment config file (configs/*.py[:arg]); override any key "
+        "with --config.<key>=<value>.",
+        lock_config=True)
   except (AttributeError, KeyError) as e:
     _unknown_key(e)
+  # --help lists the flags of the script being run (argv[0]); --config is one of them.
+  flags.FLAGS.register_flag_by_module(sys.argv[0], flags.FLAGS["config"])
+  return holder
 
 
 def parse_flags(argv):
