@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -37,12 +38,29 @@ def _train(workdir, rounds, processes, devices_per_process):
                JAX_NUM_PROCESSES=str(processes))
   cmd = [sys.executable, "train.py", *FLAGS, f"--config.rounds={rounds}", "--workdir",
          str(workdir)]
+  logs = [(open(workdir.parent / f"{workdir.name}.{i}.out", "w+"),
+           open(workdir.parent / f"{workdir.name}.{i}.err", "w+")) for i in range(processes)]
   procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(i)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(processes)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err
+                            stdout=out, stderr=err, text=True)
+           for i, (out, err) in enumerate(logs)]
+  deadline = time.monotonic() + 300
+  # A process that fails leaves the others waiting in a collective: stop them all at once.
+  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    if any(p.poll() not in (None, 0) for p in procs):
+      break
+    time.sleep(0.2)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  outs = []
+  for out, err in logs:
+    out.seek(0), err.seek(0)
+    outs.append((out.read(), err.read()))
+    out.close(), err.close()
+  assert all(p.returncode == 0 for p in procs), "\n".join(
+      f"process {i}, exit {p.returncode}:\n{err[-3000:]}" for i, (p, (_, err))
+      in enumerate(zip(procs, outs)))
   return outs
 
 
