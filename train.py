@@ -41,6 +41,12 @@ def main(argv):
   config, config_path = cli.load_config(_CONFIG)
   workdir = _WORKDIR.value or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_path))[0])
+  try:  # before anything loads or compiles
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK):
+      raise PermissionError(13, "not writable")
+  except OSError as e:
+    cli.fail(f"--workdir: cannot write to '{workdir}' ({e.strerror}); give a writable folder")
   try:
     experiment = Experiment(config)
   except ConfigError as e:

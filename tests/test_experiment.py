@@ -184,6 +184,15 @@ BAD_CONFIGS = [
 ]
 
 
+def test_workdir_that_is_a_file_exits_2_with_one_line(tmp_path):
+  (tmp_path / "taken").write_text("")
+  proc = subprocess.run([sys.executable, "train.py", "--workdir", str(tmp_path / "taken")],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+  assert lines[0].startswith("config error: --workdir: ")
+
+
 def test_optimizer_args_are_set_from_the_command_line(tmp_path):
   """The free-form optimizer_args take --config overrides (both `=` and space forms): b1=0.9,
   adam's default, gives the run without it; b1 0.5 another one."""
