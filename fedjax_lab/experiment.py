@@ -61,6 +61,17 @@ class PrivacyPlan(NamedTuple):
   # gets noise_multiplier itself and count_noise_multiplier is None.
   update_noise_multiplier: float | None = None
   count_noise_multiplier: float | None = None
+  # Poisson samples are truncated to `slots` (sampling.py): the batch of a site (example
+  # level) or the cohort (site level). P(a draw of the unit's overflows during the run) <=
+  # overflow_bound, paid for by the delta the accountant does not get (_TRUNCATION_SHARE).
+  slots: int = 0
+  overflow_bound: float = 0.0
+
+
+# The share of dp.delta set aside for truncated Poisson samples (sampling.py): the accountant
+# composes at delta (1 - share), and the slots are sized so (1 + e^eps) P(overflow) <= share
+# delta, so (eps, dp.delta) holds for the run as it is really sampled.
+_TRUNCATION_SHARE = 1e-3
 
 
 def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
@@ -82,11 +93,28 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
     unit = "one site (all its examples)"
     scheme = f"Poisson cohorts at rate cohort_size/num_sites (q={q:.4g}), updates clipped"
   total_steps = config.rounds * steps_per_round
+  accountant_delta = dp.delta * (1 - _TRUNCATION_SHARE)
   sigma, budget, how = dp.noise_multiplier, dp.target_epsilon, "given"
   if sigma == 0:
-    sigma = accounting.noise_multiplier_for(dp.target_epsilon, q, total_steps, dp.delta,
-                                            dp.accountant)
+    sigma = accounting.noise_multiplier_for(dp.target_epsilon, q, total_steps,
+                                            accountant_delta, dp.accountant)
     budget, how = None, f"calibrated to epsilon<={dp.target_epsilon} after {config.rounds} rounds"
+  accountant = accounting.Accountant(sigma, q, accountant_delta, dp.accountant)
+  # Every draw that can hold the unit: its site's batch at every step (sizes n and n +- 1 for
+  # the neighbours, each at rate batch_size / its size), or the cohort at every round.
+  eps = accountant.epsilon_after(total_steps)
+  overflow_bound = _TRUNCATION_SHARE * dp.delta / (1 + math.exp(min(eps, 700.0)))
+  tail = overflow_bound / total_steps
+  if dp.level == "example":
+    sizes = np.unique(site_counts)
+    slots = sampling.max_sample_size_over(
+        np.concatenate([sizes - 1, sizes, sizes + 1]),
+        lambda n: config.client.batch_size / n, tail)
+    slots = min(slots, int(site_counts.max()))  # a site never has more to sample
+  else:
+    n = config.data.num_sites
+    slots = min(n, sampling.max_sample_size_over([n - 1, n, n + 1],
+                                                 lambda _: q, tail))
   if dp.delta > 1.0 / units:
     log.warning("dp.delta=%g > 1/%d (1/number of protected units): a mechanism that "
                 "publishes one unit's data outright meets this delta", dp.delta, units)
@@ -99,14 +127,17 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
     update_sigma, count_stddev = config_lib.adaptive_clip_noise(config, sigma)
     clip = adaptive_clipping.describe(sigma, count_stddev, dp.target_quantile, dp.clip_lr,
                                       dp.clip_norm)
+  truncation = (f"samples truncated to {slots} slots, P(any overflow of the unit's draws) <= "
+                f"{overflow_bound:.3g}, covered by delta: the accountant composes at "
+                f"delta={accountant_delta:g}")
   description = (f"privacy: unit={unit}; neighbouring relation=add/remove one; sampling="
-                 f"{scheme}; accountant={dp.accountant}; delta={dp.delta:g}; "
+                 f"{scheme}; {truncation}; accountant={dp.accountant}; delta={dp.delta:g}; "
                  f"noise_multiplier={sigma:.4f} ({how}); {clip}; noise {noise}")
   return PrivacyPlan(noise_multiplier=float(sigma), sampling_prob=q,
-                     steps_per_round=steps_per_round,
-                     accountant=accounting.Accountant(sigma, q, dp.delta, dp.accountant),
+                     steps_per_round=steps_per_round, accountant=accountant,
                      budget=budget, description=description,
-                     update_noise_multiplier=update_sigma, count_noise_multiplier=count_stddev)
+                     update_noise_multiplier=update_sigma, count_noise_multiplier=count_stddev,
+                     slots=slots, overflow_bound=overflow_bound)
 
 
 def _any_process_signalled(signalled_here: bool) -> bool:
@@ -122,13 +153,12 @@ def _any_process_signalled(signalled_here: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.int32(signalled_here))))
 
 
-def _round_devices(config, num_sites: int) -> list:
+def _round_devices(config, privacy: PrivacyPlan | None) -> list:
   """Every device, or one CPU device for a FedAvg round too small to split (see
   sharding.round_devices); the other algorithms always shard their per-site state."""
   if config.algorithm.name not in ("fedavg", "fedprox"):
     return jax.devices()
-  per_round = (sampling.max_sample_size(config.cohort_size, num_sites)
-               if config.dp.level == "site" else config.cohort_size)
+  per_round = privacy.slots if config.dp.level == "site" else config.cohort_size
   return sharding.round_devices(per_round, config.min_sites_per_device)
 
 
@@ -168,8 +198,9 @@ class Experiment:
         train.x, train.y, self.sites, train.num_classes,
         *((self.public.x, self.public.y) if self.public is not None else ()))
     self.site_hist = federated.site_label_histogram(self.data)
+    self.privacy = privacy_plan(config, np.asarray(self.data.count))
     self.mesh = mesh if mesh is not None else sharding.make_mesh(
-        _round_devices(config, self.data.num_sites))
+        _round_devices(config, self.privacy))
     self.data = sharding.put_replicated(self.data, self.mesh)
 
     self.model = make_model(config.model, train.num_classes, train.x[:2])
@@ -183,7 +214,6 @@ class Experiment:
     self.server_tx = optim.make_optimizer(config.server.optimizer, config.server.lr,
                                           key_prefix="server", **config.server.optimizer_args)
     prox_mu = config.client.prox_mu if config.algorithm.name == "fedprox" else 0.0
-    self.privacy = privacy_plan(config, np.asarray(self.data.count))
     self.client_update = make_client_update(self.model, self.client_tx, ClientConfig(
         local_steps=config.client.local_steps, batch_size=config.client.batch_size,
         shuffle=config.client.shuffle, prox_mu=prox_mu,
@@ -236,7 +266,7 @@ class Experiment:
         microbatch_size=dp.microbatch_size or None, apply_kwargs={"train": False},
         return_losses=True)
     return ExampleDP(clip_norm=dp.clip_norm, noise_multiplier=share,
-                     max_batch=sampling.max_sample_size(cfg.client.batch_size, self.data.n_max),
+                     max_batch=self.privacy.slots,
                      clipped_grad_sum=clipped)
 
   def _site_dp(self):
@@ -251,7 +281,7 @@ class Experiment:
     return fedavg.SiteDP(clip_norm=cfg.dp.clip_norm,
                          noise_multiplier=self.privacy.update_noise_multiplier,
                          coordinated=cfg.dp.noise == "coordinated",
-                         max_cohort=sampling.max_sample_size(cfg.cohort_size, self.data.num_sites),
+                         max_cohort=self.privacy.slots,
                          adaptive=adaptive)
 
   def epsilon(self, rounds: int) -> float | None:
@@ -390,7 +420,11 @@ class Experiment:
           "noise_multiplier": self.privacy.noise_multiplier,
           "sampling_prob": self.privacy.sampling_prob,
           "steps": completed * self.privacy.steps_per_round,
-          "accountant": cfg.dp.accountant, "delta": cfg.dp.delta}
+          "accountant": cfg.dp.accountant, "delta": cfg.dp.delta,
+          # epsilon is dp-accounting's at accountant_delta; the rest of delta covers the
+          # truncation of Poisson samples to `slots` (privacy/sampling.py).
+          "accountant_delta": self.privacy.accountant.delta, "slots": self.privacy.slots,
+          "overflow_bound": self.privacy.overflow_bound}
       if adaptive:  # how noise_multiplier was split, and the clip norm the next round would use
         summary["privacy"].update(
             update_noise_multiplier=self.privacy.update_noise_multiplier,

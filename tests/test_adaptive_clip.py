@@ -127,7 +127,8 @@ def test_accountant_composes_z_and_the_update_gets_z_update(calibrated):
   for rounds in (1, 5, c.rounds):
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
         q, dp_accounting.GaussianDpEvent(z)), rounds)
-    want = rdp.RdpAccountant().compose(event).get_epsilon(c.dp.delta)
+    # 1e-3 of delta pays for truncating the Poisson cohort (test_dp_round.py).
+    want = rdp.RdpAccountant().compose(event).get_epsilon(c.dp.delta * (1 - 1e-3))
     assert exp.epsilon(rounds) == pytest.approx(want, rel=1e-9)
   if calibrated:
     assert 3.0 * 0.97 < exp.epsilon(20) <= 3.0

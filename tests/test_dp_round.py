@@ -175,13 +175,49 @@ def test_epsilon_every_round_matches_dp_accounting(tmp_path):
   for r in rows:
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
         q, dp_accounting.GaussianDpEvent(1.3)), r["round"] * c.client.local_steps)
-    want = rdp.RdpAccountant().compose(event).get_epsilon(c.dp.delta)
+    # dp-accounting at delta (1 - 1e-3): the rest of delta pays for truncated batches.
+    want = rdp.RdpAccountant().compose(event).get_epsilon(c.dp.delta * (1 - 1e-3))
     assert r["epsilon"] == pytest.approx(want, rel=1e-9)
     assert r["dp_overflow"] == 0
   summary = json.loads((tmp_path / "summary.json").read_text())
-  assert summary["privacy"] == {"noise_multiplier": 1.3, "sampling_prob": pytest.approx(q),
-                                "steps": 4 * c.client.local_steps, "accountant": "rdp",
-                                "delta": c.dp.delta}
+  privacy = summary["privacy"]
+  assert {k: privacy[k] for k in ("noise_multiplier", "sampling_prob", "steps", "accountant",
+                                  "delta", "accountant_delta")} == {
+      "noise_multiplier": 1.3, "sampling_prob": pytest.approx(q),
+      "steps": 4 * c.client.local_steps, "accountant": "rdp", "delta": c.dp.delta,
+      "accountant_delta": pytest.approx(c.dp.delta * (1 - 1e-3))}
+  assert privacy["slots"] == exp.privacy.slots and privacy["overflow_bound"] > 0
+
+
+@pytest.mark.parametrize("level", ["example", "site"])
+def test_truncated_poisson_samples_are_paid_for_in_delta(level):
+  """Batches (cohorts) are truncated to `slots`. Checked with scipy's binomial tail, site by
+  site (and for a site of one example more or less): over the run, the chance that the unit's
+  draws ever overflow, times (1 + e^epsilon), fits in the 1e-3 of delta the accountant
+  was not given; one slot fewer would not fit."""
+  from scipy import stats
+  overrides = {"dp.level": level, "dp.noise_multiplier": 1.0, "rounds": 50}
+  if level == "site":
+    overrides.update({"data.num_sites": 200, "cohort_size": 20})
+  c = tiny_config(**overrides)
+  exp = Experiment(c)
+  plan = exp.privacy
+  steps = c.rounds * plan.steps_per_round
+  eps = exp.epsilon(c.rounds)
+  if level == "example":
+    n = np.unique(np.asarray(exp.data.count))
+    n = np.concatenate([n - 1, n, n + 1])
+    n = n[n > 0]
+    rate = np.minimum(1.0, c.client.batch_size / n)
+  else:
+    n = np.array([199, 200, 201])
+    rate = np.full(3, 20 / 200)
+  worst_tail = lambda m: stats.binom.sf(m, n, rate).max()
+  slack = (1 + np.exp(eps)) * steps * worst_tail(plan.slots)
+  assert slack <= 1e-3 * c.dp.delta
+  if plan.slots < n.max() - 1:
+    assert (1 + np.exp(eps)) * steps * worst_tail(plan.slots - 1) > 1e-3 * c.dp.delta
+  assert plan.accountant.delta == pytest.approx(c.dp.delta * (1 - 1e-3))
 
 
 def test_budget_stops_cleanly_and_resume_reports_the_same_epsilon(tmp_path):
