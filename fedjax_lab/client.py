@@ -44,12 +44,26 @@ class ExampleDP(NamedTuple):
   Each local step every example of the site joins independently with probability
   rate = batch_size / count (capped at 1); the sampled examples fill `max_batch` slots
   (privacy/sampling.py); the clipped gradient sum gets N(0, (noise_multiplier * clip_norm)^2)
-  and is divided by the expected batch size rate * count.
+  and is divided by `example_dp_divisor`: the expected batch size rate * count, or with
+  `fixed_divisor` set, that number at every site.
+
+  Coordinated noise needs `fixed_divisor` (= batch_size): a site smaller than its batch
+  samples at rate 1 and would divide by its own size, so one of its examples would move the
+  sum by C / size while the K shares of sigma / sqrt(K) carry noise calibrated to C /
+  batch_size (one site of 10 among nine of 150, batch 15: 0.707 sigma).
   """
   clip_norm: float
   noise_multiplier: float   # this site's share: sigma (parallel) or sigma / sqrt(K) (coordinated)
   max_batch: int
   clipped_grad_sum: Callable  # privacy.clipping.make_clipped_grad_sum(..., return_losses=True)
+  fixed_divisor: float | None = None
+
+
+def example_dp_divisor(dp: ExampleDP, batch_size: int, site_count):
+  """What a site divides its noised clipped gradient sum by (jnp or NumPy counts)."""
+  if dp.fixed_divisor is not None:
+    return dp.fixed_divisor + 0 * site_count
+  return jnp.minimum(1.0, batch_size / site_count) * site_count
 
 
 class ClientOutput(NamedTuple):
@@ -117,7 +131,8 @@ def make_client_update(model: Model, client_tx: optax.GradientTransformationExtr
                        config: ClientConfig, dp: ExampleDP | None = None):
   """Returns client_update(params, model_state, site_idx, site_count, rng, data) -> ClientOutput.
 
-  site_idx: [n_max] int32 row of the index table; site_count: int32; rng: the site's key for
+  site_idx: [n_max] int32 row of the index table; site_count: int32 (0: an empty slot, which
+  trains on zeros; without example-level DP only); rng: the site's key for
   this round (folded in with the round and site id by the caller). With `dp`, every local
   step is a DP-SGD step on a Poisson minibatch (see ExampleDP).
   """
@@ -139,8 +154,8 @@ def make_client_update(model: Model, client_tx: optax.GradientTransformationExtr
     x, y = data.x[rows], data.y[rows]
     grad_sum, _, losses = dp.clipped_grad_sum(params, x, y, mask, dp.clip_norm)
     noisy = privatize(grad_sum, dp.clip_norm, dp.noise_multiplier, jax.random.fold_in(rng_t, 1))
-    expected = rate * site_count
-    grads = jax.tree.map(lambda g: g / expected, noisy)
+    divisor = example_dp_divisor(dp, config.batch_size, site_count)
+    grads = jax.tree.map(lambda g: g / divisor, noisy)
     loss = (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     return loss, grads, ms, x, y, overflow
 
@@ -161,10 +176,14 @@ def make_client_update(model: Model, client_tx: optax.GradientTransformationExtr
       params, opt_state, ms = carry
       rng_t = jax.random.fold_in(step_rng, t)
       if dp is None:
-        pos = minibatch_positions(batch_rng, t, site_count, n_max, config.batch_size,
-                                  config.shuffle)
+        pos = minibatch_positions(batch_rng, t, jnp.maximum(site_count, 1), n_max,
+                                  config.batch_size, config.shuffle)
         rows = site_idx[pos]
-        x, y = data.x[rows], data.y[rows]
+        # site_count 0 is an empty slot (a padded place in a Poisson cohort): it trains on
+        # zeros, never on the examples its index row happens to point at.
+        present = site_count > 0
+        x = jnp.where(present, data.x[rows], 0).astype(data.x.dtype)
+        y = jnp.where(present, data.y[rows], 0)
         loss, grads, new_ms = plain_grad_fn(params, ms, x, y, rng_t)
         overflow = jnp.int32(0)
       else:

@@ -54,7 +54,13 @@ def default_config() -> ml_collections.ConfigDict:
       # size / 20); the accountant's noise_multiplier z is split, the update getting
       # (z^-2 - (2 sigma_b)^-2)^-1/2 > z, so it needs 2 sigma_b > z.
       adaptive_clip=False, target_quantile=0.5, clip_lr=0.2,
-      count_noise_multiplier=config_dict.placeholder(float)))
+      count_noise_multiplier=config_dict.placeholder(float),
+      # randomness: where the DP mechanism's draws (cohorts, minibatches, noise) come from.
+      # "secret": OS entropy, kept only in the checkpoint (resume stays exact); "seeded":
+      # config.seed, reproducible but no guarantee against anyone who knows the seed
+      # (summary.json publishes it); "auto": secret for data.name=file or tfds:*, seeded for
+      # the bundled public data sets.
+      randomness="auto"))
   # optim.public_data: public calibration set of the curvature optimizers (data/public.py):
   # "holdout:F", a .npz/.csv/.h5ad path or another source's name; public_batch_size examples
   # of it per curvature estimate.
@@ -208,10 +214,15 @@ def _validate_dp(config):
   if dp.target_epsilon is not None and dp.target_epsilon <= 0:
     raise ConfigError("dp.target_epsilon", f"must be > 0 (or unset), got {dp.target_epsilon}")
   _one_of("dp.clipping", dp.clipping, ("auto", "vmap", "ghost"))
+  _one_of("dp.randomness", dp.randomness, ("auto", "secret", "seeded"))
   _validate_adaptive_clip(config)
   if dp.level == "none":
     return
   from fedjax_lab import optim
+  if config.eval.centralized_baseline:
+    raise ConfigError("eval.centralized_baseline", "trains a second model on the same private "
+                      "data and publishes its accuracy, which no epsilon covers; set it False "
+                      f"with dp.level={dp.level}")
   if dp.noise_multiplier == 0 and dp.target_epsilon is None:
     raise ConfigError("dp.noise_multiplier", f"must be > 0 with dp.level={dp.level}, or set "
                       "dp.target_epsilon to calibrate it")

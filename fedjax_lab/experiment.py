@@ -24,12 +24,13 @@ from fedjax_lab import config as config_lib
 from fedjax_lab import algorithms, evaluation, optim, sharding
 from fedjax_lab.checkpoint import Checkpointer
 from fedjax_lab.algorithms import fedavg
-from fedjax_lab.client import ClientConfig, ExampleDP, make_client_update, make_public_objective
+from fedjax_lab.client import (ClientConfig, ExampleDP, example_dp_divisor, make_client_update,
+                               make_public_objective)
 from fedjax_lab.data import federated, partition, public, sources
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.logging import MetricsLogger
 from fedjax_lab.models import make_model
-from fedjax_lab.privacy import accounting, adaptive_clipping, clipping, sampling
+from fedjax_lab.privacy import accounting, adaptive_clipping, clipping, guarantees, sampling
 
 log = logging.getLogger("fedjax_lab")
 
@@ -66,6 +67,18 @@ class PrivacyPlan(NamedTuple):
   # overflow_bound, paid for by the delta the accountant does not get (_TRUNCATION_SHARE).
   slots: int = 0
   overflow_bound: float = 0.0
+  # "secret": the DP noise and sampling come from OS entropy kept in the checkpoint; "seeded":
+  # from config.seed (reproducible, and no guarantee against anyone who knows the seed).
+  randomness: str = "seeded"
+
+  def mechanism(self, config, steps: int) -> guarantees.Mechanism:
+    return guarantees.Mechanism(
+        level=config.dp.level, noise=config.dp.noise,
+        noise_multiplier=self.noise_multiplier, sampling_prob=self.sampling_prob,
+        steps=steps, accountant_delta=self.accountant.delta, delta=config.dp.delta,
+        overflow_bound=self.overflow_bound, accountant=config.dp.accountant,
+        cohort_size=config.cohort_size, max_cohort=max(self.slots, 1),
+        randomness=self.randomness)
 
 
 # The share of dp.delta set aside for truncated Poisson samples (sampling.py): the accountant
@@ -118,10 +131,13 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
   if dp.delta > 1.0 / units:
     log.warning("dp.delta=%g > 1/%d (1/number of protected units): a mechanism that "
                 "publishes one unit's data outright meets this delta", dp.delta, units)
-  noise = ("coordinated: each of the K sites adds sigma/sqrt(K), so the secure sum carries "
-           "sigma (the epsilon holds against a server that sees only the sum; secure "
-           "aggregation is simulated, not implemented, in this version)"
+  noise = ("coordinated: each of the K sites adds sigma/sqrt(K), so the sum carries sigma "
+           "(secure aggregation, which would hide the single updates from the server, is "
+           "assumed, not implemented: the guarantees below say what holds against whom)"
            if dp.noise == "coordinated" else "parallel: every site adds the full sigma")
+  if dp.level == "site":
+    noise += "; a round with an empty cohort gets the noise from the server"
+  randomness = guarantees.resolve_randomness(dp.randomness, config.data.name)
   update_sigma, count_stddev, clip = float(sigma), None, f"clip_norm={dp.clip_norm:g}"
   if dp.adaptive_clip:  # the accountant still composes sigma (Andrew et al. 2021, Thm 1)
     update_sigma, count_stddev = config_lib.adaptive_clip_noise(config, sigma)
@@ -132,12 +148,34 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
                 f"delta={accountant_delta:g}")
   description = (f"privacy: unit={unit}; neighbouring relation=add/remove one; sampling="
                  f"{scheme}; {truncation}; accountant={dp.accountant}; delta={dp.delta:g}; "
-                 f"noise_multiplier={sigma:.4f} ({how}); {clip}; noise {noise}")
+                 f"noise_multiplier={sigma:.4f} ({how}); {clip}; noise {noise}; "
+                 f"randomness={randomness} (dp.randomness={dp.randomness})")
   return PrivacyPlan(noise_multiplier=float(sigma), sampling_prob=q,
                      steps_per_round=steps_per_round, accountant=accountant,
                      budget=budget, description=description,
                      update_noise_multiplier=update_sigma, count_noise_multiplier=count_stddev,
-                     slots=slots, overflow_bound=overflow_bound)
+                     slots=slots, overflow_bound=overflow_bound, randomness=randomness)
+
+
+def noise_coverage(site_counts, batch_size: int, example_dp: ExampleDP, cohort_size: int,
+                   noise_multiplier: float) -> np.ndarray:
+  """[sites]: for each site j, the std of the noise in a round's uniform average over the
+  cohort, over noise_multiplier x the sensitivity of one of site j's examples in it, at the
+  cohort holding j that carries the least noise. >= 1 means the accountant's sigma covers
+  every example of j, whoever else is in the cohort.
+
+  From the client's own divisors (client.example_dp_divisor) and noise share: site k sends
+  (S_k + N(0, (share C)^2)) / d_k and the server averages with weight 1/K, so one example of
+  j moves the average by C / (K d_j) while the noise has std share C sqrt(sum_k d_k^-2) / K.
+  """
+  d = np.asarray(example_dp_divisor(example_dp, batch_size, np.asarray(site_counts, np.float64)),
+                 np.float64)
+  share = example_dp.noise_multiplier
+  ratios = np.empty(len(d))
+  for j, dj in enumerate(d):
+    least = np.sort(np.delete(d, j) ** -2.0)[:cohort_size - 1].sum()  # the quietest others
+    ratios[j] = share * np.sqrt(dj ** -2.0 + least) / (noise_multiplier / dj)
+  return ratios
 
 
 def _any_process_signalled(signalled_here: bool) -> bool:
@@ -180,6 +218,15 @@ def centralized_config(config):
   return c
 
 
+def draw_secret() -> list[int]:
+  """64 bits of OS entropy (threefry key data), the same on every process of a run."""
+  words = np.frombuffer(os.urandom(8), np.uint32).copy()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    words = np.asarray(multihost_utils.broadcast_one_to_all(words))
+  return [int(w) for w in words]
+
+
 class Experiment:
   """Everything one config describes, built once; `run` trains and writes the workdir."""
 
@@ -204,9 +251,9 @@ class Experiment:
     self.data = sharding.put_replicated(self.data, self.mesh)
 
     self.model = make_model(config.model, train.num_classes, train.x[:2])
-    root = jax.random.key(config.seed)
-    self.keys = {name: jax.random.fold_in(root, i) for name, i in
-                 (("init", _INIT), ("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE))}
+    # Under dp.randomness=secret a fresh secret per run (run() keeps the checkpoint's on resume).
+    secret = self.privacy is not None and self.privacy.randomness == "secret"
+    self.set_secret(draw_secret() if secret else None)
     self.client_tx = optim.make_optimizer(config.client.optimizer, config.client.lr,
                                           key_prefix="client", **config.client.optimizer_args)
     if config.model.l2:  # the objective's (l2/2)||w||^2, as algorithms/common.py adds it
@@ -214,10 +261,13 @@ class Experiment:
     self.server_tx = optim.make_optimizer(config.server.optimizer, config.server.lr,
                                           key_prefix="server", **config.server.optimizer_args)
     prox_mu = config.client.prox_mu if config.algorithm.name == "fedprox" else 0.0
+    self.example_dp = example_dp = self._example_dp()
+    if example_dp is not None:
+      self._check_noise_coverage(example_dp)
     self.client_update = make_client_update(self.model, self.client_tx, ClientConfig(
         local_steps=config.client.local_steps, batch_size=config.client.batch_size,
         shuffle=config.client.shuffle, prox_mu=prox_mu,
-        public_batch_size=config.optim.public_batch_size), dp=self._example_dp())
+        public_batch_size=config.optim.public_batch_size), dp=example_dp)
     self.fedbn = config.algorithm.batch_stats == "local"
     self.algorithm = algorithms.make_algorithm(algorithms.AlgorithmContext(
         config=config, model=self.model, client_update=self.client_update,
@@ -267,7 +317,33 @@ class Experiment:
         return_losses=True)
     return ExampleDP(clip_norm=dp.clip_norm, noise_multiplier=share,
                      max_batch=self.privacy.slots,
-                     clipped_grad_sum=clipped)
+                     clipped_grad_sum=clipped,
+                     fixed_divisor=(float(cfg.client.batch_size) if dp.noise == "coordinated"
+                                    else None))
+
+  def _check_noise_coverage(self, example_dp: ExampleDP) -> None:
+    """Refuses a plan in which some site's examples see less noise than the accountant's sigma
+    (a guard: the divisors chosen in _example_dp make every ratio >= 1)."""
+    ratios = noise_coverage(np.asarray(self.data.count), self.config.client.batch_size,
+                            example_dp, self.config.cohort_size, self.privacy.noise_multiplier)
+    worst = int(np.argmin(ratios))
+    if ratios[worst] < 1 - 1e-9:
+      raise ConfigError("dp.noise", f"site {worst}'s examples would see noise "
+                        f"{ratios[worst]:.3f} x sigma, less than the accountant composes; "
+                        "use dp.noise=parallel")
+
+  def set_secret(self, secret: list[int] | None) -> None:
+    """The per-purpose keys: from config.seed, except that with a secret (dp.randomness=secret)
+    every draw of the DP mechanism (cohorts, minibatches, noise) comes from the secret; the
+    model's initialisation stays seeded (it depends on no private data)."""
+    self.secret = secret
+    root = jax.random.key(self.config.seed)
+    self.keys = {name: jax.random.fold_in(root, i) for name, i in
+                 (("init", _INIT), ("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE))}
+    if secret is not None:
+      secret_root = jax.random.wrap_key_data(np.asarray(secret, np.uint32))
+      for name, i in (("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE)):
+        self.keys[name] = jax.random.fold_in(secret_root, i)
 
   def _site_dp(self):
     if self.privacy is None or self.config.dp.level != "site":
@@ -332,9 +408,12 @@ class Experiment:
                   sampling_prob=self.privacy.sampling_prob,
                   steps_per_round=self.privacy.steps_per_round)
     adaptive = self.privacy is not None and cfg.dp.adaptive_clip
+    site_dp = self.privacy is not None and cfg.dp.level == "site"
     if adaptive:  # the split of noise_multiplier; C_t itself is in the checkpointed state
       meta.update(update_noise_multiplier=self.privacy.update_noise_multiplier,
                   count_noise_multiplier=self.privacy.count_noise_multiplier)
+    if self.secret is not None:  # the checkpoint is the one place the secret is written
+      meta["dp_secret"] = self.secret
     if ckpt.latest_round() is not None:
       start = ckpt.latest_round()
       planned = dict(meta)
@@ -344,6 +423,12 @@ class Experiment:
         if key in planned and not math.isclose(meta.get(key, -1), planned[key], rel_tol=1e-9):
           raise ConfigError("dp", f"the checkpoint in {workdir} was trained with {key}="
                             f"{meta.get(key)}, this config gives {planned[key]}; use a new workdir")
+      if (self.secret is None) != (meta.get("dp_secret") is None):
+        raise ConfigError("dp.randomness", f"the checkpoint in {workdir} was trained with "
+                          f"{'seeded' if self.secret is not None else 'secret'} DP randomness; "
+                          "use the same dp.randomness or a new workdir")
+      if self.secret is not None:
+        self.set_secret(meta["dp_secret"])
       state = place_state(state, self.mesh)
       log.info("resumed from %s at round %d", workdir, start)
     # A multi-process run trains as one program; process 0 alone writes what it reports.
@@ -352,6 +437,9 @@ class Experiment:
                            tensorboard=cfg.log.tensorboard, primary=primary)
     if self.privacy is not None:
       log.info(self.privacy.description)
+      log.info(guarantees.describe(guarantees.all_guarantees(self.privacy.mechanism(
+          cfg, cfg.rounds * self.privacy.steps_per_round))) + f"\n  (after the planned "
+          f"{cfg.rounds} rounds; summary.json lists them after the rounds completed)")
     if self.public is not None:
       log.info("curvature objective: %d public examples of optim.public_data=%s, %d per "
                "estimate (public by assumption: no epsilon covers them)", len(self.public),
@@ -372,13 +460,16 @@ class Experiment:
         losses = np.atleast_1d(np.asarray(metrics.train_loss))
         messages = np.atleast_1d(np.asarray(metrics.messages))
         overflow = np.atleast_1d(np.asarray(metrics.dp_overflow))
+        nonfinite = (np.atleast_1d(np.asarray(metrics.nonfinite_updates)) if site_dp else None)
         clip_norms = np.atleast_1d(np.asarray(metrics.clip_norm)) if adaptive else None
         for i, loss in enumerate(losses):
           completed += 1
           evaluate = completed % cfg.eval.every == 0 or completed == cfg.rounds
           result = self.evaluate(state) if evaluate and i == len(losses) - 1 else None
           seconds = (time.perf_counter() - t0) / len(losses)
-          round_bytes = int(messages[i]) * self.message_bytes
+          # Under site DP the realised cohort size is private (who took part): log the
+          # expected 2 x cohort_size messages instead.
+          round_bytes = (2 * cfg.cohort_size if site_dp else int(messages[i])) * self.message_bytes
           meta["bytes_total"] += round_bytes
           meta["seconds_total"] += seconds
           logger.write({
@@ -390,6 +481,7 @@ class Experiment:
               "epsilon": self.epsilon(completed), "seconds": seconds,
               "bytes_communicated": round_bytes, "bytes_total": meta["bytes_total"],
               **({"dp_overflow": int(overflow[i])} if self.privacy else {}),
+              **({"nonfinite_updates": int(nonfinite[i])} if site_dp else {}),
               # The norm this round's site updates were clipped to (C_t, before its update).
               **({"clip_norm": float(clip_norms[i])} if adaptive else {})})
         if _any_process_signalled(stop["signal"] is not None) and stop["signal"] is None:
@@ -424,7 +516,10 @@ class Experiment:
           # epsilon is dp-accounting's at accountant_delta; the rest of delta covers the
           # truncation of Poisson samples to `slots` (privacy/sampling.py).
           "accountant_delta": self.privacy.accountant.delta, "slots": self.privacy.slots,
-          "overflow_bound": self.privacy.overflow_bound}
+          "overflow_bound": self.privacy.overflow_bound,
+          "randomness": self.privacy.randomness,
+          "guarantees": guarantees.all_guarantees(self.privacy.mechanism(
+              cfg, completed * self.privacy.steps_per_round))}
       if adaptive:  # how noise_multiplier was split, and the clip norm the next round would use
         summary["privacy"].update(
             update_noise_multiplier=self.privacy.update_noise_multiplier,

@@ -38,6 +38,8 @@ _SITE_COUNT_NOISE = 0xFFFFFFFE
 # fold_in tag (into the round's client key, beside the site ids) of the public minibatch a
 # curvature server optimizer takes its obj_fn on.
 _SERVER_PUBLIC = 0xFFFFFFFD
+# The server's own noise (update and count) for a round in which no site was sampled.
+_SERVER_NOISE = 0xFFFFFFFC
 
 
 class ServerState(NamedTuple):
@@ -54,6 +56,7 @@ class RoundMetrics(NamedTuple):
   messages: jax.Array    # model-sized messages sent: K down + K up
   dp_overflow: jax.Array  # Poisson-sampled examples/sites that did not fit (0 without DP)
   clip_norm: Any          # site DP: the clip norm this round's updates were clipped to; else {}
+  nonfinite_updates: jax.Array  # site DP: cohort sites whose update had a NaN/inf (sent as 0)
 
 
 class AdaptiveClip(NamedTuple):
@@ -75,7 +78,9 @@ class SiteDP(NamedTuple):
 
   noise "parallel": every site adds N(0, (sigma C)^2); "coordinated" (Dopamine): every site
   adds N(0, (sigma C)^2 / n) for the n sites of the round, so the secure sum carries exactly
-  (sigma C)^2. The accountant uses sigma either way (parallel only adds more noise).
+  (sigma C)^2. The accountant uses sigma either way (parallel only adds more noise). A round
+  whose Poisson cohort is empty still releases N(0, (sigma C)^2): the server adds it (and
+  the count's noise), because the accountant composes that release every round.
 
   With `adaptive` set, C is C_t from the server state (clip_norm is only C_0) and
   noise_multiplier is the update's share z_Δ of the accountant's sigma (adaptive_clipping.py).
@@ -106,10 +111,15 @@ def init_server_state(params, model_state, server_tx, num_sites: int, fedbn: boo
 
 
 def clip_by_global_norm(tree, clip_norm):
-  """Scales the whole pytree to L2 norm <= clip_norm; returns (clipped, norm)."""
+  """Scales the whole pytree to L2 norm <= clip_norm; returns (clipped, norm).
+
+  NaN-safe: a tree whose norm is not finite becomes all zeros (a `where`, since NaN * 0 is
+  NaN), which is within the sensitivity bound like any clipped update.
+  """
   norm = optax.global_norm(tree)
-  factor = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12))
-  return jax.tree.map(lambda a: a * factor, tree), norm
+  finite = jnp.isfinite(norm)
+  factor = jnp.where(finite, jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12)), 0.0)
+  return jax.tree.map(lambda a: jnp.where(finite, a * factor, 0.0).astype(a.dtype), tree), norm
 
 
 def server_step(server_tx: optax.GradientTransformationExtraArgs, mean_delta, opt_state,
@@ -164,6 +174,10 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
       weights = cohort_count.astype(jnp.float32) / cohort_count.sum()
     else:
       weights = jnp.full(cohort.shape, 1.0 / cohort.shape[0])
+    if site_dp is not None:
+      # A padded slot of the Poisson cohort trains on no examples (count 0, see client.py),
+      # not on the data of site 0 its id points to: its update is dropped anyway.
+      cohort_count = jnp.where(in_cohort > 0, cohort_count, 0)
     site_idx, site_count = sharding.constrain_sites((data.idx[cohort], cohort_count), split)
     round_rng = jax.random.fold_in(client_rng, t)
     site_rngs = jax.vmap(lambda s: jax.random.fold_in(round_rng, s))(cohort)
@@ -195,7 +209,11 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
       else:  # clip, add this site's noise share, / the EXPECTED cohort size
         clipped, per_site["norm"] = clip_by_global_norm(out.delta, clip_norm)
         noised = jax.tree.map(jnp.add, clipped, _site_noise(noise_rng, site, clipped, share))
-        to_sum["delta"] = scale(noised, in_k / cohort_size)
+        # `where`, not a product: a padded slot's update must vanish even if it were NaN.
+        to_sum["delta"] = jax.tree.map(lambda a: jnp.where(in_k > 0, a / cohort_size, 0.0),
+                                       noised)
+        to_sum["nonfinite"] = jnp.where(in_k > 0, ~jnp.isfinite(per_site["norm"]), False
+                                        ).astype(jnp.int32)
       return to_sum, per_site
 
     sums, per_site = sharding.map_sum_sites(
@@ -204,11 +222,21 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
             cohort, data)
     mean_delta = sums["delta"]
     if site_dp is not None:
+      # An empty cohort sends nothing; the server then adds the noise the accountant counts.
+      empty = num_in == 0
+      server_rng = jax.random.fold_in(jax.random.fold_in(client_rng, _SERVER_NOISE), t)
+      server_noise = _site_noise(server_rng, 0, mean_delta,
+                                 site_dp.noise_multiplier * clip_norm)
+      mean_delta = jax.tree.map(lambda d, z: d + jnp.where(empty, z / cohort_size, 0.0),
+                                mean_delta, server_noise)
       if site_dp.adaptive is not None:
         count_rng = jax.random.fold_in(jax.random.fold_in(client_rng, _SITE_COUNT_NOISE), t)
+        server_count_noise = site_dp.adaptive.count_stddev * jax.random.normal(
+            jax.random.fold_in(server_rng, 1))
         next_clip_norm = adaptive_clipping.next_clip_norm(
             clip_norm, per_site["norm"], in_cohort,
-            count_noise(count_rng, cohort, in_cohort, num_in, site_dp),
+            count_noise(count_rng, cohort, in_cohort, num_in, site_dp)
+            + jnp.where(empty, server_count_noise, 0.0),
             cohort_size, site_dp.adaptive.target_quantile, site_dp.adaptive.clip_lr)
       clip_norm = jnp.asarray(clip_norm, jnp.float32)
     params, opt_state = server_step(server_tx, mean_delta, state.opt_state, state.params,
@@ -228,7 +256,8 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
     metrics = RoundMetrics(train_loss=sums["loss"],
                            messages=(2 * num_in).astype(jnp.int32),
                            dp_overflow=cohort_overflow + sums["overflow"],
-                           clip_norm=clip_norm)
+                           clip_norm=clip_norm,
+                           nonfinite_updates=sums.get("nonfinite", jnp.int32(0)))
     return new_state, metrics
 
   return round_fn

@@ -1,0 +1,276 @@
+"""The reported epsilons are those of what the run releases, against each named adversary.
+
+References: dp-accounting called directly, NumPy, and empirical noise standard deviations.
+"""
+
+import glob
+import json
+import os
+import shutil
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from dp_accounting import rdp
+
+from fedjax_lab.algorithms import fedavg
+from fedjax_lab.client import ClientConfig, example_dp_divisor, make_client_update
+from fedjax_lab.config import validate
+from fedjax_lab.data.federated import from_partition
+from fedjax_lab.errors import ConfigError
+from fedjax_lab.experiment import Experiment, noise_coverage
+from fedjax_lab.privacy.sampling import max_sample_size, poisson_sample
+from test_dp_round import _moved, _round_with
+from test_experiment import tiny_config
+
+
+def _empty_cohort_keys(site_dp, cohort, sites, wanted):
+  """Keys whose round-0 Poisson cohort is empty (the round samples with fold_in(key, 0))."""
+  keys = []
+  for i in range(2000):
+    key = jax.random.key(i)
+    _, mask, _ = poisson_sample(jax.random.fold_in(key, 0), sites, cohort / sites, sites,
+                                site_dp.max_cohort)
+    if float(mask.sum()) == 0:
+      keys.append(key)
+      if len(keys) == wanted:
+        return keys
+  raise AssertionError("no empty cohorts drawn")
+
+
+@pytest.mark.parametrize("coordinated", [False, True])
+def test_an_empty_cohort_still_releases_the_accounted_noise(coordinated):
+  """With no site sampled, nothing is sent; the server adds N(0, (sigma C)^2) to the zero
+  sum (divided by the expected cohort size like any sum), as the accountant assumes."""
+  sigma, clip, cohort, sites = 1e4, 1e-4, 1, 8
+  site_dp = fedavg.SiteDP(clip_norm=clip, noise_multiplier=sigma, coordinated=coordinated,
+                          max_cohort=max_sample_size(cohort, sites))
+  _, _, params, state, round_fn, data = _round_with(site_dp, cohort, sites, hidden=2000)
+  key, = _empty_cohort_keys(site_dp, cohort, sites, 1)
+  new, metrics = round_fn(state, data, key, key)
+  assert int(metrics.messages) == 0
+  moved = _moved(new.params, params)  # ~20k coordinates: std within ~1%
+  assert abs(moved.std() / (sigma * clip / cohort) - 1) < 0.03
+  assert abs(moved.mean()) < 0.05 * moved.std()
+
+
+def test_an_empty_cohort_still_noises_the_adaptive_clipping_count():
+  """b~ = (sum of centred bits + noise) / m + 1/2: with no site, the count is the server's
+  N(0, sigma_b^2) alone, read back from C_{t+1} = C_t exp(-clip_lr (b~ - gamma))."""
+  count_std, cohort, sites, lr, gamma = 0.05, 1, 8, 0.2, 0.5
+  site_dp = fedavg.SiteDP(clip_norm=1.0, noise_multiplier=1.0, coordinated=False,
+                          max_cohort=max_sample_size(cohort, sites),
+                          adaptive=fedavg.AdaptiveClip(gamma, lr, count_std))
+  _, _, _, state, round_fn, data = _round_with(site_dp, cohort, sites)
+  noises = []
+  for key in _empty_cohort_keys(site_dp, cohort, sites, 120):
+    new, _ = round_fn(state, data, key, key)
+    frac = gamma - np.log(float(new.clip_norm) / 1.0) / lr
+    noises.append((frac - 0.5) * cohort)
+  noises = np.array(noises)  # without the server's noise every entry would be 0
+  assert abs(noises.std() / count_std - 1) < 0.2  # 120 draws: std error ~6.5%
+  assert abs(noises.mean()) < 4 * count_std / np.sqrt(len(noises))
+
+
+def _dopamine(**overrides):
+  return tiny_config(**{"dp.level": "example", "dp.noise": "coordinated",
+                        "dp.noise_multiplier": 1.0, "client.local_steps": 1,
+                        "client.batch_size": 15, "server.weighting": "uniform",
+                        "data.num_sites": 10, "cohort_size": 10, **overrides})
+
+
+def test_coordinated_noise_covers_every_site_even_one_smaller_than_its_batch():
+  """One site of 10 examples among nine of 150, batch 15 (the site samples at rate 1): each
+  site's ratio (noise in the uniform average of the K updates / (sigma x one example's
+  sensitivity in it)) from the implementation's own divisors and shares is >= 1; with each
+  site dividing by its expected batch (rate x size, the parallel rule) it would be 0.707."""
+  exp = Experiment(_dopamine())
+  counts = np.array([10] + [150] * 9)
+  ratios = noise_coverage(counts, 15, exp.example_dp, 10, exp.privacy.noise_multiplier)
+  np.testing.assert_allclose(ratios, 1.0, rtol=1e-9)  # every divisor is 15: exactly sigma
+  # NumPy reference of the same ratio, written out for the expected-batch divisors.
+  d = np.minimum(1.0, 15 / counts) * counts
+  share = exp.privacy.noise_multiplier / np.sqrt(10)
+  want = share * np.sqrt((d ** -2.0).sum()) / (exp.privacy.noise_multiplier / d)
+  old = noise_coverage(counts, 15, exp.example_dp._replace(fixed_divisor=None), 10,
+                       exp.privacy.noise_multiplier)
+  np.testing.assert_allclose(old, want, rtol=1e-12)
+  assert old[0] == pytest.approx(0.7071, abs=1e-4)
+
+
+def test_coordinated_sites_divide_by_the_batch_size_whatever_their_size():
+  """Measured: the noise in each site's update (sigma huge, clip tiny, so noise is all that
+  moves it) has std share x C / 15 for the site of 10 examples and for one of 150."""
+  exp = Experiment(_dopamine())
+  dp = exp.example_dp._replace(noise_multiplier=1e4, clip_norm=1e-4)
+  update = jax.jit(make_client_update(exp.model, optax.with_extra_args_support(optax.sgd(1.0)),
+                                      ClientConfig(1, 15, True, 0.0), dp=dp))
+  x, y = exp.train.x[:160], exp.train.y[:160]
+  data = from_partition(x, y, [np.arange(10), np.arange(10, 160)], exp.train.num_classes)
+  params, ms = exp.model.init(jax.random.key(0), x[:2])
+  for site, count in ((0, 10), (1, 150)):
+    out = update(params, ms, data.idx[site], data.count[site], jax.random.key(site), data)
+    std = np.concatenate([np.ravel(a) for a in jax.tree.leaves(out.delta)]).std()
+    divisor = float(example_dp_divisor(dp, 15, count))
+    assert divisor == 15.0
+    assert abs(std / (1e4 * 1e-4 / divisor) - 1) < 0.03
+
+
+def test_centralized_baseline_under_dp_is_refused():
+  c = tiny_config(**{"dp.level": "site", "dp.noise_multiplier": 1.0,
+                     "eval.centralized_baseline": True})
+  with pytest.raises(ConfigError) as e:
+    validate(c)
+  assert e.value.key == "eval.centralized_baseline"
+
+
+def _eps(event, delta):
+  return rdp.RdpAccountant().compose(event).get_epsilon(delta)
+
+
+def _gauss(sigma, steps, q=None):
+  g = dp_accounting.GaussianDpEvent(sigma)
+  return dp_accounting.SelfComposedDpEvent(
+      g if q is None else dp_accounting.PoissonSampledDpEvent(q, g), steps)
+
+
+def _guarantees(tmp_path, c):
+  exp = Experiment(c)
+  summary = exp.run(str(tmp_path))
+  return exp, summary["privacy"], {g["adversary"].split(":")[0].split(",")[0]: g
+                                   for g in summary["privacy"]["guarantees"]}
+
+
+def test_site_level_coordinated_guarantees_match_dp_accounting(tmp_path):
+  c = tiny_config(**{"dp.level": "site", "dp.noise": "coordinated",
+                     "dp.noise_multiplier": 1.5, "rounds": 4, "cohort_size": 5})
+  exp, privacy, by = _guarantees(tmp_path, c)
+  sigma, q, steps, acc = 1.5, 5 / 20, 4, privacy["accountant_delta"]
+  head = privacy["guarantees"][0]
+  assert head["epsilon"] == pytest.approx(_eps(_gauss(sigma, steps, q), acc), rel=1e-9)
+  assert head["delta"] == pytest.approx(c.dp.delta, rel=1e-6)
+  server = by["the server as implemented"]  # sees the updates, picks the cohort
+  assert server["epsilon"] == pytest.approx(
+      _eps(_gauss(sigma / np.sqrt(privacy["slots"]), steps), acc), rel=1e-9)
+  secagg = by["the server"]
+  assert secagg["epsilon"] == pytest.approx(_eps(_gauss(sigma, steps), acc), rel=1e-9)
+  one = by["one site of the cohort"]
+  assert one["epsilon"] == pytest.approx(_eps(_gauss(sigma / np.sqrt(2), steps), acc), rel=1e-9)
+  four = by["4 colluding sites of the cohort"]
+  assert four["epsilon"] == pytest.approx(_eps(_gauss(sigma / np.sqrt(5), steps), acc),
+                                          rel=1e-9)
+  assert head["epsilon"] < secagg["epsilon"] < one["epsilon"] < server["epsilon"]
+  reader = privacy["guarantees"][-1]  # bundled digits: seeded noise, protected from no one
+  assert privacy["randomness"] == "seeded" and reader["epsilon"] is None
+  assert "config.seed" in reader["adversary"]
+
+
+def test_example_level_coordinated_guarantees_match_dp_accounting(tmp_path):
+  c = _dopamine(rounds=3)
+  exp, privacy, by = _guarantees(tmp_path, c)
+  sigma, q, steps = privacy["noise_multiplier"], privacy["sampling_prob"], 3
+  acc, eta = privacy["accountant_delta"], privacy["overflow_bound"]
+  claimed = []
+  for name, left in (("the server as implemented", sigma / np.sqrt(10)),
+                     ("one site of the cohort", sigma * np.sqrt(1 - 1 / 10)),
+                     ("9 colluding sites of the cohort", sigma * np.sqrt(1 - 9 / 10))):
+    got = by[name]["epsilon"]
+    assert by[name]["delta"] == c.dp.delta
+    # Amplified by the truncated Poisson batches only if the truncation's cost at this
+    # epsilon, (1 + e^eps) eta, fits in delta beside dp-accounting's own delta.
+    left_delta = c.dp.delta - (1 + np.exp(min(got, 700))) * eta
+    if "no amplification" in by[name]["assumes"]:
+      assert got == pytest.approx(_eps(_gauss(left, steps), acc), rel=1e-9), name
+      claimed.append(False)
+    else:
+      assert left_delta > 0
+      assert got >= _eps(_gauss(left, steps, q), left_delta)  # sound
+      assert got == pytest.approx(_eps(_gauss(left, steps, q), left_delta), rel=1e-4)  # tight
+      claimed.append(True)
+  assert claimed == [False, True, False]  # sigma 1 over 3 steps: the one-site entry fits
+  assert privacy["guarantees"][0]["epsilon"] == pytest.approx(
+      _eps(_gauss(sigma, steps, q), acc), rel=1e-9)
+
+
+def test_parallel_guarantees_name_the_server_and_colluders(tmp_path):
+  c = tiny_config(**{"dp.level": "site", "dp.noise_multiplier": 1.5, "rounds": 3,
+                     "cohort_size": 5})
+  _, privacy, by = _guarantees(tmp_path, c)
+  acc = privacy["accountant_delta"]
+  assert by["the server"]["epsilon"] == pytest.approx(_eps(_gauss(1.5, 3), acc), rel=1e-9)
+  assert by["any number of colluding sites (each knows its own noise"]["epsilon"] == (
+      privacy["guarantees"][0]["epsilon"])
+
+
+def _secret_config(**overrides):
+  return tiny_config(**{"dp.level": "site", "dp.noise_multiplier": 1.0, "rounds": 4,
+                        "cohort_size": 10, "dp.randomness": "secret", **overrides})
+
+
+def test_secret_randomness_differs_per_run_and_is_written_only_in_checkpoints(tmp_path):
+  a, b = tmp_path / "a", tmp_path / "b"
+  sa = Experiment(_secret_config()).run(str(a))
+  sb = Experiment(_secret_config()).run(str(b))
+  assert sa["params_sha256"] != sb["params_sha256"]  # same seed, fresh secrets
+  assert sa["privacy"]["randomness"] == "secret"
+  assert all("config.seed" not in g["assumes"] for g in sa["privacy"]["guarantees"])
+  seeded = [Experiment(_secret_config(**{"dp.randomness": "seeded"})).run(str(tmp_path / d))
+            for d in ("c", "d")]
+  assert seeded[0]["params_sha256"] == seeded[1]["params_sha256"]
+  # The secret's words appear in the checkpoint's metadata and in no other file of the run.
+  meta = json.loads(open(glob.glob(str(a / "checkpoints" / "*" / "meta" / "metadata"))[0]).read())
+  words = [str(w) for w in meta["dp_secret"]]
+  for path in glob.glob(str(a / "**" / "*"), recursive=True):
+    if os.path.isfile(path) and "checkpoints" not in path:
+      text = open(path, "rb").read().decode("latin-1")
+      assert not all(w in text for w in words), path
+
+
+def test_secret_randomness_resumes_exactly(tmp_path):
+  """The secret is restored from the checkpoint: a run cut back to round 2 and resumed ends
+  with the parameters of the uninterrupted run (whose secret no seed could reproduce)."""
+  full = Experiment(_secret_config()).run(str(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints" / "4")
+  os.remove(tmp_path / "summary.json")
+  resumed = Experiment(_secret_config()).run(str(tmp_path))
+  assert resumed["params_sha256"] == full["params_sha256"]
+
+
+def test_randomness_auto_is_secret_for_user_files(tmp_path):
+  rng = np.random.RandomState(0)
+  np.savez(tmp_path / "d.npz", x=rng.randn(200, 5).astype(np.float32), y=rng.randint(0, 2, 200))
+  c = tiny_config(**{"dp.level": "site", "dp.noise_multiplier": 1.0, "data.name": "file",
+                     "data.path": str(tmp_path / "d.npz")})
+  assert Experiment(c).privacy.randomness == "secret"
+  assert Experiment(tiny_config(**{"dp.level": "site", "dp.noise_multiplier": 1.0})
+                    ).privacy.randomness == "seeded"
+
+
+def test_site_level_bytes_are_the_expected_cohorts(tmp_path):
+  """The realised Poisson cohort size would tell who took part; the log carries 2 x
+  cohort_size model messages every round, whatever was drawn."""
+  c = tiny_config(**{"dp.level": "site", "dp.noise_multiplier": 1.0, "rounds": 6})
+  exp = Experiment(c)
+  exp.run(str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert {r["bytes_communicated"] for r in rows} == {2 * 5 * exp.message_bytes}
+
+
+def test_site_level_clipping_is_nan_safe_and_padding_trains_no_site():
+  """Site 0's examples are NaN: when it takes part its update is sent as 0 and counted; a
+  padded slot of the Poisson cohort (its id points at site 0) trains on nothing."""
+  c = tiny_config(**{"dp.level": "site", "dp.noise_multiplier": 1.0, "cohort_size": 20})
+  exp = Experiment(c)
+  rows = np.asarray(exp.data.idx[0, :int(exp.data.count[0])])
+  data = exp.data.replace(x=exp.data.x.at[rows].set(jnp.nan))
+  state, metrics = exp.step(exp.init_state(), data, exp.keys["sampling"], exp.keys["client"])
+  assert int(metrics.messages) == 40 and int(metrics.nonfinite_updates) == 1  # q = 1
+  assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(state.params))
+  # The client update of an empty slot (count 0) over site 0's NaN row is finite.
+  params, ms = exp.model.init(jax.random.key(0), exp.train.x[:2])
+  out = jax.jit(exp.client_update)(params, ms, data.idx[0], jnp.int32(0), jax.random.key(1),
+                                   data)
+  assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(out.delta))
