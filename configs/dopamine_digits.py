@@ -10,9 +10,11 @@ q, sigma and steps, hence the same epsilon:
   central:     one site holds all 1500 examples (batch ~150): DP-SGD.
   parallel:    every site adds the full N(0, sigma^2 C^2): the average carries sqrt(10)x
                the noise that central DP-SGD needs.
-  coordinated: every site adds N(0, sigma^2 C^2 / 10), so the (securely) summed noise is
-               exactly central DP-SGD's; the epsilon holds against a server that only sees
-               the sum (secure aggregation is simulated here).
+  coordinated: every site adds N(0, sigma^2 C^2 / 10), so the summed noise is exactly
+               central DP-SGD's. The headline epsilon is that of anyone who sees the released
+               models; the server, which (without secure aggregation: assumed, not
+               implemented) sees each weakly noised update, gets a larger one, listed with
+               the others in summary.json["privacy"]["guarantees"] (docs/privacy.md).
 Measured on a 2-core CPU (~40 s each; mean of 3 seeds): central 0.921, coordinated 0.901,
 parallel 0.617 (benchmarks/dopamine_comparison.py sweeps epsilon and draws the plot).
 """
