@@ -25,7 +25,7 @@ from fedjax_lab import algorithms, evaluation, optim, sharding
 from fedjax_lab.checkpoint import Checkpointer
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.client import ClientConfig, ExampleDP, make_client_update, make_public_objective
-from fedjax_lab.data import federated, partition, public, sources
+from fedjax_lab.data import federated, partition, public, sources, standardize
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.logging import MetricsLogger
 from fedjax_lab.models import make_model
@@ -189,11 +189,16 @@ class Experiment:
     train, test = sources.load_dataset(config.data)
     # holdout:F takes the public calibration set out of `train` before it is partitioned.
     train, self.public = public.load(config.optim.public_data, config.data, train)
+    sites_note = partition.resolve_num_sites(train, config)  # by_column: the column's count
     if config.data.num_sites > len(train.y):
       raise ConfigError("data.num_sites", f"{config.data.num_sites} sites > {len(train.y)} "
                         "training examples; use fewer sites")
-    self.train, self.test = train, test
     self.sites = partition.partition(train, config.data, config.seed)
+    # data.standardize: fitted on training data only (or per site, or public); one log line.
+    train, test, self.public, note = standardize.apply(config, train, test, self.sites,
+                                                       self.public)
+    self.data_notes = [n for n in (sites_note, note) if n]  # run() logs them at start
+    self.train, self.test = train, test
     self.data = federated.from_partition(
         train.x, train.y, self.sites, train.num_classes,
         *((self.public.x, self.public.y) if self.public is not None else ()))
@@ -350,6 +355,8 @@ class Experiment:
     primary = jax.process_index() == 0
     logger = MetricsLogger(workdir, cfg.rounds, start, progress=cfg.log.progress,
                            tensorboard=cfg.log.tensorboard, primary=primary)
+    for note in self.data_notes:
+      log.info(note)
     if self.privacy is not None:
       log.info(self.privacy.description)
     if self.public is not None:

@@ -116,6 +116,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.column = ""                 # by_column: a key of Dataset.columns
   c.quantity_sigma = 1.0        # quantity_skew: lognormal sigma of site sizes
   c.min_examples = 1            # every site gets at least this many examples
+  # auto | none | global | per_site | public (data/standardize.py): auto = none for bundled
+  # and tfds sources; for files global without DP, per_site / public / none under DP.
+  c.standardize = "auto"
   c.synthetic = ml_collections.ConfigDict(dict(
       num_cells=20000, num_genes=2000, num_cell_types=10, num_batches=10,
       batch_effect=0.5, signal=1.0, dispersion=0.2, seed=0, dtype="float32"))
@@ -139,10 +142,31 @@ def load_dataset(data_config) -> tuple[Dataset, Dataset]:
     raise ConfigError("data.test_fraction",
                       f"must be in (0, 1), got {data_config.test_fraction}")
   if name.startswith("tfds:") and len(name) > len("tfds:"):
-    return _load_tfds(data_config, name[len("tfds:"):])
-  if name not in _SOURCES:
+    train, test = _load_tfds(data_config, name[len("tfds:"):])
+  elif name not in _SOURCES:
     raise ConfigError("data.name", f"unknown data set '{name}'; allowed: {', '.join(NAMES)}")
-  return _SOURCES[name](data_config)
+  else:
+    train, test = _SOURCES[name](data_config)
+  _check_two_classes(train, test, data_config)
+  return train, test
+
+
+def _check_two_classes(train: Dataset, test: Dataset, data_config) -> None:
+  """A label with one class is nothing to learn: ConfigError naming the label's key."""
+  classes = np.unique(np.concatenate([train.y, test.y]))
+  if len(classes) >= 2:
+    return
+  if data_config.name.startswith("tfds:"):
+    key = "data.label_key"
+  elif data_config.name == "file" and pathlib.Path(data_config.path).suffix.lower() == ".npz":
+    key = "data.path"
+  else:
+    key = "data.label_column"
+  only = (train.class_names[classes[0]] if len(classes) and len(train.class_names) > classes[0]
+          else (classes[0] if len(classes) else "none"))
+  raise ConfigError(key, f"the label of {data_config.name} has one class ({only}) in all "
+                    f"{len(train) + len(test)} examples; a classifier needs at least 2: "
+                    "check the label column")
 
 
 def stratified_split(y: np.ndarray, test_fraction: float,
