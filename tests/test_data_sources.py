@@ -257,6 +257,34 @@ def test_tfds_errors(tfds_dir):
                                  path=str(tfds_dir / "empty")))
 
 
+def test_tfds_download_without_internet_fails_fast_with_one_line(tfds_dir, monkeypatch):
+  import socket
+  import time
+
+  def unreachable(address, timeout=None, **kwargs):
+    raise OSError(101, "Network is unreachable")
+
+  monkeypatch.setattr(socket, "create_connection", unreachable)
+  start = time.perf_counter()
+  with pytest.raises(ConfigError) as info:
+    sources.load_dataset(_config(name="tfds:fedjax_lab_tiny_images", download=True,
+                                 path=str(tfds_dir / "empty_download")))
+  assert time.perf_counter() - start < 10
+  assert info.value.key == "data.download" and "\n" not in str(info.value)
+  assert "no internet" in str(info.value) and "data.path" in str(info.value)
+
+
+def test_tfds_download_probe_times_out_on_an_unreachable_host(monkeypatch):
+  import time
+  # 192.0.2.1 is TEST-NET-1 (RFC 5737): never routed, so the connection cannot succeed.
+  monkeypatch.setattr(sources, "_DOWNLOAD_PROBE", ("192.0.2.1", 443))
+  monkeypatch.setattr(sources, "_DOWNLOAD_PROBE_TIMEOUT_S", 1.0)
+  start = time.perf_counter()
+  with pytest.raises(ConfigError, match="data.download: True but there is no internet"):
+    sources._check_internet("mnist")
+  assert time.perf_counter() - start < 5
+
+
 # ----------------------------------------------------------------------------- files
 
 
