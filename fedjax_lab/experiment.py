@@ -4,7 +4,7 @@
     summary = exp.run(workdir)        # metrics.jsonl, summary.json, checkpoints, resume
 
 Every random choice comes from one root key, split by purpose and folded in with the round
-and site index (DESIGN.md), so a resumed run ends with the same parameters.
+and site index (docs/design.md), so a resumed run ends with the same parameters.
 """
 
 import hashlib
@@ -38,7 +38,7 @@ _INIT, _SAMPLING, _CLIENT, _NOISE = 0, 1, 2, 3
 
 
 def params_sha256(params) -> str:
-  """SHA-256 of the leaves in jax.tree order as little-endian float32 bytes (DESIGN.md)."""
+  """SHA-256 of the leaves in jax.tree order as little-endian float32 bytes (docs/design.md)."""
   h = hashlib.sha256()
   for leaf in jax.tree.leaves(params):
     h.update(np.asarray(leaf, dtype="<f4").tobytes())
