@@ -259,3 +259,25 @@ def test_experiment_by_column_csv_infers_sites_and_standardizes(tmp_path):
   c.cohort_size, c.data.num_sites = 6, 100
   with pytest.raises(ConfigError, match=r"cohort_size: 6 > data.num_sites=4.*'hospital' has 4"):
     Experiment(c)
+
+
+def test_experiment_site_dp_standardizes_each_site_with_its_own_statistics(tmp_path):
+  import pandas as pd
+  from fedjax_lab.config import default_config
+  from fedjax_lab.experiment import Experiment
+  rng = np.random.default_rng(1)
+  hospital = np.repeat([0, 1, 2], 30)
+  frame = pd.DataFrame({"a": rng.normal(5, 3, 90) + 10 * hospital, "b": rng.normal(0, 1, 90),
+                        "hospital": hospital, "label": rng.integers(0, 2, 90)})
+  frame.to_csv(tmp_path / "d.csv", index=False)
+  c = default_config()
+  c.data.update(dict(name="file", path=str(tmp_path / "d.csv"), partition="by_column",
+                     column="hospital"))
+  c.cohort_size, c.rounds = 2, 1
+  c.dp.level, c.dp.noise_multiplier = "site", 1.0
+  exp = Experiment(c)
+  assert exp.data_notes[1].startswith("data.standardize=per_site (auto: user file, dp.level=site")
+  for rows in exp.sites:
+    np.testing.assert_allclose(exp.train.x[rows].mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(exp.train.x[rows].std(0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(exp.test.x.mean(0), 0.0, atol=1e-5)  # its own statistics
