@@ -38,8 +38,10 @@ seconds per step, relative to Adam; each optimizer with its defaults (curvature
 refreshed every 10 steps for esgd, after its 20 warm-up refreshes, and for
 sophia; every step for adahessian) and with a refresh on every step.
 
-Outputs: tables on stdout (markdown), the PNG of reconstructions (--png) and,
-with --json, every PSNR curve.
+Outputs: tables on stdout (markdown); under --out (default runs/benchmarks/inr_study/,
+untracked) the PNG of reconstructions (inr_study.png, or --png) and every PSNR curve
+(psnr_curves.json, or --json). The committed benchmarks/inr_study.png that RESULTS.md shows
+is only rewritten when asked: --png benchmarks/inr_study.png.
 """
 
 import argparse
@@ -276,9 +278,17 @@ def parse_args():
   p.add_argument("--activations", default=",".join(ACTIVATIONS))
   p.add_argument("--optimizers", default=",".join(OPTIMIZER_NAMES))
   p.add_argument("--modes", default=",".join(MODES))
-  p.add_argument("--png", default="benchmarks/inr_study.png")
-  p.add_argument("--json", default=None, help="write all PSNR curves here")
+  p.add_argument("--out", default="runs/benchmarks/inr_study",
+                 help="folder for the PNG and the PSNR curves (created)")
+  p.add_argument("--png", default=None, help="the PNG's path (default OUT/inr_study.png)")
+  p.add_argument("--json", default=None,
+                 help="all PSNR curves' path (default OUT/psnr_curves.json)")
   args = p.parse_args()
+  out = pathlib.Path(args.out)
+  args.png = pathlib.Path(args.png or out / "inr_study.png")
+  args.json = pathlib.Path(args.json or out / "psnr_curves.json")
+  for path in (args.png, args.json):
+    path.parent.mkdir(parents=True, exist_ok=True)
   if args.quick:
     args.size, args.width, args.full_epochs, args.minibatch_epochs = 32, 32, 30, 5
     args.seeds, args.pe_frequencies = 0, 5
@@ -430,6 +440,7 @@ def main():
   print(f"\nwrote {args.png}; total {time.time() - t_start:.0f}s")
 
   if args.json:
+    print(f"wrote {args.json}")
     with open(args.json, "w") as f:
       json.dump({f"{a}/{m}/{n_}": dict(
           lr=b["lr"], curves=b["curves"].tolist(),

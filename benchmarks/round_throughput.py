@@ -3,7 +3,7 @@ r"""Seconds per federated round: fedjax_lab vs a naive per-site loop vs a bare v
   python benchmarks/round_throughput.py            # ~1-2 min on 2 CPU cores
   python benchmarks/round_throughput.py --quick    # smoke run
 
-The reference workload (shared with the peer figures in ../shared/STACK_NOTES.md): sklearn's
+The reference workload (the one the peer figures in RESULTS.md use): sklearn's
 digits, x/16, rows permuted with np.random.RandomState(0).permutation, first 1500 rows train;
 100 IID sites x 15 examples; MLP 64-128(ReLU)-10; one local epoch of SGD (batch 5, 3 steps,
 lr 0.1, batches in stored order); FedAvg; 50 rounds. S10 samples 10 sites a round, S100 all.

@@ -116,7 +116,7 @@ def _positive(key, value, integer=False):
 def validate(config) -> None:
   """Checks every key the core reads; data-dependent checks happen when data loads."""
   from fedjax_lab import algorithms, models, optim
-  from fedjax_lab.data import public
+  from fedjax_lab.data import public, standardize
   known = _flatten(default_config())
   for key in _flatten(config):
     if key not in known:
@@ -126,9 +126,6 @@ def validate(config) -> None:
   _positive("rounds", config.rounds, integer=True)
   _positive("cohort_size", config.cohort_size, integer=True)
   _positive("data.num_sites", config.data.num_sites, integer=True)
-  if config.cohort_size > config.data.num_sites:
-    raise ConfigError("cohort_size", f"{config.cohort_size} > data.num_sites="
-                      f"{config.data.num_sites}; use at most data.num_sites")
   if config.data.partition == "dirichlet":
     _positive("data.alpha", config.data.alpha)
   _one_of("model.name", config.model.name, models.MODEL_NAMES)
@@ -153,6 +150,8 @@ def validate(config) -> None:
   _one_of("algorithm.name", config.algorithm.name, algorithms.ALGORITHMS)
   _one_of("algorithm.batch_stats", config.algorithm.batch_stats, BATCH_STATS)
   _validate_algorithm(config)
+  if config.data.partition != "by_column":  # else once the column gives num_sites (partition.py)
+    check_sites(config)
   _positive("eval.every", config.eval.every, integer=True)
   _positive("checkpoint.every", config.checkpoint.every, integer=True)
   _positive("rounds_per_step", config.rounds_per_step, integer=True)
@@ -164,6 +163,7 @@ def validate(config) -> None:
     raise ConfigError("sites_per_chunk", f"must be >= 0 (0: all sites at once; unset: 64 on "
                       f"CPU, 0 on GPU/TPU), got {config.sites_per_chunk}")
   _validate_dp(config)
+  standardize.resolve(config)  # data.standardize against dp.level and optim.public_data
 
 
 def _validate_algorithm(config):
@@ -193,11 +193,24 @@ def _validate_algorithm(config):
   if config.model.norm == "batch":
     raise ConfigError("model.norm", f"algorithm '{name}' keeps no BatchNorm statistics; "
                       "allowed: none, group")
-  if name in algorithms.PER_SITE_MODELS and config.cohort_size != config.data.num_sites:
+
+
+def check_sites(config):
+  """The checks that need data.num_sites; with data.partition=by_column they run once the
+  column has set it (partition.resolve_num_sites)."""
+  from fedjax_lab import algorithms
+  from fedjax_lab.algorithms import topology
+  n, name = config.data.num_sites, config.algorithm.name
+  origin = (f" (data.partition=by_column: data.column '{config.data.column}' has {n} distinct "
+            "values)" if config.data.partition == "by_column" else "")
+  if config.cohort_size > n:
+    raise ConfigError("cohort_size", f"{config.cohort_size} > data.num_sites={n}{origin}; use "
+                      f"at most {n}")
+  if name in algorithms.PER_SITE_MODELS and config.cohort_size != n:
     raise ConfigError("cohort_size", f"algorithm '{name}' uses every site at every step; set "
-                      f"cohort_size = data.num_sites = {config.data.num_sites}")
-  if name in ("randcom", "dsgd") and a.topology == "torus":
-    topology.build("torus", config.data.num_sites)  # raises if num_sites is prime
+                      f"cohort_size = data.num_sites = {n}{origin}")
+  if name in ("randcom", "dsgd") and config.algorithm.topology == "torus":
+    topology.build("torus", n)  # raises if num_sites is prime
 
 
 def _validate_dp(config):

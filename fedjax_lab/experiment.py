@@ -4,7 +4,7 @@
     summary = exp.run(workdir)        # metrics.jsonl, summary.json, checkpoints, resume
 
 Every random choice comes from one root key, split by purpose and folded in with the round
-and site index (DESIGN.md), so a resumed run ends with the same parameters.
+and site index (docs/design.md), so a resumed run ends with the same parameters.
 """
 
 import hashlib
@@ -26,7 +26,7 @@ from fedjax_lab.checkpoint import Checkpointer
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.client import (ClientConfig, ExampleDP, example_dp_divisor, make_client_update,
                                make_public_objective)
-from fedjax_lab.data import federated, partition, public, sources
+from fedjax_lab.data import federated, partition, public, sources, standardize
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.logging import MetricsLogger
 from fedjax_lab.models import make_model
@@ -39,7 +39,7 @@ _INIT, _SAMPLING, _CLIENT, _NOISE = 0, 1, 2, 3
 
 
 def params_sha256(params) -> str:
-  """SHA-256 of the leaves in jax.tree order as little-endian float32 bytes (DESIGN.md)."""
+  """SHA-256 of the leaves in jax.tree order as little-endian float32 bytes (docs/design.md)."""
   h = hashlib.sha256()
   for leaf in jax.tree.leaves(params):
     h.update(np.asarray(leaf, dtype="<f4").tobytes())
@@ -236,11 +236,16 @@ class Experiment:
     train, test = sources.load_dataset(config.data)
     # holdout:F takes the public calibration set out of `train` before it is partitioned.
     train, self.public = public.load(config.optim.public_data, config.data, train)
+    sites_note = partition.resolve_num_sites(train, config)  # by_column: the column's count
     if config.data.num_sites > len(train.y):
       raise ConfigError("data.num_sites", f"{config.data.num_sites} sites > {len(train.y)} "
                         "training examples; use fewer sites")
-    self.train, self.test = train, test
     self.sites = partition.partition(train, config.data, config.seed)
+    # data.standardize: fitted on training data only (or per site, or public); one log line.
+    train, test, self.public, note = standardize.apply(config, train, test, self.sites,
+                                                       self.public)
+    self.data_notes = [n for n in (sites_note, note) if n]  # run() logs them at start
+    self.train, self.test = train, test
     self.data = federated.from_partition(
         train.x, train.y, self.sites, train.num_classes,
         *((self.public.x, self.public.y) if self.public is not None else ()))
@@ -435,6 +440,8 @@ class Experiment:
     primary = jax.process_index() == 0
     logger = MetricsLogger(workdir, cfg.rounds, start, progress=cfg.log.progress,
                            tensorboard=cfg.log.tensorboard, primary=primary)
+    for note in self.data_notes:
+      log.info(note)
     if self.privacy is not None:
       log.info(self.privacy.description)
       log.info(guarantees.describe(guarantees.all_guarantees(self.privacy.mechanism(

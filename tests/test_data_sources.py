@@ -33,7 +33,7 @@ def test_default_config_has_every_key():
   c = sources.default_data_config()
   expected = {"name", "path", "label_column", "feature_key", "label_key", "test_fraction",
               "split_seed", "num_sites", "partition", "alpha", "classes_per_site", "column",
-              "quantity_sigma", "min_examples", "synthetic", "download"}
+              "quantity_sigma", "min_examples", "synthetic", "download", "standardize"}
   assert set(c.keys()) == expected
   assert set(c.synthetic.keys()) == {"num_cells", "num_genes", "num_cell_types",
                                      "num_batches", "batch_effect", "signal", "dispersion",
@@ -257,6 +257,34 @@ def test_tfds_errors(tfds_dir):
                                  path=str(tfds_dir / "empty")))
 
 
+def test_tfds_download_without_internet_fails_fast_with_one_line(tfds_dir, monkeypatch):
+  import socket
+  import time
+
+  def unreachable(address, timeout=None, **kwargs):
+    raise OSError(101, "Network is unreachable")
+
+  monkeypatch.setattr(socket, "create_connection", unreachable)
+  start = time.perf_counter()
+  with pytest.raises(ConfigError) as info:
+    sources.load_dataset(_config(name="tfds:fedjax_lab_tiny_images", download=True,
+                                 path=str(tfds_dir / "empty_download")))
+  assert time.perf_counter() - start < 10
+  assert info.value.key == "data.download" and "\n" not in str(info.value)
+  assert "no internet" in str(info.value) and "data.path" in str(info.value)
+
+
+def test_tfds_download_probe_times_out_on_an_unreachable_host(monkeypatch):
+  import time
+  # 192.0.2.1 is TEST-NET-1 (RFC 5737): never routed, so the connection cannot succeed.
+  monkeypatch.setattr(sources, "_DOWNLOAD_PROBE", ("192.0.2.1", 443))
+  monkeypatch.setattr(sources, "_DOWNLOAD_PROBE_TIMEOUT_S", 1.0)
+  start = time.perf_counter()
+  with pytest.raises(ConfigError, match="data.download: True but there is no internet"):
+    sources._check_internet("mnist")
+  assert time.perf_counter() - start < 5
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -373,3 +401,111 @@ def test_config_errors_name_the_key(overrides, key):
 def test_unknown_name_lists_allowed():
   with pytest.raises(ConfigError, match="allowed: digits, pbmc68k, synthetic_expression"):
     sources.load_dataset(_config(name="mnist"))
+
+
+# ----------------------------------------------------------------------------- standardize
+
+
+def _full_config(**data):
+  from fedjax_lab.config import default_config
+  c = default_config()
+  for key, value in data.items():
+    c.data[key] = value
+  return c
+
+
+def _tabular(n=60, features=4, seed=0, shift=0.0):
+  rng = np.random.default_rng(seed)
+  x = (rng.normal(3.0 + shift, 2.0, size=(n, features)) * np.arange(1, features + 1)
+       ).astype(np.float32)
+  x[:, -1] = 7.0  # a constant feature: centred, not divided by 0
+  y = rng.integers(0, 3, size=n).astype(np.int32)
+  return sources.Dataset(x=x, y=y, num_classes=3, columns={}, name="file")
+
+
+def test_standardize_global_fits_on_train_only_and_applies_to_test():
+  from fedjax_lab.data import standardize
+  train, test = _tabular(60), _tabular(20, seed=1, shift=5.0)
+  sites = [np.arange(0, 30), np.arange(30, 60)]
+  c = _full_config(name="file", path="x.csv")  # auto + file + no DP = global
+  assert standardize.resolve(c)[0] == "global"
+  new_train, new_test, _, note = standardize.apply(c, train, test, sites)
+  x64 = train.x.astype(np.float64)
+  mean, std = x64.mean(0), x64.std(0)
+  std[std == 0] = 1.0
+  np.testing.assert_allclose(new_train.x.mean(0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(new_train.x[:, :-1].std(0), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(new_train.x[:, -1], 0.0)
+  np.testing.assert_allclose(new_test.x, (test.x - mean) / std, rtol=1e-5, atol=1e-5)
+  assert abs(new_test.x[:, 0].mean()) > 0.5  # test keeps its shift: train statistics, not its own
+  np.testing.assert_array_equal(new_train.y, train.y)
+  assert note.startswith("data.standardize=global (auto: user file, no DP): mean/std fitted on "
+                         "the 60 training examples of all sites (never the test split)")
+
+
+def test_standardize_per_site_each_site_mean_zero_and_test_its_own():
+  from fedjax_lab.data import standardize
+  train, test = _tabular(60), _tabular(20, seed=1, shift=5.0)
+  sites = [np.arange(0, 60, 3), np.setdiff1d(np.arange(60), np.arange(0, 60, 3))]
+  c = _full_config(name="file", path="x.csv", standardize="per_site")
+  new_train, new_test, _, note = standardize.apply(c, train, test, sites)
+  for rows in sites:
+    x64 = train.x[rows].astype(np.float64)
+    std = x64.std(0)
+    std[std == 0] = 1.0
+    np.testing.assert_allclose(new_train.x[rows], (x64 - x64.mean(0)) / std, atol=1e-5)
+    np.testing.assert_allclose(new_train.x[rows].mean(0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(new_test.x.mean(0), 0.0, atol=1e-5)
+
+
+def test_standardize_public_uses_public_statistics():
+  from fedjax_lab.data import standardize
+  train, test, pub = _tabular(60), _tabular(20, seed=1), _tabular(30, seed=2, shift=1.0)
+  c = _full_config(name="file", path="x.csv")
+  c.optim.public_data = "holdout:0.2"
+  c.dp.level, c.dp.noise_multiplier = "example", 1.0
+  assert standardize.resolve(c)[0] == "public"  # auto under DP with a public set
+  new_train, new_test, new_pub, note = standardize.apply(c, train, test, [np.arange(60)], pub)
+  mean, std = pub.x.astype(np.float64).mean(0), pub.x.astype(np.float64).std(0)
+  std[std == 0] = 1.0
+  np.testing.assert_allclose(new_pub.x.mean(0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(new_train.x, (train.x - mean) / std, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(new_test.x, (test.x - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,dp_level,expected", [
+    ("digits", "none", "none"), ("pbmc68k", "site", "none"), ("tfds:mnist", "none", "none"),
+    ("synthetic_expression", "none", "none"), ("file", "none", "global"),
+    ("file", "site", "per_site"), ("file", "example", "none")])
+def test_standardize_auto(name, dp_level, expected):
+  from fedjax_lab.data import standardize
+  c = _full_config(name=name)
+  c.dp.level, c.dp.noise_multiplier = dp_level, 1.0
+  assert standardize.resolve(c)[0] == expected
+
+
+@pytest.mark.parametrize("mode,dp_level,public_data", [
+    ("global", "site", None), ("global", "example", None), ("per_site", "example", None),
+    ("public", "none", None), ("zscore", "none", None)])
+def test_standardize_config_errors_name_the_key(mode, dp_level, public_data):
+  from fedjax_lab.config import validate
+  c = _full_config(name="file", path="x.csv", standardize=mode)
+  c.dp.level, c.dp.noise_multiplier = dp_level, 1.0
+  c.optim.public_data = public_data
+  with pytest.raises(ConfigError) as info:
+    validate(c)
+  assert info.value.key == "data.standardize"
+  assert "allowed" in str(info.value)
+
+
+def test_label_with_one_class_is_a_config_error(tmp_path):
+  path = tmp_path / "one.csv"
+  pd.DataFrame({"a": np.arange(20.0), "b": np.ones(20), "label": ["T"] * 20}).to_csv(
+      path, index=False)
+  with pytest.raises(ConfigError, match=r"data.label_column.*one class \(T\)"):
+    sources.load_dataset(_config(name="file", path=str(path)))
+  npz = tmp_path / "one.npz"
+  np.savez(npz, x=np.zeros((10, 2)), y=np.zeros(10))
+  with pytest.raises(ConfigError) as info:
+    sources.load_dataset(_config(name="file", path=str(npz)))
+  assert info.value.key == "data.path"

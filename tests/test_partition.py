@@ -113,12 +113,29 @@ def test_by_column_on_synthetic_batches():
 
 
 def test_by_column_errors_name_key_and_counts():
-  train = _dataset(100, columns={"donor": np.arange(100) % 3})
-  with pytest.raises(ConfigError, match=r"data.num_sites.*3 sites.*data.num_sites=20"):
-    partition_lib.partition(train, _config(partition="by_column", column="donor"), 0)
+  train = _dataset(100, columns={"donor": np.arange(100) % 3, "one": np.zeros(100, int)})
   with pytest.raises(ConfigError, match=r"data.column.*available: donor"):
     partition_lib.partition(train, _config(partition="by_column", column="batch",
                                            num_sites=3), 0)
+  with pytest.raises(ConfigError, match=r"data.column: 'one' holds one value \(0\)"):
+    partition_lib.partition(train, _config(partition="by_column", column="one"), 0)
+
+
+def test_by_column_takes_num_sites_from_the_column():
+  from fedjax_lab.config import default_config
+  train = _dataset(100, columns={"donor": np.arange(100) % 3})
+  c = default_config()
+  c.data.update(dict(partition="by_column", column="donor", num_sites=20))
+  c.cohort_size = 2
+  assert len(partition_lib.partition(train, c.data, 0)) == 3  # num_sites=20 is not used
+  note = partition_lib.resolve_num_sites(train, c)
+  assert c.data.num_sites == 3
+  assert note.startswith("data.num_sites=20 replaced by 3")
+  assert partition_lib.resolve_num_sites(train, c) is None  # nothing changes now
+  c.cohort_size = 5
+  with pytest.raises(ConfigError, match=r"cohort_size: 5 > data.num_sites=3 \(data.partition="
+                     r"by_column: data.column 'donor' has 3 distinct values\)"):
+    partition_lib.resolve_num_sites(train, c)
 
 
 def test_quantity_skew_sizes_vary_and_respect_min_examples():
@@ -218,3 +235,49 @@ def test_histogram_command_config_error_exits_2(tmp_path, flag, key):
   lines = [l for l in result.stderr.splitlines() if l.strip()]
   assert result.returncode == 2 and len(lines) == 1, result.stderr
   assert lines[0].startswith(f"config error: {key}: ")
+
+
+def test_experiment_by_column_csv_infers_sites_and_standardizes(tmp_path):
+  import pandas as pd
+  from fedjax_lab.config import default_config
+  from fedjax_lab.experiment import Experiment
+  rng = np.random.default_rng(0)
+  frame = pd.DataFrame({"a": rng.normal(5, 3, 80), "b": rng.normal(-2, 0.5, 80),
+                        "hospital": np.repeat([11, 12, 13, 14], 20),
+                        "label": rng.integers(0, 2, 80)})
+  frame.to_csv(tmp_path / "d.csv", index=False)
+  c = default_config()
+  c.data.update(dict(name="file", path=str(tmp_path / "d.csv"), partition="by_column",
+                     column="hospital", num_sites=2))
+  c.cohort_size, c.rounds = 3, 1  # 3 > the given num_sites=2, fine: the column has 4
+  exp = Experiment(c)
+  assert c.data.num_sites == 4 and exp.data.num_sites == 4
+  assert exp.data_notes[0].startswith("data.num_sites=2 replaced by 4")
+  assert exp.data_notes[1].startswith("data.standardize=global (auto: user file, no DP)")
+  np.testing.assert_allclose(exp.train.x.mean(0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(exp.train.x.std(0), 1.0, rtol=1e-5)
+  c.cohort_size, c.data.num_sites = 6, 100
+  with pytest.raises(ConfigError, match=r"cohort_size: 6 > data.num_sites=4.*'hospital' has 4"):
+    Experiment(c)
+
+
+def test_experiment_site_dp_standardizes_each_site_with_its_own_statistics(tmp_path):
+  import pandas as pd
+  from fedjax_lab.config import default_config
+  from fedjax_lab.experiment import Experiment
+  rng = np.random.default_rng(1)
+  hospital = np.repeat([0, 1, 2], 30)
+  frame = pd.DataFrame({"a": rng.normal(5, 3, 90) + 10 * hospital, "b": rng.normal(0, 1, 90),
+                        "hospital": hospital, "label": rng.integers(0, 2, 90)})
+  frame.to_csv(tmp_path / "d.csv", index=False)
+  c = default_config()
+  c.data.update(dict(name="file", path=str(tmp_path / "d.csv"), partition="by_column",
+                     column="hospital"))
+  c.cohort_size, c.rounds = 2, 1
+  c.dp.level, c.dp.noise_multiplier = "site", 1.0
+  exp = Experiment(c)
+  assert exp.data_notes[1].startswith("data.standardize=per_site (auto: user file, dp.level=site")
+  for rows in exp.sites:
+    np.testing.assert_allclose(exp.train.x[rows].mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(exp.train.x[rows].std(0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(exp.test.x.mean(0), 0.0, atol=1e-5)  # its own statistics

@@ -16,7 +16,10 @@
   each class (a class gets shards in proportion to its size), so no shard straddles two
   classes and every site holds AT MOST classes_per_site classes.
 - `by_column`: one site per distinct value of `train.columns[data.column]` (sorted values;
-  e.g. the "batch" of a synthetic cell, the donor of a sample). Needs num_sites = #values.
+  e.g. the "batch" of a synthetic cell, the donor of a sample). The column sets the number of
+  sites: `data.num_sites` is ignored here, and `resolve_num_sites` (called by the Experiment)
+  overwrites it with the number of distinct values, saying so in the log when they differ. A
+  column with one value is a ConfigError naming data.column.
 - `quantity_skew`: site sizes min_examples + a share of the rest proportional to lognormal
   weights exp(N(0, quantity_sigma^2)); labels iid.
 
@@ -52,11 +55,12 @@ def partition(train, data_config, seed: int) -> list[np.ndarray]:
   """
   y = np.asarray(train.y)
   num_examples = len(y)
-  num_sites = data_config.num_sites
   min_examples = data_config.min_examples
   method = data_config.partition
   if method not in PARTITIONS:
     raise ConfigError("data.partition", f"unknown '{method}'; allowed: {', '.join(PARTITIONS)}")
+  num_sites = (column_num_sites(train, data_config.column) if method == "by_column"
+               else data_config.num_sites)
   if int(num_sites) != num_sites or num_sites <= 0:
     raise ConfigError("data.num_sites", f"must be a positive integer, got {num_sites}")
   if num_sites > num_examples:
@@ -75,7 +79,7 @@ def partition(train, data_config, seed: int) -> list[np.ndarray]:
   elif method == "shards":
     sites = _shards(y, num_sites, data_config.classes_per_site, train.num_classes, rng)
   elif method == "by_column":
-    sites = _by_column(train, data_config.column, num_sites)
+    sites = _by_column(train, data_config.column)
   else:
     sites = _quantity_skew(num_examples, num_sites, data_config.quantity_sigma, min_examples,
                            rng)
@@ -181,16 +185,45 @@ def _shards(y: np.ndarray, num_sites: int, classes_per_site: int, num_classes: i
   return [np.concatenate([shards[i] for i in order[s::num_sites]]) for s in range(num_sites)]
 
 
-def _by_column(train, column: str, num_sites: int) -> list[np.ndarray]:
+def column_num_sites(train, column: str) -> int:
+  """The number of sites of a by_column partition: distinct values of train.columns[column].
+
+  Raises ConfigError naming data.column if it is not a column or holds a single value.
+  """
   if column not in train.columns:
     available = ", ".join(train.columns) or f"none ({train.name} has no columns)"
     raise ConfigError("data.column", f"'{column}' is not a column of {train.name}; "
                       f"available: {available}")
+  values = np.unique(np.asarray(train.columns[column]))
+  if len(values) < 2:
+    only = values[0] if len(values) else "none"
+    raise ConfigError("data.column", f"'{column}' holds one value ({only}) "
+                      f"in the {len(train)} training examples of {train.name}, so "
+                      "data.partition=by_column would make one site; choose a column with "
+                      "at least 2 values or another data.partition")
+  return len(values)
+
+
+def resolve_num_sites(train, config) -> str | None:
+  """data.partition=by_column: sets config.data.num_sites to the column's number of distinct
+  values, then runs the checks that need it (cohort_size <= num_sites, ...:
+  config.check_sites). Returns the line for the start log when that changed num_sites, else
+  None. Other partitions: nothing to do."""
+  from fedjax_lab import config as config_lib  # pylint: disable=g-import-not-at-top
+  data = config.data
+  if data.partition != "by_column":
+    return None
+  num_sites, note = column_num_sites(train, data.column), None
+  if num_sites != data.num_sites:
+    note = (f"data.num_sites={data.num_sites} replaced by {num_sites}: data.partition="
+            f"by_column makes one site per distinct value of data.column='{data.column}'")
+    data.num_sites = num_sites
+  config_lib.check_sites(config)
+  return note
+
+
+def _by_column(train, column: str) -> list[np.ndarray]:
   values, inverse = np.unique(np.asarray(train.columns[column]), return_inverse=True)
-  if len(values) != num_sites:
-    raise ConfigError("data.num_sites", f"data.partition='by_column' on data.column="
-                      f"'{column}' gives {len(values)} sites (distinct values) but "
-                      f"data.num_sites={num_sites}; set data.num_sites={len(values)}")
   order = np.argsort(inverse, kind="stable")
   return np.split(order, np.cumsum(np.bincount(inverse, minlength=len(values)))[:-1])
 

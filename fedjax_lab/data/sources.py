@@ -37,6 +37,7 @@ import importlib.util
 import logging
 import os
 import pathlib
+import socket
 from typing import Any, Callable, Mapping
 import warnings
 
@@ -116,6 +117,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.column = ""                 # by_column: a key of Dataset.columns
   c.quantity_sigma = 1.0        # quantity_skew: lognormal sigma of site sizes
   c.min_examples = 1            # every site gets at least this many examples
+  # auto | none | global | per_site | public (data/standardize.py): auto = none for bundled
+  # and tfds sources; for files global without DP, per_site / public / none under DP.
+  c.standardize = "auto"
   c.synthetic = ml_collections.ConfigDict(dict(
       num_cells=20000, num_genes=2000, num_cell_types=10, num_batches=10,
       batch_effect=0.5, signal=1.0, dispersion=0.2, seed=0, dtype="float32"))
@@ -139,10 +143,31 @@ def load_dataset(data_config) -> tuple[Dataset, Dataset]:
     raise ConfigError("data.test_fraction",
                       f"must be in (0, 1), got {data_config.test_fraction}")
   if name.startswith("tfds:") and len(name) > len("tfds:"):
-    return _load_tfds(data_config, name[len("tfds:"):])
-  if name not in _SOURCES:
+    train, test = _load_tfds(data_config, name[len("tfds:"):])
+  elif name not in _SOURCES:
     raise ConfigError("data.name", f"unknown data set '{name}'; allowed: {', '.join(NAMES)}")
-  return _SOURCES[name](data_config)
+  else:
+    train, test = _SOURCES[name](data_config)
+  _check_two_classes(train, test, data_config)
+  return train, test
+
+
+def _check_two_classes(train: Dataset, test: Dataset, data_config) -> None:
+  """A label with one class is nothing to learn: ConfigError naming the label's key."""
+  classes = np.unique(np.concatenate([train.y, test.y]))
+  if len(classes) >= 2:
+    return
+  if data_config.name.startswith("tfds:"):
+    key = "data.label_key"
+  elif data_config.name == "file" and pathlib.Path(data_config.path).suffix.lower() == ".npz":
+    key = "data.path"
+  else:
+    key = "data.label_column"
+  only = (train.class_names[classes[0]] if len(classes) and len(train.class_names) > classes[0]
+          else (classes[0] if len(classes) else "none"))
+  raise ConfigError(key, f"the label of {data_config.name} has one class ({only}) in all "
+                    f"{len(train) + len(test)} examples; a classifier needs at least 2: "
+                    "check the label column")
 
 
 def stratified_split(y: np.ndarray, test_fraction: float,
@@ -416,23 +441,53 @@ def _load_csv(path: pathlib.Path, label_column: str, data_config) -> tuple[Datas
 # ----------------------------------------------------------------------------- TFDS
 
 
+# data.download=True first opens one connection here, so that a machine without internet
+# fails in seconds with one line instead of in tfds's retry loop.
+_DOWNLOAD_PROBE = ("storage.googleapis.com", 443)
+_DOWNLOAD_PROBE_TIMEOUT_S = 5.0
+
+
+def _check_internet(tfds_name: str) -> None:
+  host, port = _DOWNLOAD_PROBE
+  try:
+    socket.create_connection((host, port), timeout=_DOWNLOAD_PROBE_TIMEOUT_S).close()
+  except OSError as e:
+    raise ConfigError("data.download", f"True but there is no internet here ({host}:{port}: "
+                      f"{e.strerror or e}); prepare tfds:{tfds_name} on a machine with internet "
+                      f"(`tfds build {tfds_name} --file_format=array_record`), copy its "
+                      "data_dir here and point data.path at it, with data.download=False"
+                      ) from None
+
+
 def _load_tfds(data_config, tfds_name: str) -> tuple[Dataset, Dataset]:
   """Reads a whole TFDS data set with `tfds.data_source` (array_record; no TensorFlow)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = str(pathlib.Path(data_config.path).expanduser()) if data_config.path else None
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  verbosity = absl_logging.get_verbosity()
+  # tfds warns about every empty version folder it looks at; the ConfigError below says it.
+  absl_logging.set_verbosity(absl_logging.ERROR)
   try:
     builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
+    prepared = builder.is_prepared()
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ConfigError("data.name", f"TFDS has no data set '{tfds_name}' (in data.path="
                       f"'{data_config.path}'): check the name (tfds:mnist, "
                       "tfds:fashion_mnist, ...) and data.path") from e
-  if not builder.is_prepared():
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  if not prepared:
     if not data_config.download:
       raise ConfigError("data.path", f"tfds:{tfds_name} is not prepared under "
                         f"{builder.data_dir}; set data.download=True (needs internet) or run "
                         f"`tfds build {tfds_name} --file_format=array_record` and point "
                         "data.path at its data_dir")
-    builder.download_and_prepare(file_format="array_record")
+    _check_internet(tfds_name)
+    try:
+      builder.download_and_prepare(file_format="array_record")
+    except OSError as e:  # the connection dropped mid-download (tfds's own errors pass)
+      raise ConfigError("data.download", f"downloading tfds:{tfds_name} failed ({e}); give a "
+                        "prepared data_dir in data.path and data.download=False") from e
   file_format = str(getattr(builder.info.file_format, "value", builder.info.file_format))
   if "array_record" not in file_format:
     raise ConfigError("data.path", f"tfds:{tfds_name} under {builder.data_dir} is stored as "
