@@ -15,7 +15,9 @@ r"""Differentially private federated learning on digits, at the example or the s
           protecting a whole site needs many sites per round (DP-FedAvg papers use
           thousands); with ~50 sites each adding the full noise (dp.noise=parallel, the
           default) the noise on the mean is sigma * 0.5 / sqrt(50) per coordinate
-          (dp.noise=coordinated would make it sigma * 0.5 / 50).
+          (dp.noise=coordinated would make it sigma * 0.5 / 50). The 4.0 holds against
+          anyone who sees the released models; the server picks the cohorts and sees every
+          clipped, noised update: against it epsilon is 62.6 (summary.json's guarantees).
 :example_esgd_public  :example with ESGD (lr 0.05) as the site optimizer, its curvature taken
           on 64 examples of a public fifth of the training split held out from the sites
           (optim.public_data=holdout:0.2); the privatized gradient and epsilon are :example's.
