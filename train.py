@@ -1,6 +1,6 @@
 r"""Trains one federated experiment from a config.
 
-  python train.py                                   # configs/digits_fedavg.py, workdir runs/digits_fedavg-<hash>
+  python train.py                   # configs/digits_fedavg.py, workdir runs/digits_fedavg-<hash>
   python train.py --config configs/pbmc_celltype.py --workdir /tmp/pbmc --config.rounds=20
 
 Writes WORKDIR/run.json, metrics.jsonl, summary.json, TensorBoard events and checkpoints.

@@ -6,10 +6,10 @@
     runs.check_resume(workdir, config)   # ConfigError if the workdir holds another config
 
 A workdir's name is readable (the config file, its `:argument`, the keys that differ from
-the file's config) and ends in the run's fingerprint: a hash of the resolved config without
-the keys a run may change when it resumes (RESUMABLE_KEYS). So two configs that train
-differently never share a default workdir, and a workdir resumes only the config that made
-it: `run.json`, written when a run starts, holds the fingerprint and the resolved config,
+the file's config) and ends in a hash of the run's fingerprint (the resolved config without
+the keys a run may change when it resumes, RESUMABLE_KEYS) and its rounds. So two configs
+that train differently never share a default workdir, and a workdir resumes only the config
+that made it: `run.json`, written when a run starts, holds the fingerprint and the resolved config,
 and `check_resume` names the first key that differs.
 """
 
@@ -79,12 +79,14 @@ def overrides(config, base) -> list[str]:
 
 
 def run_name(parts, config) -> str:
-  """`part-part-...-<fingerprint[:8]>`, each part sanitized for a file system."""
+  """`part-part-...-<hash>`, each part sanitized for a file system. The hash is of the
+  fingerprint and `rounds`, so names differ for any two configs that are different runs,
+  even where the readable part is cut short."""
   readable = "-".join(re.sub(r"[^A-Za-z0-9._=+-]+", "_", str(p)).strip("_") for p in parts
                       if str(p))
   readable = readable[:_MAX_NAME].rstrip("-")
-  return f"{readable}-{fingerprint(config)[:_HASH_CHARS]}" if readable else \
-      fingerprint(config)[:_HASH_CHARS]
+  digest = hashlib.sha256(f"{fingerprint(config)} rounds={config.rounds}".encode())
+  return "-".join(filter(None, (readable, digest.hexdigest()[:_HASH_CHARS])))
 
 
 def spec_parts(config_spec: str) -> list[str]:

@@ -66,7 +66,8 @@ def test_fingerprint_is_the_hash_of_the_non_resumable_keys():
   walk(flat, "")
   want = hashlib.sha256(json.dumps(flat_keys, sort_keys=True).encode()).hexdigest()
   assert runs.fingerprint(c) == want
-  assert runs.run_name(["a b/c", ""], c) == f"a_b_c-{want[:8]}"
+  name_hash = hashlib.sha256(f"{want} rounds=50".encode()).hexdigest()[:8]
+  assert runs.run_name(["a b/c", ""], c) == f"a_b_c-{name_hash}"
 
 
 def tiny_config(**overrides):
