@@ -1,10 +1,13 @@
 r"""Trains one federated experiment from a config.
 
-  python train.py                                   # configs/digits_fedavg.py, workdir runs/digits_fedavg
+  python train.py                   # configs/digits_fedavg.py, workdir runs/digits_fedavg-<hash>
   python train.py --config configs/pbmc_celltype.py --workdir /tmp/pbmc --config.rounds=20
 
-Writes WORKDIR/metrics.jsonl, summary.json, TensorBoard events and checkpoints; running the
-same command again resumes from the last checkpoint. A bad config exits with code 2 and one line.
+Writes WORKDIR/run.json, metrics.jsonl, summary.json, TensorBoard events and checkpoints.
+Without --workdir the workdir names the configuration (fedjax_lab/runs.py), so another seed,
+`:argument` or override trains in its own; running the same command again resumes from the
+last checkpoint, and a workdir holding another config is refused. A bad config exits with
+code 2 and one line.
 """
 
 import json
@@ -17,13 +20,15 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 _CONFIG = cli.define_config_flag()
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory (default runs/<config file>-<:arg>-<overrides>-<hash of "
+    "the config>).")
 
 
 def main(argv):
   del argv
   import jax
-  from fedjax_lab import sharding
+  from fedjax_lab import runs, sharding
   from fedjax_lab.errors import ConfigError
   from fedjax_lab.experiment import Experiment
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
@@ -38,9 +43,12 @@ def main(argv):
   lab_log.addHandler(handler)
   lab_log.setLevel(logging.INFO if primary else logging.WARNING)
   lab_log.propagate = False
-  config, config_path = cli.load_config(_CONFIG)
-  workdir = _WORKDIR.value or os.path.join(
-      "runs", os.path.splitext(os.path.basename(config_path))[0])
+  config, config_spec = cli.load_config(_CONFIG)
+  try:
+    workdir = _WORKDIR.value or runs.default_workdir(
+        config_spec, config, runs.load_config_file(config_spec))
+  except ConfigError as e:
+    cli.fail(str(e))
   try:  # before anything loads or compiles
     os.makedirs(workdir, exist_ok=True)
     if not os.access(workdir, os.W_OK):
@@ -48,6 +56,7 @@ def main(argv):
   except OSError as e:
     cli.fail(f"--workdir: cannot write to '{workdir}' ({e.strerror}); give a writable folder")
   try:
+    runs.check_resume(workdir, config)  # Experiment.run checks too; here before data loads
     experiment = Experiment(config)
   except ConfigError as e:
     cli.fail(str(e))
@@ -62,7 +71,7 @@ def main(argv):
     return
   eps = summary["epsilon"]
   print(f"test_accuracy={summary['test_accuracy']:.4f} "
-        f"epsilon={'none' if eps is None else f'{eps:.3f}'} "
+        f"epsilon={'none' if eps is None else f'{eps:.3f} delta={config.dp.delta:g}'} "
         f"rounds={summary['rounds_completed']} "
         f"site_accuracy_worst10={summary['site_accuracy_worst10']:.4f} workdir={workdir}")
   if "centralized_test_accuracy" in summary:

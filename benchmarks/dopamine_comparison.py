@@ -1,40 +1,41 @@
 r"""Central DP-SGD vs parallel DP-FL vs coordinated DP-FL (Dopamine) at equal epsilon.
 
   python benchmarks/dopamine_comparison.py                                   # digits, ~3 min
-  python benchmarks/dopamine_comparison.py --config configs/dopamine_pbmc.py --out benchmarks/dopamine_pbmc.png
+  python benchmarks/dopamine_comparison.py --config configs/dopamine_pbmc.py   # runs/benchmarks/dopamine_pbmc
 
 For each target epsilon the noise multiplier is calibrated (RDP) for the config's rounds;
 the three variants then share q, sigma and steps, so they have the same epsilon, which is
-recomputed with dp-accounting and printed. Test accuracy is the mean over seeds. Writes a PNG
-of accuracy vs epsilon. The last line reads
+recomputed with dp-accounting and printed. Test accuracy is the mean over seeds. Every
+(epsilon, variant, seed) is a run of fedjax_lab.sweep in its own workdir under --out
+(default runs/benchmarks/<config name>; a rerun only trains what is missing), which also
+gets the sweep's sweep.csv, sweep.md and plots: accuracy_vs_epsilon.png is the accuracy vs
+epsilon PNG, one line per variant. The last line reads
 `RATIO coordinated-parallel=<points> central-coordinated=<points>` at the config's epsilon.
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np
-
-from fedjax_lab.experiment import Experiment
+from fedjax_lab import runs, sweep
 
 VARIANTS = ("central", "parallel", "coordinated")
 
 
-def load_config_module(path):
-  spec = importlib.util.spec_from_file_location("dp_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def accuracy_and_epsilon(config):
-  exp = Experiment(config)
-  state = exp.run_rounds(exp.init_state(), config.rounds)
-  return exp.evaluate(state).accuracy, exp.epsilon(config.rounds)
+def points(config_path, epsilons, seeds, out):
+  """(epsilon, variant, seed) points of a sweep, epsilon outermost."""
+  out_points = []
+  for eps in epsilons:
+    for variant in VARIANTS:
+      for seed in range(seeds):
+        c = runs.load_config_file(f"{config_path}:{variant}")
+        c.seed, c.dp.target_epsilon = seed, eps
+        c.log.progress, c.log.tensorboard = False, False
+        out_points.append(sweep.make_point({"dp.target_epsilon": eps, "variant": variant},
+                                           c, out))
+  return out_points
 
 
 def main():
@@ -42,49 +43,29 @@ def main():
   parser.add_argument("--config", default="configs/dopamine_digits.py")
   parser.add_argument("--epsilons", default="0.5,1,2,4,8")
   parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--out", default="benchmarks/dopamine_digits.png")
+  parser.add_argument("--out", default=None, help="default runs/benchmarks/<config name>")
   args = parser.parse_args()
-  module = load_config_module(args.config)
+  out = args.out or os.path.join("runs", "benchmarks", runs.spec_parts(args.config)[0])
   epsilons = [float(e) for e in args.epsilons.split(",")]
-  headline = module.get_config("central").dp.target_epsilon
+  headline = runs.load_config_file(f"{args.config}:central").dp.target_epsilon
   if headline not in epsilons:
     epsilons.append(headline)
   epsilons.sort()
-  acc = {v: [] for v in VARIANTS}
+  rows = sweep.run_points(points(args.config, epsilons, args.seeds, out))
+  for r in rows:
+    assert r["epsilon"] <= r["dp.target_epsilon"] + 1e-9, r
+  for path in sweep.write_outputs(rows, out):
+    print(f"saved {path}")
+  acc = {(t["label"]["dp.target_epsilon"], t["label"]["variant"]): t["test_accuracy"]
+         for t in sweep.table(rows)}
   print(f"{args.config}: mean test accuracy over {args.seeds} seeds (std)")
   print(f"{'epsilon':>8} " + " ".join(f"{v:>20}" for v in VARIANTS))
   for eps in epsilons:
-    cells = []
-    for v in VARIANTS:
-      runs = []
-      for seed in range(args.seeds):
-        c = module.get_config(v)
-        c.seed, c.dp.target_epsilon, c.log.progress = seed, eps, False
-        a, e = accuracy_and_epsilon(c)
-        assert e <= eps + 1e-9, (e, eps)
-        runs.append(a)
-      acc[v].append(np.mean(runs))
-      cells.append(f"{np.mean(runs):.4f} ({np.std(runs):.4f})")
+    cells = [f"{acc[eps, v][0]:.4f} ({acc[eps, v][1] or 0:.4f})" for v in VARIANTS]
     print(f"{eps:8.2f} " + " ".join(f"{c:>20}" for c in cells))
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  for v in VARIANTS:
-    ax.plot(epsilons, acc[v], marker="o", label=v)
-  ax.set_xscale("log")
-  ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
-  ax.minorticks_off()
-  ax.set_xlabel("epsilon (delta 1e-5, RDP)")
-  ax.set_ylabel("test accuracy")
-  ax.set_title(os.path.basename(args.config))
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(args.out, dpi=120)
-  print(f"saved {args.out}")
-  i = epsilons.index(headline)
-  print(f"RATIO coordinated-parallel={100 * (acc['coordinated'][i] - acc['parallel'][i]):.2f} "
-        f"central-coordinated={100 * (acc['central'][i] - acc['coordinated'][i]):.2f}")
+  mean = lambda v: acc[headline, v][0]
+  print(f"RATIO coordinated-parallel={100 * (mean('coordinated') - mean('parallel')):.2f} "
+        f"central-coordinated={100 * (mean('central') - mean('coordinated')):.2f}")
 
 
 if __name__ == "__main__":

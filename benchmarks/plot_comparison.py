@@ -1,14 +1,16 @@
-r"""Runs every variant of configs/compare_comm.py through train.py, then plots loss vs rounds
-and loss vs bytes.
+r"""Runs every variant of configs/compare_comm.py as a sweep (fedjax_lab.sweep), then plots
+loss vs rounds and loss vs bytes.
 
   python benchmarks/plot_comparison.py                  # 20 runs (~10-25 s each), then plots
   python benchmarks/plot_comparison.py --plot_only      # re-plot existing runs
   python benchmarks/plot_comparison.py --problems logistic --rounds 30   # a quick look
 
-Runs go to runs/compare/<problem>/<variant> (train.py resumes a finished run instantly, so a
-rerun only trains what is missing); plots to benchmarks/plots/compare_<problem>.png, one
-figure per problem: test loss vs rounds (= computation: every variant takes 10 local steps a
-round), test loss vs bytes communicated (log scale), test accuracy vs bytes. The model
+Runs go to OUT/<problem>/variant=<variant>-seed=0-<hash> (--out, default
+runs/benchmarks/compare; a rerun only trains what is missing), with the sweep's sweep.csv,
+sweep.md and plots per problem; this script's plots to OUT/compare_<problem>.png (the
+committed benchmarks/plots/ are such figures), one figure per problem: test loss vs rounds
+(= computation: every variant takes 10 local steps a round), test loss vs bytes communicated
+(log scale), test accuracy vs bytes. The model
 evaluated is the global model (FedAvg, SCAFFOLD) or the average of the site models
 (ProxSkip, RandCom, D-SGD). A markdown table of final numbers, and of the round and bytes at
 which each variant first reaches a fixed test loss, is printed at the end.
@@ -17,7 +19,6 @@ which each variant first reaches a fixed test loss, is printed at the end.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import matplotlib
@@ -28,6 +29,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "configs")]
 import compare_comm  # noqa: E402  pylint: disable=g-import-not-at-top
+from fedjax_lab import runs, sweep  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Test loss every variant is timed to (round and MB when first reached), per problem.
 TARGET_TEST_LOSS = {"digits": 0.10, "logistic": 0.45}
@@ -40,37 +42,33 @@ STYLE = {  # variant -> (color, linestyle)
 }
 
 
-def run_dir(problem, variant):
-  return os.path.join(_ROOT, "runs", "compare", problem, variant)
+def points(problem, out, rounds=None):
+  """One sweep point per variant of the problem (seed 0), under out/<problem>."""
+  result = []
+  for variant in compare_comm.VARIANTS:
+    c = runs.load_config_file(
+        f"{os.path.join(_ROOT, 'configs', 'compare_comm.py')}:{problem},{variant}")
+    c.log.progress, c.log.tensorboard = False, False
+    if rounds:
+      c.rounds = rounds
+    result.append(sweep.make_point({"variant": variant}, c, os.path.join(out, problem)))
+  return result
 
 
-def train(problem, variant, rounds=None):
-  workdir = run_dir(problem, variant)
-  cmd = [sys.executable, os.path.join(_ROOT, "train.py"),
-         f"--config={os.path.join(_ROOT, 'configs', 'compare_comm.py')}:{problem},{variant}",
-         f"--workdir={workdir}", "--config.log.progress=False",
-         "--config.log.tensorboard=False"]
-  if rounds:
-    cmd.append(f"--config.rounds={rounds}")
-  proc = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True)
-  if proc.returncode:
-    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-  return proc.stdout.strip().splitlines()[-2]
-
-
-def load(problem, variant):
-  path = os.path.join(run_dir(problem, variant), "metrics.jsonl")
+def load(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return None
   rows = [json.loads(l) for l in open(path)]
   return [r for r in rows if r["test_loss"] is not None]
 
 
-def plot(problem, out_dir):
+def plot(problem, problem_points, out_dir):
   fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.9))
   table = []
-  for variant in compare_comm.VARIANTS:
-    rows = load(problem, variant)
+  for point in problem_points:
+    variant = point.label["variant"]
+    rows = load(point.workdir)
     if not rows:
       continue
     color, ls = STYLE[variant]
@@ -109,13 +107,14 @@ def main():
   parser.add_argument("--problems", nargs="+", default=list(compare_comm.PROBLEMS))
   parser.add_argument("--rounds", type=int, default=None, help="override config.rounds")
   parser.add_argument("--plot_only", action="store_true")
-  parser.add_argument("--out", default=os.path.join(_ROOT, "benchmarks", "plots"))
+  parser.add_argument("--out", default=os.path.join("runs", "benchmarks", "compare"))
   args = parser.parse_args()
   for problem in args.problems:
+    problem_points = points(problem, args.out, args.rounds)
     if not args.plot_only:
-      for variant in compare_comm.VARIANTS:
-        print(f"{problem:9s} {variant:14s} {train(problem, variant, args.rounds)}", flush=True)
-    path, table = plot(problem, args.out)
+      rows = sweep.run_points(problem_points, report=lambda line: print(line, flush=True))
+      sweep.write_outputs(rows, os.path.join(args.out, problem))
+    path, table = plot(problem, problem_points, args.out)
     target = TARGET_TEST_LOSS[problem]
     print(f"\n{path}\n\n| {problem} variant | rounds | test loss | test accuracy | MB sent | "
           f"round, MB at test loss <= {target} |")

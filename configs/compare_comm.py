@@ -1,9 +1,9 @@
 r"""Communication-skipping comparison: FedAvg, SCAFFOLD, ProxSkip (p = 0.1, 0.2, 0.5, 1),
 RandCom and D-SGD (ring, torus), in rounds and in bytes, on two heterogeneous problems.
 
-  python train.py --config configs/compare_comm.py:digits,proxskip_p0.2 \
-      --workdir runs/compare/digits/proxskip_p0.2
-  python benchmarks/plot_comparison.py   # all 20 runs, then benchmarks/plots/compare_*.png
+  python train.py --config configs/compare_comm.py:digits,proxskip_p0.2
+      # workdir runs/compare_comm-digits_proxskip_p0.2-<hash>: each variant its own
+  python benchmarks/plot_comparison.py   # all 20 runs, then runs/benchmarks/compare/compare_*.png
 
 The argument is `<problem>,<variant>`:
   problems  digits    MLP 64-128-10 on sklearn's digits
@@ -24,7 +24,7 @@ Expected on a 2-core CPU: ~12 s a run with start-up (150 rounds). Final test acc
 digits: FedAvg 0.966, SCAFFOLD 0.983, ProxSkip 0.973-0.980 (184 MB sent by FedAvg, 196 MB by
 ProxSkip p = 0.1, 1845 MB by p = 1), RandCom 0.976; on logistic: FedAvg 0.916 (test loss
 0.591: client drift), every corrected method 0.943 (test loss 0.425-0.428), D-SGD ring 0.926.
-Full tables and plots: benchmarks/RESULTS.md, benchmarks/plots/compare_*.png.
+Full tables and plots: benchmarks/RESULTS.md, benchmarks/plots/compare_*.png (committed).
 """
 
 from fedjax_lab.config import default_config

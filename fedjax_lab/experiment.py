@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from fedjax_lab import config as config_lib
-from fedjax_lab import algorithms, evaluation, optim, sharding
+from fedjax_lab import algorithms, evaluation, optim, runs, sharding
 from fedjax_lab.checkpoint import Checkpointer
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.client import (ClientConfig, ExampleDP, example_dp_divisor, make_client_update,
@@ -405,6 +405,10 @@ class Experiment:
     """Trains to `config.rounds`, resuming from the last checkpoint in `workdir`."""
     os.makedirs(workdir, exist_ok=True)
     cfg = self.config
+    # One run, one workdir: resume only the config that made it (runs.RESUMABLE_KEYS may differ).
+    runs.check_resume(workdir, cfg)
+    if jax.process_index() == 0:
+      runs.write_run(workdir, cfg)
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep)
     state = self.init_state()
     start, meta = 0, {"bytes_total": 0, "seconds_total": 0.0}
@@ -512,6 +516,7 @@ class Experiment:
         "total_seconds": meta["seconds_total"], "bytes_total": meta["bytes_total"],
         "params_sha256": params_sha256(state.params),
         "config": json.loads(self.config.to_json_best_effort()),
+        "lab_commit": runs.lab_commit(), "versions": runs.versions(),
     }
     if self.privacy is not None:
       # What the accountant composed, so anyone can recompute epsilon with dp-accounting.

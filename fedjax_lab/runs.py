@@ -1,0 +1,191 @@
+"""One run, one workdir: the name of a configuration's workdir, and what may resume there.
+
+    base = runs.load_config_file("configs/dopamine_digits.py:central")
+    workdir = runs.default_workdir("configs/dopamine_digits.py:central", config, base)
+    # runs/dopamine_digits-central-seed=1-3fa9c2d1
+    runs.check_resume(workdir, config)   # ConfigError if the workdir holds another config
+
+A workdir's name is readable (the config file, its `:argument`, the keys that differ from
+the file's config) and ends in a hash of the run's fingerprint (the resolved config without
+the keys a run may change when it resumes, RESUMABLE_KEYS) and its rounds. So two configs
+that train differently never share a default workdir, and a workdir resumes only the config
+that made it: `run.json`, written when a run starts, holds the fingerprint and the resolved config,
+and `check_resume` names the first key that differs.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import subprocess
+from importlib import metadata
+
+from fedjax_lab.errors import ConfigError
+
+# Keys a workdir's run may change when it resumes; any other key makes another run.
+#   rounds            extends a run (fewer than it completed is refused: check_resume)
+#   log.*             progress bar and TensorBoard only
+#   checkpoint.every, checkpoint.keep   when and how many checkpoints are written
+#   eval.every, eval.batch_size         which rounds are evaluated, and in what batches
+# (A calibrated sigma depends on rounds: Experiment.run refuses a resume whose privacy plan
+# differs, so extending a run calibrated to dp.target_epsilon fails there, by design.)
+RESUMABLE_KEYS = ("rounds", "log.*", "checkpoint.every", "checkpoint.keep", "eval.every",
+                  "eval.batch_size")
+
+RUN_FILE = "run.json"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HASH_CHARS = 8
+_MAX_NAME = 120  # characters of a workdir name before its hash; longer names are cut
+
+
+def flat_config(config) -> dict:
+  """The resolved config as {dotted key: JSON value} (tuples as lists), in config order."""
+  out = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if isinstance(v, dict):
+        walk(v, f"{prefix}{k}.")
+      else:
+        out[f"{prefix}{k}"] = v
+  walk(json.loads(config.to_json_best_effort()), "")
+  return out
+
+
+def resumable(key: str) -> bool:
+  return any(key == k or (k.endswith(".*") and key.startswith(k[:-1]))
+             for k in RESUMABLE_KEYS)
+
+
+def fingerprint(config) -> str:
+  """SHA-256 (hex) of the resolved config without RESUMABLE_KEYS: what makes a run that run."""
+  identity = {k: v for k, v in flat_config(config).items() if not resumable(k)}
+  return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _value(v) -> str:
+  return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def overrides(config, base) -> list[str]:
+  """`key=value` for every key of `config` that differs from `base` (the config file's own
+  config) and changes the run: resumable keys are left out, except rounds (a 100-round run
+  is not the 3000-round one, so it gets its own name)."""
+  new, old = flat_config(config), flat_config(base)
+  return [f"{k}={_value(v)}" for k, v in new.items()
+          if old.get(k, object()) != v and (k == "rounds" or not resumable(k))]
+
+
+def run_name(parts, config) -> str:
+  """`part-part-...-<hash>`, each part sanitized for a file system. The hash is of the
+  fingerprint and `rounds`, so names differ for any two configs that are different runs,
+  even where the readable part is cut short."""
+  readable = "-".join(re.sub(r"[^A-Za-z0-9._=+-]+", "_", str(p)).strip("_") for p in parts
+                      if str(p))
+  readable = readable[:_MAX_NAME].rstrip("-")
+  digest = hashlib.sha256(f"{fingerprint(config)} rounds={config.rounds}".encode())
+  return "-".join(filter(None, (readable, digest.hexdigest()[:_HASH_CHARS])))
+
+
+def spec_parts(config_spec: str) -> list[str]:
+  """'configs/dopamine_digits.py:central' -> ['dopamine_digits', 'central']."""
+  path, _, arg = config_spec.partition(":")
+  return [os.path.splitext(os.path.basename(path))[0], arg]
+
+
+def default_workdir(config_spec: str, config, base, root: str = "runs") -> str:
+  """The workdir train.py uses without --workdir: root/<file>-<arg>-<overrides>-<hash>."""
+  return os.path.join(root, run_name(spec_parts(config_spec) + overrides(config, base), config))
+
+
+def load_config_file(config_spec: str):
+  """get_config(arg) of 'path/to/config.py[:arg]', as ml_collections' --config loads it."""
+  path, _, arg = config_spec.partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("fedjax_lab_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except (OSError, AttributeError, ImportError, SyntaxError):
+    raise ConfigError("--config", f"cannot load '{path}'; give a file like "
+                      "configs/digits_fedavg.py") from None
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except ValueError as e:  # the configs' own check of their argument
+    raise ConfigError("--config", str(e)) from None
+
+
+def completed_rounds(workdir: str) -> int | None:
+  """The last round checkpointed in workdir (orbax names each step's folder by its round)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  saved = [int(d) for d in os.listdir(directory) if d.isdigit()]
+  return max(saved) if saved else None
+
+
+def check_resume(workdir: str, config) -> None:
+  """Raises ConfigError unless `config` may start or resume in `workdir`.
+
+  Refused: a workdir whose run.json has another fingerprint (the first differing key is
+  named, old and new value), checkpoints without run.json (written before run.json existed:
+  nothing says which config they belong to), and fewer rounds than already completed (the
+  summary would report the longer run).
+  """
+  record, done = read_run(workdir), completed_rounds(workdir)
+  if record is None and done is not None:
+    raise ConfigError("--workdir", f"{workdir} holds checkpoints but no {RUN_FILE}, so which "
+                      "config made them is unknown; use a new workdir")
+  if record is not None and record["fingerprint"] != fingerprint(config):
+    old, new = record["config"], flat_config(config)
+    key = next((k for k in [*new, *old] if not resumable(k) and old.get(k) != new.get(k)),
+               "--workdir")  # none: a run.json hashed by an older rule
+    raise ConfigError(key, f"{workdir} holds a run with {key}={old.get(key)!r}, this config "
+                      f"has {key}={new.get(key)!r}; use a new --workdir (or none: the "
+                      "default names the config)")
+  if done is not None and done > config.rounds:
+    raise ConfigError("rounds", f"{workdir} holds a run that completed {done} rounds, more "
+                      f"than rounds={config.rounds}; use rounds>={done} to report (or "
+                      "extend) it, or a new --workdir for the shorter run")
+
+
+def read_run(workdir: str) -> dict | None:
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_run(workdir: str, config) -> None:
+  """run.json: the fingerprint and the resolved config of the run (of its last start, whose
+  resumable keys may differ from the first's). Written whole, then renamed: the other
+  processes of a multi-host run may be reading it."""
+  path = os.path.join(workdir, RUN_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"fingerprint": fingerprint(config), "config": flat_config(config)}, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def lab_commit() -> str | None:
+  """The git commit of this fedjax_lab checkout, or None outside a git checkout."""
+  try:
+    out = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                         text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() if out.returncode == 0 else None
+
+
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "dp-accounting", "numpy")
+
+
+def versions() -> dict:
+  """Versions of the packages a result depends on (None where one is not installed)."""
+  def version(name):
+    try:
+      return metadata.version(name)
+    except metadata.PackageNotFoundError:
+      return None
+  return {**{name: version(name) for name in _VERSIONED}, "python": platform.python_version()}
