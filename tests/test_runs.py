@@ -11,6 +11,7 @@ from fedjax_lab import runs
 from fedjax_lab.config import default_config
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.experiment import Experiment
+from test_experiment import tiny_config as experiment_tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,17 +72,9 @@ def test_fingerprint_is_the_hash_of_the_non_resumable_keys():
 
 
 def tiny_config(**overrides):
-  c = default_config()
-  c.rounds, c.cohort_size, c.data.num_sites = 2, 5, 20
-  c.client.local_steps, c.client.batch_size = 2, 8
-  c.checkpoint.every, c.log.progress, c.log.tensorboard = 1, False, False
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  """test_experiment's tiny config, 2 rounds of 2 local steps, a checkpoint every round."""
+  return experiment_tiny_config(**{"rounds": 2, "client.local_steps": 2, "checkpoint.every": 1,
+                                   **overrides})
 
 
 def test_a_workdir_resumes_only_its_own_config(tmp_path):
