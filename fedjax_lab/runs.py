@@ -59,10 +59,18 @@ def resumable(key: str) -> bool:
              for k in RESUMABLE_KEYS)
 
 
+def identity(flat: dict) -> dict:
+  """The keys of a flat config that make a run that run: all but RESUMABLE_KEYS, and under
+  data.partition=by_column not data.num_sites, which the column sets when the data loads
+  (partition.resolve_num_sites), so a config saying otherwise is the same run."""
+  derived = ("data.num_sites",) if flat.get("data.partition") == "by_column" else ()
+  return {k: v for k, v in flat.items() if not resumable(k) and k not in derived}
+
+
 def fingerprint(config) -> str:
-  """SHA-256 (hex) of the resolved config without RESUMABLE_KEYS: what makes a run that run."""
-  identity = {k: v for k, v in flat_config(config).items() if not resumable(k)}
-  return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+  """SHA-256 (hex) of the resolved config's identity keys: what makes a run that run."""
+  return hashlib.sha256(json.dumps(identity(flat_config(config)), sort_keys=True).encode()
+                        ).hexdigest()
 
 
 def _value(v) -> str:
@@ -138,8 +146,8 @@ def check_resume(workdir: str, config) -> None:
     raise ConfigError("--workdir", f"{workdir} holds checkpoints but no {RUN_FILE}, so which "
                       "config made them is unknown; use a new workdir")
   if record is not None and record["fingerprint"] != fingerprint(config):
-    old, new = record["config"], flat_config(config)
-    key = next((k for k in [*new, *old] if not resumable(k) and old.get(k) != new.get(k)),
+    old, new = identity(record["config"]), identity(flat_config(config))
+    key = next((k for k in [*new, *old] if old.get(k) != new.get(k)),
                "--workdir")  # none: a run.json hashed by an older rule
     raise ConfigError(key, f"{workdir} holds a run with {key}={old.get(key)!r}, this config "
                       f"has {key}={new.get(key)!r}; use a new --workdir (or none: the "

@@ -148,3 +148,16 @@ def test_a_loop_over_seeds_gives_one_run_per_seed(tmp_path):
   assert summary["versions"]["jax"] == jax.__version__
   assert summary["versions"]["numpy"] == np.__version__
   assert summary["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_by_column_num_sites_is_set_by_the_column_not_the_run(tmp_path):
+  """The column sets data.num_sites when the data loads, so run.json holds the column's count;
+  the user's config (another num_sites) must still resume it, while any other key refuses."""
+  given = tiny_config(**{"data.partition": "by_column", "data.num_sites": 5})
+  loaded = tiny_config(**{"data.partition": "by_column", "data.num_sites": 10})
+  runs.write_run(str(tmp_path), loaded)
+  runs.check_resume(str(tmp_path), given)
+  with pytest.raises(ConfigError) as e:
+    runs.check_resume(str(tmp_path), tiny_config(**{"data.partition": "iid",
+                                                     "data.num_sites": 10}))
+  assert e.value.key == "data.partition"
