@@ -1,0 +1,79 @@
+"""Empirical lower bounds on epsilon from membership scores (privacy auditing).
+
+    eps = epsilon_lower_bound(scores_in, scores_out, delta=1e-5, method="gdp")
+
+`scores_in` are an attack's scores of canaries that were in the training data, `scores_out` of
+canaries that were not; higher means "in". Each method returns an epsilon such that, with
+probability >= `confidence` over the randomness of the runs, the mechanism is NOT
+(epsilon', delta)-DP for any epsilon' below it. An audited bound above the accountant's claim is
+a privacy bug (or a broken accountant); a bound far below it says only that this attack is weak.
+
+Methods (all wrap jax_privacy.auditing.CanaryScoreAuditor, jax-privacy 2.0.0):
+  clopper_pearson  Jagielski et al. 2020 / Nasr et al. 2021: at each threshold a Clopper-Pearson
+                   upper bound on FPR and lower bound on TPR, eps >= log((TPR - delta) / FPR);
+                   the confidence is Bonferroni-corrected over every threshold tried (the
+                   Pareto frontier of (FN, TN) counts), so picking the best one is honest.
+                   Needs independent trials: one canary per training run, or canaries whose
+                   scores are independent given in/out (e.g. the Gaussian test below).
+  gdp              Nasr et al. 2023: the same Bonferroni-corrected bounds turned into the
+                   largest mu of mu-Gaussian DP they rule out, then into (eps, delta) by the
+                   exact GDP curve. Tighter when the mechanism IS Gaussian-like (DP-SGD),
+                   an assumption about the shape of the trade-off curve, not a worst case.
+  one_run          Steinke, Nasr & Jagielski 2023, "Privacy Auditing with One (1) Training Run":
+                   m canaries each included independently with probability 1/2 in ONE run;
+                   the attacker guesses "in" above a threshold, and the number of correct
+                   guesses is compared with what (eps, delta)-DP allows. Valid for canaries
+                   that share a run; needs delta * m << 1 (the delta term is 2 m delta).
+  one_run_fdp      Mahloujifar et al. 2024: one-run auditing through a Gaussian f-DP curve.
+
+Perfectly separated scores give a finite bound, limited by the number of scores (with n out
+scores an FPR below ~log(thresholds / (1 - confidence)) / n cannot be certified).
+"""
+
+import numpy as np
+
+METHODS = ("clopper_pearson", "gdp", "one_run", "one_run_fdp")
+
+
+def _scores(name: str, values) -> np.ndarray:
+  a = np.asarray(values, dtype=np.float64)
+  if a.ndim != 1 or a.size == 0:
+    raise ValueError(f"{name} must be a non-empty 1-D array of scores, got shape {a.shape}")
+  if not np.all(np.isfinite(a)):
+    raise ValueError(f"{name} has {int(np.sum(~np.isfinite(a)))} non-finite scores (NaN/inf); "
+                     "clip or drop them before auditing")
+  return a
+
+
+def epsilon_lower_bound(scores_in, scores_out, delta: float, confidence: float = 0.95,
+                        method: str = "clopper_pearson") -> float:
+  """A lower bound on epsilon at `delta`, holding with probability `confidence` (a float >= 0).
+
+  See the module docstring for the methods and what each assumes about the scores.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+  if not 0.5 < confidence < 1:
+    raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
+  if not 0 < delta < 1:
+    raise ValueError(f"delta must be in (0, 1), got {delta}")
+  s_in, s_out = _scores("scores_in", scores_in), _scores("scores_out", scores_out)
+  from jax_privacy import auditing  # pylint: disable=g-import-not-at-top
+  auditor = auditing.CanaryScoreAuditor(s_in, s_out)
+  significance = 1.0 - confidence
+  if method == "clopper_pearson":
+    eps = auditor.epsilon_clopper_pearson(significance, delta, one_sided=True,
+                                          threshold_strategy=auditing.Bonferroni())
+  elif method == "gdp":
+    eps = auditor.epsilon_from_gdp(significance, delta)
+  elif method == "one_run":
+    eps = auditor.epsilon_one_run(significance, delta)
+  else:
+    eps = auditor.epsilon_one_run_fdp(significance, delta)
+  return max(0.0, float(eps))
+
+
+def all_bounds(scores_in, scores_out, delta: float, confidence: float = 0.95,
+               methods=METHODS) -> dict:
+  """{method: epsilon_lower_bound(...)} for several methods."""
+  return {m: epsilon_lower_bound(scores_in, scores_out, delta, confidence, m) for m in methods}
