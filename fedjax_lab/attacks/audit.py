@@ -65,12 +65,56 @@ def epsilon_lower_bound(scores_in, scores_out, delta: float, confidence: float =
     eps = auditor.epsilon_clopper_pearson(significance, delta, one_sided=True,
                                           threshold_strategy=auditing.Bonferroni())
   elif method == "gdp":
-    eps = auditor.epsilon_from_gdp(significance, delta)
+    eps = _epsilon_from_gdp(auditor, significance, delta)
   elif method == "one_run":
     eps = auditor.epsilon_one_run(significance, delta)
   else:
     eps = auditor.epsilon_one_run_fdp(significance, delta)
   return max(0.0, float(eps))
+
+
+def _gdp_epsilon(mu: float, delta: float) -> float:
+  """The epsilon of mu-GDP at delta (Dong, Roth & Su 2019, Cor. 2.13), in the log domain."""
+  from scipy import optimize, stats  # pylint: disable=g-import-not-at-top
+  if mu <= 0:
+    return 0.0
+
+  def gap(eps):
+    a = stats.norm.logcdf(-eps / mu + mu / 2)
+    b = eps + stats.norm.logcdf(-eps / mu - mu / 2)
+    return a + np.log1p(-np.exp(min(b - a, 0.0))) - np.log(delta) if b < a else -np.inf
+
+  if gap(0.0) <= 0:
+    return 0.0
+  hi = 1.0
+  while gap(hi) > 0:
+    hi *= 2
+  return float(optimize.brentq(gap, 0.0, hi, xtol=1e-9))
+
+
+def _epsilon_from_gdp(auditor, significance: float, delta: float) -> float:
+  """Nasr et al. 2023 through Gaussian DP, one-sided (members score higher).
+
+  The Clopper-Pearson upper bounds on FPR and FNR at every threshold, Bonferroni-corrected
+  over the 2 T bounds, give mu >= Phi^-1(1 - FPR_ub) - Phi^-1(FNR_ub) at each threshold; the
+  largest such mu is turned into epsilon at delta. jax-privacy 2.0.0's epsilon_from_gdp takes
+  |mu| instead, and a negative value of this difference is no evidence at all (identical
+  score distributions then give eps ~2 from the extreme thresholds), so it is recomputed here
+  from the auditor's counts.
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  fn = np.asarray(auditor._fn_counts)  # pylint: disable=protected-access
+  tn = np.asarray(auditor._tn_counts)  # pylint: disable=protected-access
+  n_pos, n_neg = int(fn[-1]), int(tn[-1])
+  alpha = significance / (2 * len(fn))
+  upper = lambda k, n: np.where(k < n, stats.beta.ppf(1 - alpha, k + 1, np.maximum(n - k, 1)),
+                                1.0)
+  fpr_ub, fnr_ub = upper(n_neg - tn, n_neg), upper(fn, n_pos)
+  ok = (fpr_ub < 1 - delta) & (fnr_ub < 1 - delta)
+  if not np.any(ok):
+    return 0.0
+  mu = float(np.max(stats.norm.isf(fpr_ub[ok]) - stats.norm.ppf(fnr_ub[ok])))
+  return _gdp_epsilon(mu, delta)
 
 
 def all_bounds(scores_in, scores_out, delta: float, confidence: float = 0.95,
