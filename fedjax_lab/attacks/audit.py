@@ -30,6 +30,8 @@ Perfectly separated scores give a finite bound, limited by the number of scores 
 scores an FPR below ~log(thresholds / (1 - confidence)) / n cannot be certified).
 """
 
+import os
+
 import numpy as np
 
 METHODS = ("clopper_pearson", "gdp", "one_run", "one_run_fdp")
@@ -121,3 +123,83 @@ def all_bounds(scores_in, scores_out, delta: float, confidence: float = 0.95,
                methods=METHODS) -> dict:
   """{method: epsilon_lower_bound(...)} for several methods."""
   return {m: epsilon_lower_bound(scores_in, scores_out, delta, confidence, m) for m in methods}
+
+
+def canary_audit(config, num_canaries: int = 1000, seed: int = 0, workdir: str | None = None,
+                 confidence: float = 0.95) -> dict:
+  """One training run of the lab (Experiment.run) with gradient canaries; one-run audit.
+
+  Canary i is an input that is zero on every real feature and 1 on its own extra feature
+  64+i (real examples are 0 there), with a random label: only canary i's gradient (and the DP
+  noise) ever moves the first-layer weights of feature 64+i, so it acts like a Dirac gradient
+  canary of the white-box threat model, through the real data path. Each canary joins
+  independently with probability 1/2: as an example at a random site (dp.level=example, or
+  none) or as a site of its own (dp.level=site, partition by_column). White-box score:
+  ||W1[64+i] - W1_init[64+i]||; black-box score: phi of the canary under the final model.
+  Returns the claimed epsilon and every method's lower bound for both scores.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.attacks import membership  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.data import sources  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.experiment import Experiment  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  train, test = sources.load_dataset(config.data)
+  d, m = train.x.reshape(len(train), -1).shape[1], num_canaries
+  pad = lambda a: np.concatenate([a.reshape(len(a), -1), np.zeros((len(a), m), np.float32)], 1)
+  cx = np.zeros((m, d + m), np.float32)
+  cx[np.arange(m), d + np.arange(m)] = 1.0
+  cy = rng.integers(0, train.num_classes, m)
+  included = rng.random(m) < 0.5
+  x = np.concatenate([pad(train.x), cx[included]])
+  y = np.concatenate([train.y, cy[included]])
+  c = config.copy_and_resolve_references()
+  c.data.name, c.data.standardize = "file", "none"
+  extra = {}
+  if c.dp.level == "site":  # the real data in num_sites sites, each canary a site of its own
+    sites = rng.permutation(np.arange(len(train)) % c.data.num_sites)
+    extra["site"] = np.concatenate([sites, c.data.num_sites + np.arange(included.sum())])
+    extra["site_test"] = np.zeros(len(test), np.int64)
+    c.data.partition, c.data.column = "by_column", "site"
+  tmp = tempfile.mkdtemp()
+  c.data.path = os.path.join(tmp, "canaries.npz")
+  np.savez(c.data.path, x=x, y=y, x_test=pad(test.x), y_test=test.y,
+           class_names=np.array(train.class_names), **extra)
+  c.log.progress = False
+  exp = Experiment(c)
+  summary = exp.run(workdir or os.path.join(tmp, "run"))
+  init, _ = exp.model.init(exp.keys["init"], exp.train.x[:2])
+  final = exp.final_state.params
+  w0, w1 = (np.asarray(jax.tree.leaves(p)[1]) for p in (init, final))  # Dense_0 kernel [d+m, h]
+  if w1.shape[0] != d + m:
+    raise ValueError(f"expected the first layer's kernel [{d + m}, hidden], got {w1.shape}")
+  white = np.linalg.norm(w1[d:] - w0[d:], axis=1)
+  logits = exp.model.apply(final, {}, cx, False)[0]
+  black = np.asarray(membership.logit_confidence(logits, cy))
+  delta = c.dp.delta
+  out = {"claimed_epsilon": summary["epsilon"], "delta": delta, "canaries": m,
+         "included": int(included.sum()), "test_accuracy": summary["test_accuracy"]}
+  for name, s in (("white_box", white), ("black_box", black)):
+    out[name] = all_bounds(s[included], s[~included], delta, confidence)
+  return out
+
+
+def main(argv):
+  del argv
+  import json  # pylint: disable=g-import-not-at-top
+  from fedjax_lab import cli  # pylint: disable=g-import-not-at-top
+  config, _ = cli.load_config(_CONFIG)
+  result = canary_audit(config.target, config.audit.num_canaries, config.audit.seed)
+  print(json.dumps(result, indent=1))
+  for name in ("white_box", "black_box"):
+    best = max(result[name].values())
+    if result["claimed_epsilon"] is not None and best > result["claimed_epsilon"]:
+      print(f"PRIVACY BUG: audited epsilon {best:.3f} ({name}) > claimed "
+            f"{result['claimed_epsilon']:.3f}")
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from fedjax_lab import cli  # pylint: disable=g-import-not-at-top
+  _CONFIG = cli.define_config_flag(os.path.join(cli.ROOT, "configs", "mia_audit.py"))
+  app.run(main, flags_parser=cli.parse_flags)
