@@ -1,0 +1,36 @@
+r"""Membership inference, the server: does one site's update reveal that an example is at that
+site? (fedjax_lab/attacks/membership.py)
+
+  python -m fedjax_lab.attacks.membership --config configs/mia_server.py
+
+The global model: configs/digits_fedavg.py after 100 rounds (trained here, or
+--config.mia.target_workdir=<a train.py run>). The site holds 15 of a pool of 30 test-split
+digits and runs the config's local update (3 SGD steps of batch 5, lr 0.1); the server knows
+the global model, so its shadows are that same local update on other halves of the pool.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from fedjax_lab.attacks.membership import default_mia_config
+
+
+def _digits_fedavg():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_fedavg.py")
+  spec = importlib.util.spec_from_file_location("digits_fedavg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.target = _digits_fedavg()
+  c.target.log.progress = False
+  c.mia = default_mia_config()
+  c.mia.threat = "server"
+  c.mia.server_round = 100
+  c.mia.site_pool = 30
+  return c
