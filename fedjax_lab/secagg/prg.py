@@ -56,17 +56,20 @@ def _double_round(state):
   return tuple(s)
 
 
-def chacha20_words(key: jax.Array, n_words: int, counter: int = 0) -> jax.Array:
-  """The first n_words uint32 words of ChaCha20(key, nonce=0) from block `counter`.
+def chacha20_words(key: jax.Array, n_words: int, counter: int = 0,
+                   nonce: tuple[int, int, int] = (0, 0, 0)) -> jax.Array:
+  """The first n_words uint32 words of ChaCha20(key, nonce) from block `counter`.
 
-  key: [8] uint32 (key_words). Traceable: vmap over keys, call inside jit.
+  key: [8] uint32 (key_words); nonce: 3 uint32 words (masks use zero: one key per mask).
+  Traceable: vmap over keys, call inside jit.
   """
   n_blocks = -(-n_words // 16)
   ctr = jnp.arange(n_blocks, dtype=jnp.uint32) + jnp.uint32(counter)
   zeros = jnp.zeros((n_blocks,), jnp.uint32)
   key = key.astype(jnp.uint32)
   init = tuple(jnp.full((n_blocks,), c, jnp.uint32) for c in _CONSTANTS)
-  init += tuple(zeros + key[i] for i in range(8)) + (ctr, zeros, zeros, zeros)
+  init += tuple(zeros + key[i] for i in range(8)) + (ctr,)
+  init += tuple(zeros + jnp.uint32(n) for n in nonce)
   state = jax.lax.fori_loop(0, 10, lambda _, s: _double_round(s), init)
   out = jnp.stack([s + i for s, i in zip(state, init)], axis=1)  # [n_blocks, 16]
   return out.reshape(-1)[:n_words]
