@@ -26,6 +26,7 @@ The server (`Server`) holds only what it is sent: public keys, ciphertexts it ro
 masked rows and the unmasking shares; `Server.unmask` works from exactly those.
 """
 
+import contextlib
 import math
 import os
 import secrets
@@ -262,7 +263,9 @@ class SecAggResult(NamedTuple):
   aborted: bool
   abort_reason: str
   bytes_per_site: dict       # sent/received by one site that takes part in every round
-  timings: dict              # seconds: host_crypto, device_mask, device_unmask, total
+  timings: dict              # seconds: host_sites (all K sites' crypto, simulated in turn),
+                             #   host_server, host_crypto (their sum), device_mask (every
+                             #   site's quantize + mask, one jit), device_unmask, total
   levels: int                # grid steps per site; step = 2 clip_range / levels
 
   @property
@@ -272,6 +275,21 @@ class SecAggResult(NamedTuple):
   @property
   def mean(self):
     return None if self.sum is None else self.sum / self.n_survivors
+
+
+class _Clock:
+  """Adds the seconds spent in `with clock(name):` blocks to timings[name]."""
+
+  def __init__(self, timings):
+    self.timings = timings
+
+  @contextlib.contextmanager
+  def __call__(self, name):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.timings[name] += time.perf_counter() - start
 
 
 def split_key(key: jax.Array):
@@ -322,12 +340,11 @@ def secure_sum(updates, key, config: SecAggConfig = SecAggConfig(), *, dropouts=
   stage = (draw_dropouts(dropout_key, K, config.dropout_rate) if dropouts is None
            else np.asarray(dropouts, np.int64))
   salt = salt or os.urandom(16)
-  host = 0.0
-  timings = {}
+  timings = {"host_sites": 0.0, "host_server": 0.0}
   survivors = np.zeros(K, bool)
 
   def result(total=None, total_int=None, clipped=0, reason=""):
-    timings["host_crypto"] = host
+    timings["host_crypto"] = timings["host_sites"] + timings["host_server"]
     timings.setdefault("device_mask", 0.0)
     timings.setdefault("device_unmask", 0.0)
     timings["total"] = time.perf_counter() - t0
@@ -335,20 +352,24 @@ def secure_sum(updates, key, config: SecAggConfig = SecAggConfig(), *, dropouts=
                         bytes_per_site(d, config.bits, k), timings, levels)
 
   try:
-    h = time.perf_counter()
-    server = Server(K, k, t, config.bits, salt)
-    sites = [Site(u, salt, t) for u in range(K)]
-    roster, graph = server.collect_keys([s.advertise() for s in sites])
+    clock = _Clock(timings)
+    with clock("host_server"):
+      server = Server(K, k, t, config.bits, salt)
+    with clock("host_sites"):
+      sites = [Site(u, salt, t) for u in range(K)]
+      ads = [s.advertise() for s in sites]
+    with clock("host_server"):
+      roster, graph = server.collect_keys(ads)
     in_round = [u for u in range(K) if stage[u] != 1]
-    messages = []
-    for u in in_round:
-      messages += sites[u].share_keys(roster, graph[u])
-    inbox = server.route_shares(messages, in_round)
+    with clock("host_sites"):
+      messages = [m for u in in_round for m in sites[u].share_keys(roster, graph[u])]
+    with clock("host_server"):
+      inbox = server.route_shares(messages, in_round)
     u2 = server.u2
-    for u in u2:
-      sites[u].receive_shares(inbox.get(u, []))
-    material = [sites[u].mask_material(u2) for u in u2]
-    host += time.perf_counter() - h
+    with clock("host_sites"):
+      for u in u2:
+        sites[u].receive_shares(inbox.get(u, []))
+      material = [sites[u].mask_material(u2) for u in u2]
 
     # Round 2 on the device: every site of U_2 quantizes and masks (the whole cohort's rows
     # are computed at once for fixed shapes; rows of sites outside U_2 get zero masks and
@@ -375,13 +396,14 @@ def secure_sum(updates, key, config: SecAggConfig = SecAggConfig(), *, dropouts=
     timings["device_mask"] = time.perf_counter() - m
     uploaded = [u for u in u2 if stage[u] != 2]
     survivors[uploaded] = True
-    h = time.perf_counter()
-    server.collect_uploads(uploaded)
+    with clock("host_server"):
+      server.collect_uploads(uploaded)
     rows = jnp.asarray(masked)[np.asarray(server.u3)]  # exactly what the server received
     responders = [u for u in server.u3 if stage[u] != 3]
-    responses = [sites[u].unmask(u2, server.u3) for u in responders]
-    keys, signs = server.removal_keys(responses)
-    host += time.perf_counter() - h
+    with clock("host_sites"):
+      responses = [sites[u].unmask(u2, server.u3) for u in responders]
+    with clock("host_server"):
+      keys, signs = server.removal_keys(responses)
     m = time.perf_counter()
     total_int = masking.unmask_sum(rows, keys, signs, config.bits, config.prg)
     total = decode_sum(total_int, len(server.u3), config.clip_range, levels, config.bits)
