@@ -2,6 +2,7 @@
 unmasking under dropouts at every stage, clean aborts, what the server sees, validation,
 clipping counts, and Dopamine's noise through the protocol."""
 
+import math
 import os
 
 import jax
@@ -283,3 +284,15 @@ def test_bytes_per_site_and_expansion():
   # Bonawitz et al.'s setting: 2^10 sites, 2^20 coordinates, 16-bit inputs -> 26-bit sums
   paper = secagg.bytes_per_site(2 ** 20, 26, 2 ** 10 - 1)
   assert 1.6 < paper["sent_total"] / (2 ** 20 * 2) < 1.8
+
+
+def test_noise_helpers_size_the_clip_range_and_grid():
+  from fedjax_lab.secagg import noise
+  s = noise.noise_share_std(1.0, 4)
+  assert s == 0.5
+  c = noise.suggest_clip_range(1.0, s, n=100, d=10_000, target=1e-9)
+  assert noise.clip_probability(c, 1.0, s, 100, 10_000) == pytest.approx(1e-9, rel=1e-3)
+  assert noise.clip_probability(0.5, 1.0, s, 100, 10_000) == 1.0
+  levels = secagg.levels_for(100, 32)
+  assert noise.aliasing_bound(s, noise.grid_step(c, levels)) == 0.0  # underflows: < 1e-300
+  assert noise.aliasing_bound(1.0, 1.0) == pytest.approx(math.exp(-math.pi ** 2))

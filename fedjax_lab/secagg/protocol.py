@@ -93,6 +93,8 @@ class Site:
       raise Abort(f"site {self.id}: repeated public keys in the roster")
     if len(roster) < self.t:
       raise Abort(f"site {self.id}: roster of {len(roster)} < threshold {self.t}")
+    if self.id not in roster or roster[self.id].s_public != self.s_public:
+      raise Abort(f"site {self.id}: the roster does not hold its own keys")
     self._roster, self._neighbours = roster, tuple(neighbours)
     holders = sorted(self._neighbours + (self.id,))
     xs = [h + 1 for h in holders]
@@ -103,23 +105,25 @@ class Site:
       if holder == self.id:
         self._held[self.id] = (bs, ss)
         continue
-      shared = self._shared.setdefault(
-          holder, crypto.exchange(self._c_sk, roster[holder].c_public))
-      key = crypto.share_key(shared, self.salt, self.id, holder)
+      key = crypto.share_key(self._c_shared(holder), self.salt, self.id, holder)
       plain = (self.id.to_bytes(4, "big") + holder.to_bytes(4, "big")
                + shamir.encode(bs[1]) + shamir.encode(ss[1]))
       out.append(EncryptedShare(self.id, holder,
                                 crypto.encrypt(key, plain, self.salt, self.id, holder)))
     return out
 
+  def _c_shared(self, peer: int) -> bytes:
+    """X25519 of the share-encryption keys with `peer`, once per pair (both directions)."""
+    if peer not in self._shared:
+      self._shared[peer] = crypto.exchange(self._c_sk, self._roster[peer].c_public)
+    return self._shared[peer]
+
   def receive_shares(self, messages: list[EncryptedShare]) -> None:
     """Decrypt the shares neighbours sent (AEAD: altered or re-routed messages are refused)."""
     for m in messages:
       if m.recipient != self.id or m.sender not in self._neighbours:
         raise Abort(f"site {self.id}: a share from {m.sender} it does not expect")
-      shared = self._shared.setdefault(
-          m.sender, crypto.exchange(self._c_sk, self._roster[m.sender].c_public))
-      key = crypto.share_key(shared, self.salt, m.sender, self.id)
+      key = crypto.share_key(self._c_shared(m.sender), self.salt, m.sender, self.id)
       plain = crypto.decrypt(key, m.message, self.salt, m.sender, self.id)
       if plain[:8] != m.sender.to_bytes(4, "big") + self.id.to_bytes(4, "big"):
         raise Abort(f"site {self.id}: share message names the wrong route")
@@ -267,6 +271,8 @@ class SecAggResult(NamedTuple):
                              #   host_server, host_crypto (their sum), device_mask (every
                              #   site's quantize + mask, one jit), device_unmask, total
   levels: int                # grid steps per site; step = 2 clip_range / levels
+  masked: jax.Array | None = None  # [n, d] uint32: the rows the server received (U_3 order),
+                                   #   only with secure_sum(..., keep_masked=True)
 
   @property
   def n_survivors(self) -> int:
@@ -322,14 +328,16 @@ def bytes_per_site(d: int, bits: int, k: int) -> dict:
 
 
 def secure_sum(updates, key, config: SecAggConfig = SecAggConfig(), *, dropouts=None,
-               salt: bytes | None = None) -> SecAggResult:
+               salt: bytes | None = None, keep_masked: bool = False) -> SecAggResult:
   """Securely sum the rows of `updates` ([K, d] float32 device array) for one round.
 
   key: a jax PRNG key: stochastic rounding (first half of jax.random.split) and, when
   `dropouts` is None, the simulated dropouts (second half). All cryptographic secrets (X25519
   keys, self-mask seeds, Shamir coefficients, nonces) come from OS entropy, never from `key`.
   dropouts: optional [K] ints, the stage each site drops out at (see STAGES), overriding
-  config.dropout_rate. Returns SecAggResult; an aborted round has sum None.
+  config.dropout_rate. keep_masked: also return the masked rows the server received (to look
+  at, e.g. notebooks/secure_aggregation.ipynb). Returns SecAggResult; an aborted round has
+  sum None.
   """
   t0 = time.perf_counter()
   updates = jnp.asarray(updates, jnp.float32)
@@ -343,13 +351,14 @@ def secure_sum(updates, key, config: SecAggConfig = SecAggConfig(), *, dropouts=
   timings = {"host_sites": 0.0, "host_server": 0.0}
   survivors = np.zeros(K, bool)
 
-  def result(total=None, total_int=None, clipped=0, reason=""):
+  def result(total=None, total_int=None, clipped=0, reason="", rows=None):
     timings["host_crypto"] = timings["host_sites"] + timings["host_server"]
     timings.setdefault("device_mask", 0.0)
     timings.setdefault("device_unmask", 0.0)
     timings["total"] = time.perf_counter() - t0
     return SecAggResult(total, total_int, survivors, stage, int(clipped), bool(reason), reason,
-                        bytes_per_site(d, config.bits, k), timings, levels)
+                        bytes_per_site(d, config.bits, k), timings, levels,
+                        rows if keep_masked else None)
 
   try:
     clock = _Clock(timings)
@@ -410,7 +419,7 @@ def secure_sum(updates, key, config: SecAggConfig = SecAggConfig(), *, dropouts=
     total.block_until_ready()
     timings["device_unmask"] = time.perf_counter() - m
     clipped_total = int(np.asarray(clipped)[np.asarray(server.u3)].sum())
-    return result(total, total_int, clipped_total)
+    return result(total, total_int, clipped_total, rows=rows)
   except Abort as e:
     survivors[:] = False
     return result(reason=str(e))
