@@ -93,13 +93,15 @@ def test_shamir_any_t_shares_reconstruct_and_t_minus_1_do_not():
 
 
 def test_device_and_host_masking_agree_bit_for_bit():
-  x, key = _updates(1, K=4, d=50), jax.random.key(3)
-  keys = [[os.urandom(32) for _ in range(3)] for _ in range(4)]
-  signs = [[1, -1, 1], [1, 1, 0], [1, -1, -1], [1, 0, 1]]
+  # the shapes and bits of the protocol tests below, so the device path compiles once
+  x, key = _updates(1), jax.random.key(3)
+  rng = np.random.default_rng(0)
+  keys = [[os.urandom(32) for _ in range(K)] for _ in range(K)]
+  signs = rng.integers(-1, 2, size=(K, K)).tolist()
   words = jnp.asarray([[prg.key_words(k) for k in row] for row in keys])
-  dev, c1 = masking.mask_update(x, key, words, jnp.asarray(signs, jnp.int32), 1.0,
-                                levels=1000, bits=20)
-  host, c2 = masking.mask_update_host(x, key, keys, signs, 1.0, levels=1000, bits=20)
+  dev, c1 = masking.mask_update(x, key, words, jnp.asarray(signs, jnp.int32), 2.0,
+                                levels=1000, bits=24)
+  host, c2 = masking.mask_update_host(x, key, keys, signs, 2.0, levels=1000, bits=24)
   np.testing.assert_array_equal(np.asarray(dev), host)
   np.testing.assert_array_equal(np.asarray(c1), c2)
 
@@ -172,19 +174,17 @@ def test_server_side_unmasks_from_exactly_what_it_receives():
   for u in server.u2:
     sites[u].receive_shares(inbox.get(u, []))
   material = {u: sites[u].mask_material(server.u2) for u in server.u2}
-  keys = np.zeros((K2, k + 1, 8), np.uint32)
-  signs = np.zeros((K2, k + 1), np.int32)
-  for u, (kk, ss) in material.items():
-    keys[u], signs[u] = [prg.key_words(b) for b in kk], ss
-  masked, _ = masking.mask_update(x, secagg.split_key(key)[0], jnp.asarray(keys),
-                                  jnp.asarray(signs), cfg.clip_range, levels=levels,
-                                  bits=cfg.bits)
+  keys_b = [material.get(u, ([bytes(32)] * (k + 1), [0] * (k + 1)))[0] for u in range(K2)]
+  signs_l = [material.get(u, ([bytes(32)] * (k + 1), [0] * (k + 1)))[1] for u in range(K2)]
+  masked, _ = masking.mask_update_host(x, secagg.split_key(key)[0], list(map(list, keys_b)),
+                                       [list(ss) for ss in signs_l], cfg.clip_range,
+                                       levels=levels, bits=cfg.bits)
   uploaded = [u for u in server.u2 if u not in gone_before_upload]
   server.collect_uploads(uploaded)
   received = np.asarray(masked)[list(server.u3)]  # the bytes on the wire, nothing else
   responses = [sites[u].unmask(server.u2, server.u3) for u in server.u3
                if u not in gone_before_unmask]
-  total = server.unmask(jnp.asarray(received), responses)
+  total = server.unmask(jnp.asarray(received), responses, prg_path="host")
   survivors = np.isin(np.arange(K2), server.u3)
   np.testing.assert_array_equal(np.asarray(total), _plain_sum(x, key, cfg, survivors))
   # the server never held a private key or a seed: only public keys and shares
