@@ -296,3 +296,17 @@ def test_noise_helpers_size_the_clip_range_and_grid():
   levels = secagg.levels_for(100, 32)
   assert noise.aliasing_bound(s, noise.grid_step(c, levels)) == 0.0  # underflows: < 1e-300
   assert noise.aliasing_bound(1.0, 1.0) == pytest.approx(math.exp(-math.pi ** 2))
+
+
+def test_aggregator_pair_counts_rounds_aborts_and_clips():
+  init, apply = secagg.secagg_aggregator(secagg.SecAggConfig(threshold=6, bits=16, prg="host"))
+  state = init()
+  x = np.zeros((K, 20), np.float32)
+  x[0, 0] = 3.0
+  total, state, _ = apply(state, jnp.asarray(x), jax.random.key(0))
+  assert total is not None and state.clipped == 1 and state.survivors == K
+  drop = np.zeros(K, int)
+  drop[:5] = 2
+  total, state, result = apply(state, jnp.asarray(x), jax.random.key(1), dropouts=drop)
+  assert total is None and result.aborted
+  assert state == secagg.SecAggState(rounds=2, aborted=1, clipped=1, survivors=K)
