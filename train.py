@@ -77,6 +77,16 @@ def main(argv):
   if "centralized_test_accuracy" in summary:
     print(f"federated test_accuracy={summary['test_accuracy']:.4f} vs centralized (one site "
           f"holding all data) test_accuracy={summary['centralized_test_accuracy']:.4f}")
+  if summary.get("test_auc") is not None:  # evaluation_robustness.final_metrics
+    ci = lambda key: ("" if summary.get(key) is None else
+                      " [{:.3f}, {:.3f}]".format(*summary[key]))
+    line = (f"federated test_auc={summary['test_auc']:.4f}{ci('test_auc_ci95')} "
+            f"macro_f1={summary['test_macro_f1']:.4f}")
+    if summary.get("centralized_test_auc") is not None:
+      line += (f" vs centralized test_auc={summary['centralized_test_auc']:.4f}"
+               f"{ci('centralized_test_auc_ci95')} macro_f1="
+               f"{summary['centralized_test_macro_f1']:.4f}")
+    print(line + " (95% bootstrap intervals over test examples)")
   print(json.dumps({k: summary[k] for k in ("test_accuracy", "epsilon", "params_sha256")}))
 
 
