@@ -69,14 +69,7 @@ def main(argv):
     sys.exit(130)
   if not primary:
     return
-  eps = summary["epsilon"]
-  print(f"test_accuracy={summary['test_accuracy']:.4f} "
-        f"epsilon={'none' if eps is None else f'{eps:.3f} delta={config.dp.delta:g}'} "
-        f"rounds={summary['rounds_completed']} "
-        f"site_accuracy_worst10={summary['site_accuracy_worst10']:.4f} workdir={workdir}")
-  if "centralized_test_accuracy" in summary:
-    print(f"federated test_accuracy={summary['test_accuracy']:.4f} vs centralized (one site "
-          f"holding all data) test_accuracy={summary['centralized_test_accuracy']:.4f}")
+  # First: the last two lines stay the test_accuracy line (or the centralized one) and the JSON.
   if summary.get("test_auc") is not None:  # evaluation_robustness.final_metrics
     ci = lambda key: ("" if summary.get(key) is None else
                       " [{:.3f}, {:.3f}]".format(*summary[key]))
@@ -87,6 +80,14 @@ def main(argv):
                f"{ci('centralized_test_auc_ci95')} macro_f1="
                f"{summary['centralized_test_macro_f1']:.4f}")
     print(line + " (95% bootstrap intervals over test examples)")
+  eps = summary["epsilon"]
+  print(f"test_accuracy={summary['test_accuracy']:.4f} "
+        f"epsilon={'none' if eps is None else f'{eps:.3f} delta={config.dp.delta:g}'} "
+        f"rounds={summary['rounds_completed']} "
+        f"site_accuracy_worst10={summary['site_accuracy_worst10']:.4f} workdir={workdir}")
+  if "centralized_test_accuracy" in summary:
+    print(f"federated test_accuracy={summary['test_accuracy']:.4f} vs centralized (one site "
+          f"holding all data) test_accuracy={summary['centralized_test_accuracy']:.4f}")
   print(json.dumps({k: summary[k] for k in ("test_accuracy", "epsilon", "params_sha256")}))
 
 
