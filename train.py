@@ -69,6 +69,17 @@ def main(argv):
     sys.exit(130)
   if not primary:
     return
+  # First: the last two lines stay the test_accuracy line (or the centralized one) and the JSON.
+  if summary.get("test_auc") is not None:  # evaluation_robustness.final_metrics
+    ci = lambda key: ("" if summary.get(key) is None else
+                      " [{:.3f}, {:.3f}]".format(*summary[key]))
+    line = (f"federated test_auc={summary['test_auc']:.4f}{ci('test_auc_ci95')} "
+            f"macro_f1={summary['test_macro_f1']:.4f}")
+    if summary.get("centralized_test_auc") is not None:
+      line += (f" vs centralized test_auc={summary['centralized_test_auc']:.4f}"
+               f"{ci('centralized_test_auc_ci95')} macro_f1="
+               f"{summary['centralized_test_macro_f1']:.4f}")
+    print(line + " (95% bootstrap intervals over test examples)")
   eps = summary["epsilon"]
   print(f"test_accuracy={summary['test_accuracy']:.4f} "
         f"epsilon={'none' if eps is None else f'{eps:.3f} delta={config.dp.delta:g}'} "

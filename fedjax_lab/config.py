@@ -69,6 +69,12 @@ def default_config() -> ml_collections.ConfigDict:
   # centralized_baseline: also train the same config on ONE site holding all the training
   # data (same rounds, local_steps x cohort_size steps a round) and report both accuracies.
   c.eval = ml_collections.ConfigDict(dict(every=1, batch_size=2048, centralized_baseline=False))
+  # The end-of-run report (evaluation_robustness.py): bootstrap resamples of the test set for
+  # the 95% intervals (0: none); robustness=True adds accuracy/AUC under Gaussian input noise
+  # (levels x each feature's std) and masking (fractions of features set to 0), and, for the
+  # classes in unknown_classes (held out of training), the AUROC of max-softmax rejection.
+  c.eval.update(dict(bootstrap=1000, robustness=False, robustness_noise=(0.1, 0.3, 1.0),
+                     robustness_mask=(0.1, 0.3, 0.5), unknown_classes=()))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
   c.rounds_per_step = 1           # >1 fuses that many rounds into one lax.scan dispatch
   # Split a cohort over the devices only above this many each; below it a FedAvg round on a
@@ -153,6 +159,8 @@ def validate(config) -> None:
   if config.data.partition != "by_column":  # else once the column gives num_sites (partition.py)
     check_sites(config)
   _positive("eval.every", config.eval.every, integer=True)
+  from fedjax_lab import evaluation_robustness  # eval.bootstrap / robustness* / unknown_classes
+  evaluation_robustness.check_config(config)
   _positive("checkpoint.every", config.checkpoint.every, integer=True)
   _positive("rounds_per_step", config.rounds_per_step, integer=True)
   if config.rounds % config.rounds_per_step:

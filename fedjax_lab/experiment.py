@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from fedjax_lab import config as config_lib
-from fedjax_lab import algorithms, evaluation, optim, runs, sharding
+from fedjax_lab import algorithms, evaluation, evaluation_robustness, optim, runs, sharding
 from fedjax_lab.checkpoint import Checkpointer
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.client import (ClientConfig, ExampleDP, example_dp_divisor, make_client_update,
@@ -234,6 +234,8 @@ class Experiment:
     config_lib.validate(config)
     self.config = config
     train, test = sources.load_dataset(config.data)
+    # eval.unknown_classes: held out of training and test; standardised with the test split.
+    train, test, unknown = evaluation_robustness.hold_out_classes(config, train, test)
     # holdout:F takes the public calibration set out of `train` before it is partitioned.
     train, self.public = public.load(config.optim.public_data, config.data, train)
     sites_note = partition.resolve_num_sites(train, config)  # by_column: the column's count
@@ -242,8 +244,9 @@ class Experiment:
                         "training examples; use fewer sites")
     self.sites = partition.partition(train, config.data, config.seed)
     # data.standardize: fitted on training data only (or per site, or public); one log line.
-    train, test, self.public, note = standardize.apply(config, train, test, self.sites,
-                                                       self.public)
+    train, test, self.public, note = standardize.apply(
+        config, train, evaluation_robustness.join(test, unknown), self.sites, self.public)
+    test, self.unknown = evaluation_robustness.split(test, unknown)
     self.data_notes = [n for n in (sites_note, note) if n]  # run() logs them at start
     self.train, self.test = train, test
     self.data = federated.from_partition(
@@ -395,7 +398,8 @@ class Experiment:
     """
     c = centralized_config(self.config)
     exp = Experiment(c, mesh=self.mesh)
-    return exp.evaluate(exp.run_rounds(exp.init_state(), c.rounds)).accuracy
+    self.centralized = (exp, exp.run_rounds(exp.init_state(), c.rounds))  # for final_metrics
+    return exp.evaluate(self.centralized[1]).accuracy
 
   def _over_budget(self, rounds: int) -> bool:
     return (self.privacy is not None and self.privacy.budget is not None
@@ -539,6 +543,8 @@ class Experiment:
             final_clip_norm=float(state.clip_norm))
     if cfg.eval.centralized_baseline:
       summary["centralized_test_accuracy"] = self.centralized_accuracy()
+    # AUC, macro-F1, bootstrap intervals, per-site metrics, eval.robustness (new keys only).
+    summary.update(evaluation_robustness.final_metrics(self, state))
     if primary:
       with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -16,6 +16,8 @@
   spread over 2 threads: 131 s wall at load average ~4 (idle machine: ~75 s, not measured).
   Peak RSS 7.7 GiB with float32 (the 7.45 GiB [N, G] output, filled in place; train and test
   are views of it), 4.0 GiB with `data.synthetic.dtype="float16"`.
+- `gse7390`: breast-cancer prognosis, distant metastasis within 5 years (198 tumours, 76
+  genes + clinical; `fedjax_lab/data/gse7390.py`: the censoring rule and where the file comes from).
 - `tfds:<name>`: a TFDS data set read through `tfds.data_source` (array_record), no TensorFlow.
   `data.path` is the TFDS data_dir. Images (uint8) are scaled to [0, 1].
 - `file`: a user file at `data.path`: `.npz` (arrays x, y; optional x_test, y_test; other
@@ -48,7 +50,7 @@ from fedjax_lab.errors import ConfigError
 
 log = logging.getLogger("fedjax_lab")
 
-NAMES = ("digits", "pbmc68k", "synthetic_expression", "tfds:<name>", "file")
+NAMES = ("digits", "pbmc68k", "synthetic_expression", "gse7390", "tfds:<name>", "file")
 FILE_EXTENSIONS = (".npz", ".csv", ".h5ad")
 SYNTHETIC_DTYPES = ("float32", "float16")
 
@@ -687,3 +689,6 @@ _SOURCES: dict[str, Callable[[Any], tuple[Dataset, Dataset]]] = {
     "synthetic_expression": _load_synthetic,
     "file": _load_file,
 }
+# GSE7390 breast-cancer prognosis (data/gse7390.py): registered here, loaded there.
+from fedjax_lab.data import gse7390 as _gse7390  # pylint: disable=g-import-not-at-top,wrong-import-position
+_SOURCES["gse7390"] = _gse7390.load
