@@ -1,0 +1,1 @@
+"""Privacy attacks on federated updates (gradient inversion: inversion.py)."""
