@@ -79,7 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sites_per_chunk = config_dict.placeholder(int)
   c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True))
   # Attack studies (fedjax_lab/attacks): keep the update each listed site sent in each listed
-  # round (1-based) in WORKDIR/attack/. Off by default: what it stores is private data.
+  # round (1-based; site -1: the whole cohort) in WORKDIR/attack/. Off by default: what it
+  # stores is private data.
   # inversion: the gradient-inversion attack's settings (attacks/inversion.py DEFAULTS).
   c.attack = ml_collections.ConfigDict(dict(record_sites=(), record_rounds=(),
                                             inversion=ml_collections.ConfigDict()))

@@ -411,3 +411,110 @@ def mean_ci(values, z: float = 1.96):
   if v.size < 2:
     return float(v.mean()), float("nan")
   return float(v.mean()), float(z * v.std(ddof=1) / math.sqrt(v.size))
+
+
+# ----------------------------------------------------------------------------- from a run
+
+
+def local_for(exp, count: int) -> Local:
+  """The local hyper-parameters of a site of `count` examples in Experiment `exp`."""
+  from fedjax_lab.client import example_dp_divisor
+  from fedjax_lab.models.cnn import image_shape
+  cfg = exp.config
+  data_shape = tuple(exp.train.x.shape[1:])
+  clip, divisor = None, 1.0
+  if exp.example_dp is not None:  # the replay clips like DP-SGD (its noise is unknown)
+    clip = cfg.dp.clip_norm
+    divisor = float(example_dp_divisor(exp.example_dp, cfg.client.batch_size, float(count)))
+  return Local(tx=exp.client_tx, lr=cfg.client.lr, local_steps=cfg.client.local_steps,
+               num_images=count, image_shape=image_shape(cfg.model, data_shape),
+               data_shape=data_shape, num_classes=exp.train.num_classes, clip_norm=clip,
+               divisor=divisor)
+
+
+def target_for(exp, rec: dict, reveal_bn: bool = True, known_labels: bool = False) -> Target:
+  """The Target of a recorded (or simulated) update, attacks/record.py's dict."""
+  cfg, n = exp.config, int(rec["count"])
+  rng = jax.random.wrap_key_data(jnp.asarray(rec["rng"], jnp.uint32))
+  positions = None
+  if exp.example_dp is not None:  # Poisson batches: known only when every example joins
+    positions = jnp.tile(jnp.arange(n), (cfg.client.local_steps, 1))
+  labels = jnp.asarray(exp.train.y)[jnp.asarray(rec["rows"])] if known_labels else None
+  return make_target(rec["global_params"], rec["global_model_state"], rec["delta"],
+                     rec["model_state"], rng, n, cfg.client.batch_size, cfg.client.local_steps,
+                     cfg.client.shuffle, labels=labels, reveal_bn=reveal_bn, positions=positions)
+
+
+def attack_record(exp, rec: dict, cfg=None, key=None, reveal_bn=True):
+  """Attacks one recorded update; returns (reconstructions [R, n, ...], leakage dict)."""
+  cfg = attack_config(cfg if cfg is not None else exp.config.attack.inversion)
+  local = local_for(exp, int(rec["count"]))
+  target = target_for(exp, rec, reveal_bn=reveal_bn)
+  key = jax.random.key(0) if key is None else key
+  xs, _, _ = attack_sites(exp.model, local, cfg, stack([target]), key)
+  originals = np.asarray(exp.train.x)[np.asarray(rec["rows"])]
+  prior = np.asarray(exp.test.x).mean(0)
+  return xs[0], leakage(xs[0], originals, prior, local.image_shape, cfg["ssim_window"],
+                        cfg["ssim_sigma"])
+
+
+def simulate(exp, round_number: int, site: int) -> dict:
+  """A fresh site's update: train round_number - 1 rounds, then what `site` sends next."""
+  from fedjax_lab.attacks import record
+  state = exp.run_rounds(exp.init_state(), round_number - 1)
+  return record.site_update(exp, state, round_number - 1, site)
+
+
+def main(argv):
+  """python -m fedjax_lab.attacks.inversion --config C [--workdir W] [--out D]"""
+  import json
+  import os
+  from absl import flags
+  from fedjax_lab import cli
+  from fedjax_lab.attacks import record
+  from fedjax_lab.experiment import Experiment
+  del argv
+  config, path = cli.load_config(_CONFIG)
+  cfg = attack_config(config.attack.inversion)
+  name = os.path.splitext(os.path.basename(path))[0]
+  out = flags.FLAGS.out or os.path.join("runs", f"inversion-{name}")
+  os.makedirs(out, exist_ok=True)
+  exp = Experiment(config)
+  workdir = flags.FLAGS.workdir
+  if workdir:
+    recs = [record.load(p) for p in record.list_records(workdir)]
+    if not recs:
+      cli.fail(f"--workdir: no recorded updates in {workdir}/{record.FOLDER}; train with "
+               "--config.attack.record_sites=(S,) --config.attack.record_rounds=(R,)")
+  else:  # a fresh site: the first listed site (or 0) at the first listed round (or the last)
+    site = int(config.attack.record_sites[0]) if config.attack.record_sites else 0
+    rnd = int(config.attack.record_rounds[0]) if config.attack.record_rounds else config.rounds
+    recs = [simulate(exp, rnd, site)]
+  results = []
+  for rec in recs:
+    xs, leak = attack_record(exp, rec, cfg)
+    tag = f"round{int(rec['round'])}_site{int(rec['site'])}"
+    originals = np.asarray(exp.train.x)[np.asarray(rec["rows"])]
+    best = matched(xs, originals, local_for(exp, int(rec["count"])).image_shape,
+                   cfg["ssim_window"], cfg["ssim_sigma"])
+    save_grid(os.path.join(out, f"{tag}.png"), originals, best,
+              local_for(exp, int(rec["count"])).image_shape,
+              titles=[f"{s:.2f}" for s in leak["ssim"]])
+    row = {"record": tag, **{k: [float(v) for v in leak[k]] for k in leak}}
+    results.append(row)
+    print(f"{tag}: images={int(rec['count'])} ssim={np.mean(leak['ssim']):.3f} "
+          f"prior_ssim={np.mean(leak['prior_ssim']):.3f} psnr={np.mean(leak['psnr']):.1f} "
+          f"rdlv={np.mean(leak['rdlv']):.2f} grid={os.path.join(out, tag + '.png')}")
+  with open(os.path.join(out, "leakage.json"), "w") as f:
+    json.dump({"attack": cfg, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+  from absl import app, flags as _flags
+  from fedjax_lab import cli as _cli
+  _CONFIG = _cli.define_config_flag(
+      default=__import__("os").path.join(_cli.ROOT, "configs", "inversion_digits.py"))
+  _flags.DEFINE_string("workdir", None, "A training workdir with recorded updates "
+                       "(attack.record_sites); without it a fresh site is simulated.")
+  _flags.DEFINE_string("out", None, "Output folder (default runs/inversion-<config>).")
+  app.run(main, flags_parser=_cli.parse_flags)

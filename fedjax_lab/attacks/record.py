@@ -2,7 +2,7 @@
 
 `attack.record_sites` / `attack.record_rounds` (off by default) make `Experiment.run` keep, for
 each listed round r (the `round` of metrics.jsonl, 1-based) and each listed site in that
-round's cohort, what the server received from it:
+round's cohort (site -1: every site of it), what the server received from it:
 WORKDIR/attack/round<r>_site<s>.msgpack. This is the private data of a site, in the clear:
 anyone who reads the workdir can attack it.
 
@@ -87,7 +87,11 @@ def save(exp, state_before, round_number: int, workdir: str) -> list:
   """Writes every listed site of round `round_number` that was in its cohort; their paths."""
   paths = []
   os.makedirs(os.path.join(workdir, FOLDER), exist_ok=True)
-  for site in exp.config.attack.record_sites:
+  sites = list(exp.config.attack.record_sites)
+  if -1 in sites:  # -1: every site of the round's cohort
+    ids, mask = cohort(exp, round_number - 1)
+    sites = sorted({int(s) for s in sites if s != -1} | {int(s) for s, m in zip(ids, mask) if m})
+  for site in sites:
     rec = site_update(exp, state_before, round_number - 1, int(site))
     if not rec["in_cohort"]:
       continue
