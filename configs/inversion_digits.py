@@ -2,7 +2,7 @@ r"""Gradient inversion of a digits site's update (fedjax_lab/attacks/inversion.p
 
   python -m fedjax_lab.attacks.inversion --config configs/inversion_digits.py            # fresh site
   python train.py --config configs/inversion_digits.py --workdir runs/inv \
-      --config.attack.record_sites='(3,7)' --config.attack.record_rounds='(20,)'        # record
+      --config.attack.record_sites=3,7 --config.attack.record_rounds=20,        # record
   python -m fedjax_lab.attacks.inversion --config configs/inversion_digits.py --workdir runs/inv
 
 :one_image (default)  1,500 sites of ONE digit each, 10 per round, CNN (16, 32 channels, 64

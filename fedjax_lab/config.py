@@ -169,6 +169,10 @@ def validate(config) -> None:
     raise ConfigError("sites_per_chunk", f"must be >= 0 (0: all sites at once; unset: 64 on "
                       f"CPU, 0 on GPU/TPU), got {config.sites_per_chunk}")
   _validate_dp(config)
+  for key in ("record_sites", "record_rounds"):
+    if not all(isinstance(v, int) for v in config.attack[key]):
+      raise ConfigError(f"attack.{key}", f"must be integers, e.g. --config.attack.{key}=3,7 "
+                        f"(got {tuple(config.attack[key])})")
   if config.attack.record_sites and (config.rounds_per_step != 1
                                      or config.algorithm.name not in ("fedavg", "fedprox")):
     raise ConfigError("attack.record_sites", "recording needs algorithm.name fedavg or fedprox "

@@ -485,7 +485,7 @@ def main(argv):
     recs = [record.load(p) for p in record.list_records(workdir)]
     if not recs:
       cli.fail(f"--workdir: no recorded updates in {workdir}/{record.FOLDER}; train with "
-               "--config.attack.record_sites=(S,) --config.attack.record_rounds=(R,)")
+               "--config.attack.record_sites=S, --config.attack.record_rounds=R,")
   else:  # a fresh site: the first listed site (or 0) at the first listed round (or the last)
     site = int(config.attack.record_sites[0]) if config.attack.record_sites else 0
     rnd = int(config.attack.record_rounds[0]) if config.attack.record_rounds else config.rounds
