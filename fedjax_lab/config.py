@@ -15,7 +15,7 @@ DP_LEVELS = ("none", "example", "site")
 DP_NOISE = ("parallel", "coordinated")
 ACCOUNTANTS = ("rdp", "pld")
 # Sub-configs whose keys are free-form (validated by whoever reads them).
-_FREE_FORM = ("client.optimizer_args", "server.optimizer_args")
+_FREE_FORM = ("client.optimizer_args", "server.optimizer_args", "attack.inversion")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -84,6 +84,12 @@ def default_config() -> ml_collections.ConfigDict:
   # unset: 64 on CPU, 0 on GPU/TPU. Results do not depend on it beyond float rounding.
   c.sites_per_chunk = config_dict.placeholder(int)
   c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True))
+  # Attack studies (fedjax_lab/attacks): keep the update each listed site sent in each listed
+  # round (1-based; site -1: the whole cohort) in WORKDIR/attack/. Off by default: what it
+  # stores is private data.
+  # inversion: the gradient-inversion attack's settings (attacks/inversion.py DEFAULTS).
+  c.attack = ml_collections.ConfigDict(dict(record_sites=(), record_rounds=(),
+                                            inversion=ml_collections.ConfigDict()))
   return c
 
 
@@ -171,6 +177,14 @@ def validate(config) -> None:
     raise ConfigError("sites_per_chunk", f"must be >= 0 (0: all sites at once; unset: 64 on "
                       f"CPU, 0 on GPU/TPU), got {config.sites_per_chunk}")
   _validate_dp(config)
+  for key in ("record_sites", "record_rounds"):
+    if not all(isinstance(v, int) for v in config.attack[key]):
+      raise ConfigError(f"attack.{key}", f"must be integers, e.g. --config.attack.{key}=3,7 "
+                        f"(got {tuple(config.attack[key])})")
+  if config.attack.record_sites and (config.rounds_per_step != 1
+                                     or config.algorithm.name not in ("fedavg", "fedprox")):
+    raise ConfigError("attack.record_sites", "recording needs algorithm.name fedavg or fedprox "
+                      "and rounds_per_step=1")
   standardize.resolve(config)  # data.standardize against dp.level and optim.public_data
 
 

@@ -471,7 +471,11 @@ class Experiment:
                       "(epsilon %.4f)", self.privacy.budget, completed, self.epsilon(completed))
           break
         t0 = time.perf_counter()
+        from fedjax_lab.attacks import record  # attack.record_sites: off by default
+        before = jax.tree.map(np.array, state) if record.wants(cfg, completed + 1) else None
         state, metrics = self.step(state, self.data, self.keys["sampling"], self.keys["client"])
+        if before is not None and primary:
+          record.save(self, before, completed + 1, workdir)
         losses = np.atleast_1d(np.asarray(metrics.train_loss))
         messages = np.atleast_1d(np.asarray(metrics.messages))
         overflow = np.atleast_1d(np.asarray(metrics.dp_overflow))

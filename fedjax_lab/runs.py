@@ -29,10 +29,11 @@ from fedjax_lab.errors import ConfigError
 #   log.*             progress bar and TensorBoard only
 #   checkpoint.every, checkpoint.keep   when and how many checkpoints are written
 #   eval.every, eval.batch_size         which rounds are evaluated, and in what batches
+#   attack.*          what an attack study records or attacks (never how the run trains)
 # (A calibrated sigma depends on rounds: Experiment.run refuses a resume whose privacy plan
 # differs, so extending a run calibrated to dp.target_epsilon fails there, by design.)
 RESUMABLE_KEYS = ("rounds", "log.*", "checkpoint.every", "checkpoint.keep", "eval.every",
-                  "eval.batch_size")
+                  "eval.batch_size", "attack.*")
 
 RUN_FILE = "run.json"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -53,7 +53,7 @@ def test_fingerprint_is_the_hash_of_the_non_resumable_keys():
   import hashlib
   c = default_config()
   flat = json.loads(c.to_json_best_effort())
-  for key in ("rounds", "log", "checkpoint"):
+  for key in ("rounds", "log", "checkpoint", "attack"):
     flat.pop(key)
   del flat["eval"]["every"], flat["eval"]["batch_size"]
   flat_keys = {}

@@ -1,2 +1,3 @@
-"""Privacy attacks and audits on the lab's models: membership inference (LiRA, membership.py)
-and empirical lower bounds on epsilon (audit.py)."""
+"""Privacy attacks and audits on the lab's models: membership inference (LiRA, membership.py),
+empirical lower bounds on epsilon (audit.py) and gradient inversion of federated updates
+(inversion.py)."""
