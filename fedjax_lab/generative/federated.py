@@ -156,11 +156,12 @@ class FederatedVAE:
       params, opt = carry
       k_batch, k_noise = jax.random.split(jax.random.fold_in(rng, t))
       batch, weights, norm, overflow = self._batch(k_batch, site_idx, site_count, data)
-      (loss_sum, (rec_sum, kl_sum)), grads = jax.value_and_grad(self._sums, has_aux=True)(
-          params, batch, weights)
       if self.example_dp:
+        loss_sum, (rec_sum, kl_sum) = self._sums(params, batch, weights)
         grads = self._dp_gradients(params, batch, weights, norm, k_noise)
       else:
+        (loss_sum, (rec_sum, kl_sum)), grads = jax.value_and_grad(self._sums, has_aux=True)(
+            params, batch, weights)
         grads = jax.tree.map(lambda g: g / norm, grads)
       new_params, new_opt = {}, {}
       for part in ("encoder", "decoder"):
