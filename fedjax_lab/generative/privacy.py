@@ -68,7 +68,8 @@ class Plan:
             "the decoder released" if self.level == "example" else
             "every site's released update clipped and noised; encoders never released")
     return (f"({epsilon:.3f}, {self.delta:g})-DP for {unit}, add/remove-one, against anyone "
-            f"who sees {released} after every round ({what})")
+            f"who sees {released} after every round ({what}); the noise is derived from "
+            "config.seed: none against anyone who knows it")
 
 
 def make_plan(config, site_counts: np.ndarray) -> Plan | None:
