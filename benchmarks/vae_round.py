@@ -24,11 +24,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def build(num_sites: int):
+def build(num_sites: int, model: str):
   from configs import dpd_fvae
   from fedjax_lab.generative import federated, models, train
   c = dpd_fvae.get_config()
   c.data.num_sites = num_sites
+  c.generative.model = model
   data, tr, _ = train.load_data(c)
   vae = models.CVAE(c.generative, tr.num_classes, tr.x.shape[1:])
   return c, data, federated.FederatedVAE(vae, c, None)
@@ -74,8 +75,9 @@ def main():
   parser.add_argument("--sites", type=int, default=50)
   parser.add_argument("--rounds", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--model", default="conv", choices=("conv", "mlp"))
   args = parser.parse_args()
-  c, data, fed = build(args.sites)
+  c, data, fed = build(args.sites, args.model)
   vmapped_step = jax.jit(lambda s: fed.round(s, data, c.seed)[0])
   loop_step = make_loop(fed, data, c.seed)
   init = fed.init(c.seed, data.num_sites)
@@ -91,7 +93,8 @@ def main():
   med = {k: float(np.median(v)) for k, v in times.items()}
   print(f"devices={jax.device_count()} ({jax.devices()[0].platform}) sites={args.sites} "
         f"local_steps={c.client.local_steps} batch={c.client.batch_size} "
-        f"conv VAE {c.generative.conv_features} latent={c.generative.latent_dim}")
+        f"{args.model} VAE (conv {c.generative.conv_features}, mlp {c.generative.hidden}) "
+        f"latent={c.generative.latent_dim}")
   for k in ("vmapped", "loop"):
     print(f"{k:8s} {1e3 * med[k]:9.1f} ms/round  (runs: "
           + ", ".join(f"{1e3 * t:.1f}" for t in times[k]) + ")")
