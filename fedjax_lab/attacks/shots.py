@@ -147,8 +147,9 @@ def fit_power_law(rows, fpr: str) -> dict:
     return {"beta_S": None, "ci": None, "points": len(pts)}
   res = stats.linregress(np.log(pts[:, 0]), np.log(pts[:, 1]))
   t = stats.t.ppf(0.975, len(pts) - 2)
-  return {"beta_S": -res.slope, "ci": [-res.slope - t * res.stderr, -res.slope + t * res.stderr],
-          "beta_0": -res.intercept, "points": len(pts)}
+  return {"beta_S": float(-res.slope),
+          "ci": [float(-res.slope - t * res.stderr), float(-res.slope + t * res.stderr)],
+          "beta_0": float(-res.intercept), "points": len(pts)}
 
 
 def plot(rows, path):
@@ -175,5 +176,9 @@ def format_table(summary) -> str:
     lines.append(f"{r['S']:3d}  {r['seed']:4d}  {r['auc']:.3f}  {a['tpr']:.4f} [{a['tpr_lo']:.4f},"
                  f" {a['tpr_hi']:.4f}]  {r['tpr_0.01']['tpr']:.4f}     {r['grad_spearman']:.3f}")
   for f, fit in summary["fit"].items():
-    lines.append(f"FPR {f}: beta_S={fit['beta_S']} 95% CI {fit['ci']} ({fit['points']} points)")
+    if fit["beta_S"] is None:
+      lines.append(f"FPR {f}: no fit ({fit['points']} points with TPR > FPR)")
+    else:
+      lines.append(f"FPR {f}: beta_S={fit['beta_S']:.2f} 95% CI [{fit['ci'][0]:.2f}, "
+                   f"{fit['ci'][1]:.2f}] ({fit['points']} points)")
   return "\n".join(lines)
