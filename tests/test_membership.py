@@ -129,3 +129,17 @@ def test_lira_with_dp_stays_within_epsilon():
     assert r["tpr_lo"] <= np.exp(eps) * max(r["fpr"], 1 / r["n_out"]) + 1e-5, (eps, r)
   bound = audit.epsilon_lower_bound(scores[labels], scores[~labels], 1e-5)
   assert bound < eps
+
+
+def test_pca_extractor_matches_sklearn_whitened_pca():
+  from sklearn.decomposition import PCA  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.attacks import shots  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.data import sources  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  x = (rng.normal(size=(120, 30)) @ rng.normal(size=(30, 30))).astype(np.float32)
+  public = sources.Dataset(x=x[:80], y=np.zeros(80, np.int32), num_classes=1, columns={},
+                           name="public")
+  ours = shots._pca_extractor(public, 5)(x[80:])  # pylint: disable=protected-access
+  ref = PCA(5, whiten=True, svd_solver="full").fit(x[:80].astype(np.float64)).transform(x[80:])
+  signs = np.sign(np.sum(ours * ref, axis=0))  # components are defined up to sign
+  np.testing.assert_allclose(ours * signs, ref, rtol=1e-3, atol=1e-3)
