@@ -1,6 +1,6 @@
 r"""Shadow models per second: K digits-MLP shadows vmapped in one program vs one at a time.
 
-  python benchmarks/shadow_models.py            # 64 shadows, ~3-5 min on 2 busy CPU cores
+  python benchmarks/shadow_models.py            # 64 shadows, ~1 min on 2 busy CPU cores
   python benchmarks/shadow_models.py --quick
 
 Each shadow: MLP 64-128-10 trained by the lab's round (one site holding a random half of the
