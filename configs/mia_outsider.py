@@ -5,7 +5,7 @@ in training? (fedjax_lab/attacks/membership.py)
   python -m fedjax_lab.attacks.membership --config configs/mia_outsider.py \
       --config.mia.target_workdir=runs/digits_fedavg-<hash>   # a train.py run as the target
 
-target: configs/digits_fedavg.py on half the digits training split (750 examples in 100 sites
+target: configs/digits_fedavg.py on half the digits training split (750 examples in 94 sites
 of 8); 64 such FedAvg runs, vmapped, each on its own random half; LiRA leave-one-out over 16.
 """
 

@@ -77,35 +77,41 @@ def _experiment(dp_epsilon=None, steps=150):
 
 
 @pytest.fixture(scope="module")
-def plain_experiment():
-  return _experiment()
+def plain_shadows():
+  """32 shadows without DP, vmapped over the 8 test devices (the sharded path): compiled once
+  and shared by the equality and the LiRA tests (compilation is most of their time)."""
+  return _shadows(_experiment())
 
 
-def test_vmapped_shadows_equal_one_by_one(plain_experiment):
-  exp = plain_experiment
-  rng = np.random.default_rng(3)
-  x, y = exp.train.x[:80], exp.train.y[:80]
-  mask = mia.random_subsets(rng, 80, 4)
-  idx, count = mia.site_tables(mask, 10, rng)  # 4 sites of 10 per model
-  trainer = mia.ShadowTrainer(exp, rounds=1)
-  vm, _ = trainer.train(x, y, idx[:, :1], count[:, :1], np.arange(4))
-  loop, _ = trainer.train(x, y, idx[:, :1], count[:, :1], np.arange(4), vmapped=False)
-  for a, b in zip(jax.tree.leaves(vm), jax.tree.leaves(loop)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-
-
-def _lira(exp, num_models=32, pool=200):
+def _shadows(exp, num_models=32, pool=200, mesh=None):
   rng = np.random.default_rng(4)
   x, y = exp.train.x[:pool], exp.train.y[:pool]
   mask = mia.random_subsets(rng, pool, num_models)
-  idx, count = mia.site_tables(mask, pool // 2, rng)
-  params, _ = mia.ShadowTrainer(exp, rounds=1).train(x, y, idx, count, np.arange(num_models))
-  phi, nl = mia.model_scores(exp.model, params, x, y)
-  return mia.run_attacks(phi, nl, mask, num_targets=16)["lira_online_fixed_var"]
+  idx, count = mia.site_tables(mask, pool // 2, rng)  # one site of 100 per model
+  trainer = mia.ShadowTrainer(exp, rounds=1)
+  params, _ = trainer.train(x, y, idx, count, np.arange(num_models), mesh=mesh)
+  return dict(exp=exp, trainer=trainer, x=x, y=y, mask=mask, idx=idx, count=count,
+              params=params)
 
 
-def test_lira_without_dp_reaches_high_tpr_at_low_fpr(plain_experiment):
-  scores, labels = _lira(plain_experiment)
+def _lira(shadows):
+  s = shadows
+  phi, nl = mia.model_scores(s["exp"].model, s["params"], s["x"], s["y"])
+  return mia.run_attacks(phi, nl, s["mask"], num_targets=16)["lira_online_fixed_var"]
+
+
+def test_vmapped_shadows_equal_one_by_one(plain_shadows):
+  s = plain_shadows
+  assert s["trainer"]._many._cache_size() == 1  # pylint: disable=protected-access
+  # The first 4 shadows again, one jitted single-model program per shadow, on one device.
+  loop, _ = s["trainer"].train(s["x"], s["y"], s["idx"][:4], s["count"][:4], np.arange(4),
+                               vmapped=False)
+  for a, b in zip(jax.tree.leaves(s["params"]), jax.tree.leaves(loop)):
+    np.testing.assert_allclose(np.asarray(a)[:4], np.asarray(b), atol=1e-5)
+
+
+def test_lira_without_dp_reaches_high_tpr_at_low_fpr(plain_shadows):
+  scores, labels = _lira(plain_shadows)
   r = mia.tpr_at_fpr(scores, labels, 1e-3)
   assert r["tpr_lo"] > 0.02, r  # > 20x the 0.1% of a random guess, with 95% confidence
 
@@ -116,9 +122,24 @@ def test_lira_with_dp_stays_within_epsilon():
   sigma, steps, q = exp.privacy.noise_multiplier, exp.config.client.local_steps, 20 / 100
   eps = accounting.epsilon(sigma, q, steps, 1e-5, "pld")  # the shadows' own q (100 examples)
   assert eps < 2.0
-  scores, labels = _lira(exp)
+  # One device: the sharded path is checked above, and its compile costs ~2x more here.
+  scores, labels = _lira(_shadows(exp, mesh=sharding.make_mesh(jax.devices()[:1])))
   for f in (1e-3, 1e-2):
     r = mia.tpr_at_fpr(scores, labels, f)
     assert r["tpr_lo"] <= np.exp(eps) * max(r["fpr"], 1 / r["n_out"]) + 1e-5, (eps, r)
   bound = audit.epsilon_lower_bound(scores[labels], scores[~labels], 1e-5)
   assert bound < eps
+
+
+def test_pca_extractor_matches_sklearn_whitened_pca():
+  from sklearn.decomposition import PCA  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.attacks import shots  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.data import sources  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  x = (rng.normal(size=(120, 30)) @ rng.normal(size=(30, 30))).astype(np.float32)
+  public = sources.Dataset(x=x[:80], y=np.zeros(80, np.int32), num_classes=1, columns={},
+                           name="public")
+  ours = shots._pca_extractor(public, 5)(x[80:])  # pylint: disable=protected-access
+  ref = PCA(5, whiten=True, svd_solver="full").fit(x[:80].astype(np.float64)).transform(x[80:])
+  signs = np.sign(np.sum(ours * ref, axis=0))  # components are defined up to sign
+  np.testing.assert_allclose(ours * signs, ref, rtol=1e-3, atol=1e-3)

@@ -58,6 +58,11 @@ def logit_confidence(logits, labels):
     raise ValueError(f"logits must be [..., N, C] with C >= 2 classes, got shape {z.shape}")
   if labels.shape != z.shape[-2:-1]:
     raise ValueError(f"labels must be [{z.shape[-2]}], got shape {labels.shape}")
+  return _logit_confidence(z, labels)
+
+
+@jax.jit
+def _logit_confidence(z, labels):  # one compiled program, not a dispatch per op
   onehot = jax.nn.one_hot(labels, z.shape[-1], dtype=bool)
   z_y = jnp.sum(jnp.where(onehot, z, 0.0), axis=-1)
   return z_y - jax.nn.logsumexp(jnp.where(onehot, -jnp.inf, z), axis=-1)
@@ -397,6 +402,9 @@ def default_mia_config():
       shots_seeds=3,
       shots_steps=300,        # shots: head training steps (full batch of the model's data)
       feature_fraction=0.4,   # shots: share of the data that trains the frozen extractor
+      extractor="mlp",        # shots: mlp (hidden layer, 64-feature digits) | pca (any width)
+      pca_dim=32,             # shots, extractor=pca: whitened principal components kept
+      min_class_count=0,      # shots: drop classes with fewer examples (2S per class needed)
   ))
 
 

@@ -1,9 +1,12 @@
 """The shots study (Tobaben et al., arXiv 2402.06674): LiRA's TPR at low FPR against the number
 of examples per class S, log(TPR - FPR) = -beta_S log S - beta_0 (theory: beta_S = 1/2).
 
-A frozen feature extractor stands in for the paper's pretrained backbone: the hidden layer of
-an MLP trained (by the lab's round) on a public share of the data (mia.feature_fraction), never
-on the pool the attacked heads see. Each head is a linear model (the lab's "linear" model,
+A frozen feature extractor stands in for the paper's pretrained backbone, fitted on a public
+share of the data (mia.feature_fraction), never on the pool the attacked heads see:
+mia.extractor="mlp" is the hidden layer of an MLP trained by the lab's round (digits);
+"pca" the top mia.pca_dim principal components, whitened (any input width: pbmc68k's 765
+genes). Classes with fewer than mia.min_class_count examples in all are dropped first (the
+offline pool needs 2S per class). Each head is a linear model (the lab's "linear" model,
 trained by Experiment.round_fn: one site, full-batch SGD for mia.shots_steps steps) on S
 examples per class; for each S and seed, K heads each train on a class-stratified random half
 of a pool of 2S per class, and LiRA (online, fixed variance) runs leave-one-out.
@@ -20,6 +23,16 @@ from scipy import stats
 from fedjax_lab.attacks import membership as mia
 from fedjax_lab.config import default_config
 from fedjax_lab.data import sources
+
+
+def _pca_extractor(train, dim: int):
+  """Whitened projection on the top `dim` principal components of train.x."""
+  x = train.x.reshape(len(train.x), -1).astype(np.float64)
+  mean = x.mean(0)
+  _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
+  dim = min(dim, len(sv))
+  w = vt[:dim].T / (sv[:dim] / np.sqrt(max(len(x) - 1, 1)))
+  return lambda z: ((z.reshape(len(z), -1) - mean) @ w).astype(np.float32)
 
 
 def _extractor(train, hidden: int, seed: int):
@@ -66,16 +79,30 @@ def study(config, workdir: str) -> dict:
   train, test = sources.load_dataset(config.target.data)
   x = np.concatenate([train.x, test.x])
   y = np.concatenate([train.y, test.y])
+  kept = np.flatnonzero(np.bincount(y, minlength=train.num_classes) >= m.min_class_count)
+  if len(kept) < 2:
+    raise ValueError(f"mia.min_class_count={m.min_class_count} leaves {len(kept)} classes")
+  keep = np.isin(y, kept)
+  x, y = x[keep], np.searchsorted(kept, y[keep])  # classes renumbered 0..len(kept)-1
+  num_classes = len(kept)
   rng = np.random.default_rng(m.seed)
   order = rng.permutation(len(y))
   n_pub = int(m.feature_fraction * len(y))
   pub = order[:n_pub]
   private = order[n_pub:]
-  public = sources.Dataset(x=x[pub], y=y[pub], num_classes=train.num_classes, columns={},
+  public = sources.Dataset(x=x[pub], y=y[pub], num_classes=num_classes, columns={},
                            name="public")
-  extract = _extractor(public, 128, m.seed)
+  if m.extractor == "pca":
+    extract = _pca_extractor(public, m.pca_dim)
+  elif m.extractor == "mlp":
+    if x[0].size != 64:
+      raise ValueError(f"mia.extractor=mlp is built for digits' 64 features, got {x[0].size}; "
+                       "use mia.extractor=pca")
+    extract = _extractor(public, 128, m.seed)
+  else:
+    raise ValueError(f"mia.extractor must be 'mlp' or 'pca', got {m.extractor!r}")
   feats, labels = extract(x[private]), y[private]
-  per_class = np.bincount(labels, minlength=train.num_classes).min()
+  per_class = np.bincount(labels, minlength=num_classes).min()
   rows = []
   for s in m.shots:
     if 2 * s > per_class:
@@ -85,9 +112,9 @@ def study(config, workdir: str) -> dict:
     for seed in range(m.shots_seeds):
       r = np.random.default_rng(1000 * s + seed)
       pool = np.concatenate([r.choice(np.flatnonzero(labels == c), 2 * s, replace=False)
-                             for c in range(train.num_classes)])
+                             for c in range(num_classes)])
       fx, fy = feats[pool], labels[pool]
-      exp = _head_experiment(fx, fy, train.num_classes, m.shots_steps, s * train.num_classes)
+      exp = _head_experiment(fx, fy, num_classes, m.shots_steps, s * num_classes)
       mask = mia.random_subsets(r, len(fy), m.num_models, strata=fy)
       idx, count = mia.site_tables(mask, int(mask.sum(1)[0]), r)
       params, _ = mia.ShadowTrainer(exp, 1).train(fx, fy, idx, count,
@@ -120,8 +147,9 @@ def fit_power_law(rows, fpr: str) -> dict:
     return {"beta_S": None, "ci": None, "points": len(pts)}
   res = stats.linregress(np.log(pts[:, 0]), np.log(pts[:, 1]))
   t = stats.t.ppf(0.975, len(pts) - 2)
-  return {"beta_S": -res.slope, "ci": [-res.slope - t * res.stderr, -res.slope + t * res.stderr],
-          "beta_0": -res.intercept, "points": len(pts)}
+  return {"beta_S": float(-res.slope),
+          "ci": [float(-res.slope - t * res.stderr), float(-res.slope + t * res.stderr)],
+          "beta_0": float(-res.intercept), "points": len(pts)}
 
 
 def plot(rows, path):
@@ -148,5 +176,9 @@ def format_table(summary) -> str:
     lines.append(f"{r['S']:3d}  {r['seed']:4d}  {r['auc']:.3f}  {a['tpr']:.4f} [{a['tpr_lo']:.4f},"
                  f" {a['tpr_hi']:.4f}]  {r['tpr_0.01']['tpr']:.4f}     {r['grad_spearman']:.3f}")
   for f, fit in summary["fit"].items():
-    lines.append(f"FPR {f}: beta_S={fit['beta_S']} 95% CI {fit['ci']} ({fit['points']} points)")
+    if fit["beta_S"] is None:
+      lines.append(f"FPR {f}: no fit ({fit['points']} points with TPR > FPR)")
+    else:
+      lines.append(f"FPR {f}: beta_S={fit['beta_S']:.2f} 95% CI [{fit['ci'][0]:.2f}, "
+                   f"{fit['ci'][1]:.2f}] ({fit['points']} points)")
   return "\n".join(lines)
