@@ -10,6 +10,7 @@ allowed beside it), a badly typed value, a config file that does not load.
 """
 
 import ast
+import logging
 import os
 import sys
 
@@ -20,6 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "digits_fedavg.py")
 
 _optimizer_args = []  # (side, name, value) taken out of argv by define_config_flag
+
+# numexpr (pulled in through pandas) announces its thread count at INFO when it is imported,
+# which absl prints: a config error would no longer be the one line on stderr.
+logging.getLogger("numexpr").setLevel(logging.WARNING)
 
 
 def fail(message: str):

@@ -21,7 +21,7 @@ from fedjax_lab.client import ClientConfig, example_dp_divisor, make_client_upda
 from fedjax_lab.config import validate
 from fedjax_lab.data.federated import from_partition
 from fedjax_lab.errors import ConfigError
-from fedjax_lab.experiment import Experiment, noise_coverage
+from fedjax_lab.experiment import Experiment, draw_secret, noise_coverage
 from fedjax_lab.privacy.sampling import max_sample_size, poisson_sample
 from test_dp_round import _moved, _round_with
 from test_experiment import tiny_config
@@ -212,14 +212,16 @@ def _secret_config(**overrides):
 
 def test_secret_randomness_differs_per_run_and_is_written_only_in_checkpoints(tmp_path):
   a, b = tmp_path / "a", tmp_path / "b"
-  sa = Experiment(_secret_config()).run(str(a))
-  sb = Experiment(_secret_config()).run(str(b))
+  exp = Experiment(_secret_config(rounds=2))
+  sa = exp.run(str(a))
+  exp.set_secret(draw_secret())  # what a new Experiment draws (it reuses the compiled round)
+  sb = exp.run(str(b))
   assert sa["params_sha256"] != sb["params_sha256"]  # same seed, fresh secrets
   assert sa["privacy"]["randomness"] == "secret"
   assert all("config.seed" not in g["assumes"] for g in sa["privacy"]["guarantees"])
-  seeded = [Experiment(_secret_config(**{"dp.randomness": "seeded"})).run(str(tmp_path / d))
-            for d in ("c", "d")]
-  assert seeded[0]["params_sha256"] == seeded[1]["params_sha256"]
+  seeded = Experiment(_secret_config(rounds=2, **{"dp.randomness": "seeded"}))
+  c, d = (seeded.run(str(tmp_path / w))["params_sha256"] for w in ("c", "d"))
+  assert c == d
   # The secret's words appear in the checkpoint's metadata and in no other file of the run.
   meta = json.loads(open(glob.glob(str(a / "checkpoints" / "*" / "meta" / "metadata"))[0]).read())
   words = [str(w) for w in meta["dp_secret"]]
