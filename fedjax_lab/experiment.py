@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-import optax
 
 from fedjax_lab import config as config_lib
 from fedjax_lab import algorithms, evaluation, optim, runs, sharding
@@ -192,9 +191,9 @@ def _any_process_signalled(signalled_here: bool) -> bool:
 
 
 def _round_devices(config, privacy: PrivacyPlan | None) -> list:
-  """Every device, or one CPU device for a FedAvg round too small to split (see
-  sharding.round_devices); the other algorithms always shard their per-site state."""
-  if config.algorithm.name not in ("fedavg", "fedprox"):
+  """Every device, or one CPU device for a round too small to split (see
+  sharding.round_devices); algorithms with per-site state always shard it."""
+  if algorithms.per_site_state(config.algorithm.name):
     return jax.devices()
   per_round = privacy.slots if config.dp.level == "site" else config.cohort_size
   return sharding.round_devices(per_round, config.min_sites_per_device)
@@ -259,20 +258,25 @@ class Experiment:
     # Under dp.randomness=secret a fresh secret per run (run() keeps the checkpoint's on resume).
     secret = self.privacy is not None and self.privacy.randomness == "secret"
     self.set_secret(draw_secret() if secret else None)
+    # The objective's (l2/2)||w||^2 is in the client's gradient (client.make_site_gradient).
     self.client_tx = optim.make_optimizer(config.client.optimizer, config.client.lr,
                                           key_prefix="client", **config.client.optimizer_args)
-    if config.model.l2:  # the objective's (l2/2)||w||^2, as algorithms/common.py adds it
-      self.client_tx = optax.chain(optax.add_decayed_weights(config.model.l2), self.client_tx)
     self.server_tx = optim.make_optimizer(config.server.optimizer, config.server.lr,
                                           key_prefix="server", **config.server.optimizer_args)
-    prox_mu = config.client.prox_mu if config.algorithm.name == "fedprox" else 0.0
     self.example_dp = example_dp = self._example_dp()
     if example_dp is not None:
       self._check_noise_coverage(example_dp)
-    self.client_update = make_client_update(self.model, self.client_tx, ClientConfig(
+    client_config = ClientConfig(
         local_steps=config.client.local_steps, batch_size=config.client.batch_size,
-        shuffle=config.client.shuffle, prox_mu=prox_mu,
-        public_batch_size=config.optim.public_batch_size), dp=example_dp)
+        shuffle=config.client.shuffle, prox_mu=0.0,
+        public_batch_size=config.optim.public_batch_size)
+
+    def client_update_with(correction=None, local_epochs=config.client.local_epochs):
+      return make_client_update(self.model, self.client_tx, client_config, dp=example_dp,
+                                correction=correction, l2=config.model.l2,
+                                local_epochs=local_epochs)
+
+    self.client_update = client_update_with()
     self.fedbn = config.algorithm.batch_stats == "local"
     self.algorithm = algorithms.make_algorithm(algorithms.AlgorithmContext(
         config=config, model=self.model, client_update=self.client_update,
@@ -281,7 +285,8 @@ class Experiment:
         server_objective=(make_public_objective(self.model, config.optim.public_batch_size)
                           if config.server.optimizer in optim.CURVATURE_OPTIMIZERS else None),
         sites_per_chunk=(sharding.default_sites_per_chunk() if config.sites_per_chunk is None
-                         else config.sites_per_chunk)))
+                         else config.sites_per_chunk),
+        example_dp=example_dp, make_client_update=client_update_with))
     self.round_fn = self.algorithm.round
     self.rounds_per_step = config.rounds_per_step
     step = (self.round_fn if self.rounds_per_step == 1

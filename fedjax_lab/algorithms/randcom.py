@@ -36,6 +36,9 @@ from fedjax_lab.algorithms import common, schedules, topology as topology_lib
 
 log = logging.getLogger("fedjax_lab")
 
+# Every site keeps its own model and takes part in every local step.
+EVERY_SITE = PER_SITE_STATE = True
+
 
 RandComState = common.PerSiteState
 
@@ -72,3 +75,14 @@ def build(ctx):
   topology = topology_lib.from_config(ctx.config)
   log.info("randcom: %s", topology_lib.describe(topology, lazy=True))
   return common.build_per_site(ctx, make_round, controls=True, topology=topology)
+
+
+def validate(config) -> None:
+  common.validate_per_site(config)
+  topology_lib.validate(config)
+
+
+def check_sites(config) -> None:
+  """Once data.num_sites is known: a torus needs a composite number of sites."""
+  if config.algorithm.topology == "torus":
+    topology_lib.build("torus", config.data.num_sites)  # raises if num_sites is prime
