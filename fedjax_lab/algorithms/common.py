@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import algorithms, client, sharding
-from fedjax_lab.algorithms import Algorithm, RoundMetrics, schedules
+from fedjax_lab.algorithms import Algorithm, schedules
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.models import Model

@@ -28,7 +28,7 @@ import optax
 
 from fedjax_lab import aggregators, algorithms, sharding
 from fedjax_lab.aggregators import AdaptiveClip, clip_by_global_norm  # noqa: F401 (API)
-from fedjax_lab.algorithms import RoundMetrics, round_metrics
+from fedjax_lab.algorithms import RoundMetrics, round_metrics  # noqa: F401 (API)
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.privacy.sampling import poisson_sample
 
