@@ -72,7 +72,7 @@ def run(self, workdir: str) -> dict:
                         "use the same dp.randomness or a new workdir")
     if self.secret is not None:
       self.set_secret(meta["dp_secret"])
-    state = place_state(state, self.mesh)
+    state = experiment.place_state(state, self.mesh)
     log.info("resumed from %s at round %d", workdir, start)
   # A multi-process run trains as one program; process 0 alone writes what it reports.
   primary = jax.process_index() == 0

@@ -179,9 +179,23 @@ def validate_fixed_steps(config) -> None:
                       "counts: algorithm.name=fednova or fedavg)")
 
 
+def refuse_dp(config, why_not_site_level: str) -> None:
+  """Example-level DP with parallel noise only: DP-SGD steps at the sites are sound for any
+  algorithm whose messages are computed from the privatized gradients and public values.
+  Site-level DP is refused with the reason; coordinated noise needs each site's update to be
+  linear in its noise share (one FedAvg SGD step)."""
+  name = config.algorithm.name
+  if config.dp.level == "site":
+    raise ConfigError("dp.level", f"site-level DP is not available for algorithm '{name}': "
+                      f"{why_not_site_level}; allowed: none, example")
+  if config.dp.level == "example" and config.dp.noise == "coordinated":
+    raise ConfigError("dp.noise", "coordinated noise needs each site's update to be linear in "
+                      f"its noise share (one FedAvg SGD step); allowed with {name}: parallel")
+
+
 def validate_per_site(config) -> None:
   """ProxSkip, RandCom and D-SGD: the communication schedule, and which DP is sound."""
-  name, a = config.algorithm.name, config.algorithm
+  a = config.algorithm
   _one_of("algorithm.comm_schedule", a.comm_schedule, schedules.COMM_SCHEDULES)
   if not 0 < a.comm_prob <= 1:
     raise ConfigError("algorithm.comm_prob", f"must be in (0, 1], got {a.comm_prob}")
@@ -189,13 +203,22 @@ def validate_per_site(config) -> None:
     raise ConfigError("algorithm.comm_every", f"must be a positive integer, got {a.comm_every}")
   validate_plain_sgd(config)
   validate_fixed_steps(config)
-  if config.dp.level == "site":
-    raise ConfigError("dp.level", f"site-level DP is not sound for algorithm '{name}': every "
-                      "site's own model leaves it at each communicating step, unclipped and "
-                      "unnoised; allowed: none, example (DP-SGD steps)")
-  if config.dp.level == "example" and config.dp.noise == "coordinated":
-    raise ConfigError("dp.noise", f"coordinated noise needs each site's update to be linear in "
-                      f"its noise share (one FedAvg SGD step); allowed with {name}: parallel")
+  refuse_dp(config, "every site's own model leaves it at each communicating step, unclipped "
+            "and unnoised")
+
+
+def validate_gossip(config) -> None:
+  """RandCom and D-SGD: validate_per_site and the graph's keys."""
+  from fedjax_lab.algorithms import topology
+  validate_per_site(config)
+  topology.validate(config)
+
+
+def check_gossip_sites(config) -> None:
+  """Once data.num_sites is known: a torus needs a composite number of sites."""
+  from fedjax_lab.algorithms import topology
+  if config.algorithm.topology == "torus":
+    topology.build("torus", config.data.num_sites)  # raises if num_sites is prime
 
 
 def _one_of(key, value, allowed):

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 
 from fedjax_lab import aggregators, algorithms
 from fedjax_lab.algorithms import common, fedavg
-from fedjax_lab.errors import ConfigError
 
 
 def normalized() -> aggregators.Aggregator:
@@ -49,13 +48,8 @@ def aggregator() -> aggregators.Aggregator:
 def validate(config) -> None:
   """Plain SGD (momentum or Adam change a_i); example-level DP only."""
   common.validate_plain_sgd(config)
-  if config.dp.level == "site":
-    raise ConfigError("dp.level", "site-level DP is not implemented for algorithm 'fednova': "
-                      "tau_eff = sum_i p_i tau_i is computed from the realised cohort, which "
-                      "site-level DP keeps private; allowed: none, example")
-  if config.dp.level == "example" and config.dp.noise == "coordinated":
-    raise ConfigError("dp.noise", "coordinated noise needs one SGD step a round at every site; "
-                      "allowed with fednova: parallel")
+  common.refuse_dp(config, "tau_eff = sum_i p_i tau_i is computed from the realised cohort, "
+                   "which site-level DP keeps private")
 
 
 def build(ctx):

@@ -77,12 +77,5 @@ def build(ctx):
   return common.build_per_site(ctx, make_round, controls=True, topology=topology)
 
 
-def validate(config) -> None:
-  common.validate_per_site(config)
-  topology_lib.validate(config)
-
-
-def check_sites(config) -> None:
-  """Once data.num_sites is known: a torus needs a composite number of sites."""
-  if config.algorithm.topology == "torus":
-    topology_lib.build("torus", config.data.num_sites)  # raises if num_sites is prime
+validate = common.validate_gossip
+check_sites = common.check_gossip_sites

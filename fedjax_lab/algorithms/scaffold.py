@@ -33,7 +33,6 @@ from fedjax_lab import algorithms, client, sharding
 from fedjax_lab.algorithms import Algorithm, common
 from fedjax_lab.algorithms.fedavg import gather_sites, sample_cohort, server_step
 from fedjax_lab.data.federated import FederatedData
-from fedjax_lab.errors import ConfigError
 
 PER_SITE_STATE = True  # c_i, leaves [sites, ...]
 
@@ -132,13 +131,8 @@ def validate(config):
   """SCAFFOLD's own constraints (config.validate calls it)."""
   common.validate_plain_sgd(config)
   common.validate_fixed_steps(config)
-  if config.dp.level == "site":
-    raise ConfigError("dp.level", "site-level DP is not sound for algorithm 'scaffold' here: "
-                      "each site also sends its control update dc_i, which is not clipped or "
-                      "noised (and a site's c_i leaves it through it); allowed: none, example")
-  if config.dp.noise == "coordinated" and config.dp.level == "example":
-    raise ConfigError("dp.noise", "coordinated noise needs each site's update to be linear in "
-                      "its noise share (one FedAvg SGD step); allowed with scaffold: parallel")
+  common.refuse_dp(config, "each site also sends its control update dc_i, which the site-level "
+                   "chain does not clip or noise (a site's c_i would leave it through it)")
 
 
 def build(ctx):
