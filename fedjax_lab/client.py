@@ -1,4 +1,11 @@
-"""The local update of ONE site: `lax.scan` over local steps. The caller vmaps it over sites.
+"""SEAM 1, the client update: the local update of ONE site, `lax.scan` over local steps, for
+every algorithm. The caller (the round) vmaps it over sites.
+
+`make_site_gradient` is the one place a site touches its data (minibatches; under
+example-level DP a Poisson sample, per-example clipping and the site's noise share);
+`make_local_update` scans its steps, adds the algorithm's correction (FedProx's prox term,
+SCAFFOLD's control) and applies the client optimizer; each site may take its own number of
+steps (FedNova's tau_i). `make_client_update` binds both for a model and a config.
 
 Minibatches are drawn inside jit from the site's row of the index table. Positions are taken
 modulo the site's real example count, so padding rows are never read and a site's training
