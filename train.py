@@ -15,7 +15,10 @@ import logging
 import os
 import sys
 
-from fedjax_lab import cli  # first: importing fedjax_lab sets up the CPU devices before jax
+import fedjax_lab
+
+fedjax_lab.setup_cpu_devices()  # before anything imports jax: one XLA device per CPU core
+from fedjax_lab import cli  # noqa: E402
 from absl import app, flags
 from absl import logging as absl_logging
 

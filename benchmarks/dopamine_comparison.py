@@ -17,9 +17,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fedjax_lab
 
-from fedjax_lab import runs, sweep
+fedjax_lab.setup_cpu_devices()  # before jax: one XLA device per CPU core
+from fedjax_lab import runs, sweep  # noqa: E402
 
 VARIANTS = ("central", "parallel", "coordinated")
 

@@ -61,7 +61,6 @@ import optax
 from sklearn.datasets import load_sample_image
 
 # Run as a script from anywhere: the repository root holds fedjax_lab.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from fedjax_lab import optim  # pylint: disable=g-import-not-at-top
 
 ACTIVATIONS = ("sine", "gaussian", "relu_pe")

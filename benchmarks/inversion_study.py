@@ -19,10 +19,8 @@ benchmarks/plots/inversion_grids.png.
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
@@ -36,9 +34,10 @@ from fedjax_lab.client import ClientConfig, make_client_update
 from fedjax_lab.data.federated import from_partition
 from fedjax_lab.experiment import Experiment
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "configs"))
-import inversion_digits  # noqa: E402
+from fedjax_lab import runs
+
+# The study's config file, loaded by path (configs/ is not a package).
+inversion_digits = runs.load_module(os.path.join(runs.ROOT, "configs", "inversion_digits.py"))
 
 LR = 0.1
 

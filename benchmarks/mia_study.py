@@ -21,11 +21,9 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import fedjax_lab  # noqa: F401,E402  (before jax: the lab's CPU device setup)
 

@@ -26,10 +26,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [_ROOT, os.path.join(_ROOT, "configs")]
-import compare_comm  # noqa: E402  pylint: disable=g-import-not-at-top
+import importlib.util  # pylint: disable=g-import-not-at-top
+
+import fedjax_lab  # pylint: disable=g-import-not-at-top
+
+fedjax_lab.setup_cpu_devices()  # before jax: one XLA device per CPU core
 from fedjax_lab import runs, sweep  # noqa: E402  pylint: disable=g-import-not-at-top
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location(
+    "compare_comm", os.path.join(_ROOT, "configs", "compare_comm.py"))
+compare_comm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare_comm)
 
 # Test loss every variant is timed to (round and MB when first reached), per problem.
 TARGET_TEST_LOSS = {"digits": 0.10, "logistic": 0.45}

@@ -19,14 +19,12 @@ complete graph, d = 9,610, bits = 32 (expansion: bytes a site sends / 4 d).
 
 import argparse
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fedjax_lab import secagg  # noqa: E402
 
 MLP = 64 * 128 + 128 + 128 * 10 + 10  # 9,610

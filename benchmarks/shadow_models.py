@@ -17,10 +17,8 @@ warm=<vmapped warm over loop_warm>`.
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fedjax_lab  # noqa: F401  (before jax: the lab's CPU device setup)
 import jax

@@ -24,9 +24,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import fedjax_lab  # noqa: F401  (before jax: the lab's CPU device setup)
+import fedjax_lab
+
+fedjax_lab.setup_cpu_devices()  # before jax: one XLA device per CPU core
 import jax
 import numpy as np
 

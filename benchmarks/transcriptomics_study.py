@@ -24,11 +24,9 @@ Writes OUT/study.json, OUT/study.md (the table) and OUT/*.png; RESULTS.md quotes
 import argparse
 import json
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 

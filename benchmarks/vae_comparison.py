@@ -13,10 +13,8 @@ noised; its epsilon is NOT a proven bound, README).
 import argparse
 import json
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from fedjax_lab import cli  # noqa: F401,E402  (CPU devices before jax)
 

@@ -12,11 +12,9 @@ The last line is `RATIO loop/vmapped=<x>`.
 
 import argparse
 import os
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from fedjax_lab import cli  # noqa: F401,E402  (CPU devices before jax)
 import jax  # noqa: E402

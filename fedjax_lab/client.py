@@ -1,4 +1,11 @@
-"""The local update of ONE site: `lax.scan` over local steps. The caller vmaps it over sites.
+"""SEAM 1, the client update: the local update of ONE site, `lax.scan` over local steps, for
+every algorithm. The caller (the round) vmaps it over sites.
+
+`make_site_gradient` is the one place a site touches its data (minibatches; under
+example-level DP a Poisson sample, per-example clipping and the site's noise share);
+`make_local_update` scans its steps, adds the algorithm's correction (FedProx's prox term,
+SCAFFOLD's control) and applies the client optimizer; each site may take its own number of
+steps (FedNova's tau_i). `make_client_update` binds both for a model and a config.
 
 Minibatches are drawn inside jit from the site's row of the index table. Positions are taken
 modulo the site's real example count, so padding rows are never read and a site's training
@@ -71,6 +78,7 @@ class ClientOutput(NamedTuple):
   model_state: Any    # the site's BatchNorm statistics after training ({} if none)
   train_loss: jax.Array  # mean minibatch loss over the local steps
   dp_overflow: jax.Array  # Poisson-sampled examples that did not fit max_batch (0 without DP)
+  num_steps: Any = None   # the local steps it took (client.local_steps, or its own)
 
 
 def _epoch_permutation(rng, epoch, count, n_max):
@@ -127,74 +135,177 @@ def make_public_objective(model: Model, batch_size: int):
   return objective
 
 
-def make_client_update(model: Model, client_tx: optax.GradientTransformationExtraArgs,
-                       config: ClientConfig, dp: ExampleDP | None = None):
-  """Returns client_update(params, model_state, site_idx, site_count, rng, data) -> ClientOutput.
+class StepGrad(NamedTuple):
+  """One local step's gradient at a site (`make_site_gradient`)."""
+  loss: jax.Array      # the step's minibatch loss (cross-entropy; DP: over the sampled examples)
+  grads: Any           # shaped like params; under example-level DP clipped, noised, divided
+  model_state: Any     # the model state after the step's forward pass (BatchNorm statistics)
+  x: jax.Array         # the minibatch the gradient was taken on (the curvature objective's)
+  y: jax.Array
+  overflow: jax.Array  # Poisson-sampled examples that did not fit max_batch (0 without DP)
 
-  site_idx: [n_max] int32 row of the index table; site_count: int32 (0: an empty slot, which
-  trains on zeros; without example-level DP only); rng: the site's key for
-  this round (folded in with the round and site id by the caller). With `dp`, every local
-  step is a DP-SGD step on a Poisson minibatch (see ExampleDP).
+
+def make_site_gradient(model: Model, batch_size: int, shuffle: bool,
+                       dp: ExampleDP | None = None, l2: float = 0.0, full_batch: bool = False):
+  """Returns grad(params, model_state, site_idx, site_count, rng, step, data) -> StepGrad.
+
+  THE place a site touches its data, for every algorithm: it draws local step `step`'s
+  minibatch from the site's row of the index table (`minibatch_positions`; under
+  example-level DP a Poisson sample with per-example clipping and the site's noise share,
+  Abadi et al. 2016, see ExampleDP) and takes the gradient of the site objective
+  f_i(w) = mean CE + (l2 / 2) ||w||^2 (the loss reported is the CE alone).
+  `rng` is the site's key for the round. `full_batch`: the exact mean over
+  the site's examples (benchmarks/comm_skipping.py: deterministic gradients).
+  site_count 0 is an empty slot (a padded place in a Poisson cohort): it trains on zeros,
+  never on the examples its index row happens to point at (without example-level DP).
   """
-
   loss_fn = functools.partial(_loss_fn, model)
-  public_objective = make_public_objective(model, config.public_batch_size)
 
-  def plain_grad_fn(params, model_state, x, y, rng):
-    (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, model_state, x, y, rng)
-    return loss, grads, new_state
+  def weighted_loss(params, ms, x, y, weights, rng):
+    logits, new_state = model.apply(params, ms, x, True, rng)
+    return jnp.sum(weights * cross_entropy(logits, y)), new_state
 
-  def private_step_grads(params, ms, site_idx, site_count, batch_rng, rng_t, data):
+  def plain(params, ms, site_idx, site_count, batch_rng, rng_t, t, data):
+    n_max = site_idx.shape[0]
+    if full_batch:
+      dtype = data.x.dtype
+      weights = (jnp.arange(n_max) < site_count).astype(dtype) / site_count.astype(dtype)
+      x, y = data.x[site_idx], data.y[site_idx]
+      (loss, new_ms), grads = jax.value_and_grad(weighted_loss, has_aux=True)(
+          params, ms, x, y, weights, rng_t)
+      return StepGrad(loss, grads, new_ms, x, y, jnp.int32(0))
+    pos = minibatch_positions(batch_rng, t, jnp.maximum(site_count, 1), n_max, batch_size,
+                              shuffle)
+    rows = site_idx[pos]
+    present = site_count > 0
+    x = jnp.where(present, data.x[rows], 0).astype(data.x.dtype)
+    y = jnp.where(present, data.y[rows], 0)
+    (loss, new_ms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ms, x, y, rng_t)
+    return StepGrad(loss, grads, new_ms, x, y, jnp.int32(0))
+
+  def private(params, ms, site_idx, site_count, batch_rng, rng_t, t, data):
     """One DP-SGD gradient: Poisson sample, clipped per-example sum, noise, / expected size."""
-    rate = jnp.minimum(1.0, config.batch_size / site_count)
-    pos, mask, overflow = poisson_sample(batch_rng, site_count, rate, site_idx.shape[0],
-                                         dp.max_batch)
+    rate = jnp.minimum(1.0, batch_size / site_count)
+    pos, mask, overflow = poisson_sample(jax.random.fold_in(batch_rng, t), site_count, rate,
+                                         site_idx.shape[0], dp.max_batch)
     rows = site_idx[pos]
     x, y = data.x[rows], data.y[rows]
     grad_sum, _, losses = dp.clipped_grad_sum(params, x, y, mask, dp.clip_norm)
     noisy = privatize(grad_sum, dp.clip_norm, dp.noise_multiplier, jax.random.fold_in(rng_t, 1))
-    divisor = example_dp_divisor(dp, config.batch_size, site_count)
+    divisor = example_dp_divisor(dp, batch_size, site_count)
     grads = jax.tree.map(lambda g: g / divisor, noisy)
     loss = (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-    return loss, grads, ms, x, y, overflow
+    return StepGrad(loss, grads, ms, x, y, overflow)
 
-  def curvature_objective(ms, x, y, rng_t, public_rng, data: FederatedData):
+  def grad(params, ms, site_idx, site_count, rng, t, data: FederatedData) -> StepGrad:
+    batch_rng, step_rng = site_step_keys(rng)
+    rng_t = jax.random.fold_in(step_rng, t)
+    out = (plain if dp is None else private)(params, ms, site_idx, site_count, batch_rng,
+                                             rng_t, t, data)
+    if l2:
+      out = out._replace(grads=jax.tree.map(lambda g, w: g + l2 * w, out.grads, params))
+    return out
+
+  return grad
+
+
+def site_step_keys(rng):
+  """(batch_rng, step_rng): the minibatch stream and the per-step key of a site's round key."""
+  return jax.random.split(rng)
+
+
+def from_site_gradient(site_gradient: Callable) -> Callable:
+  """A grad of make_site_gradient's signature from a site_gradient(params, site_idx,
+  site_count, rng, step, data) -> (loss, grads[, overflow]) (algorithms/common.py; tests use
+  exact gradients of a quadratic)."""
+  def grad(params, ms, site_idx, site_count, rng, t, data) -> StepGrad:
+    out = site_gradient(params, site_idx, site_count, rng, t, data)
+    return StepGrad(out[0], out[1], ms, None, None, out[2] if len(out) == 3 else jnp.int32(0))
+  return grad
+
+
+def prox_correction(mu: float) -> Callable:
+  """FedProx (Li et al. 2020): the gradient of (mu / 2) ||w - w_global||^2 added."""
+  def correct(grads, params, global_params, extra):
+    return jax.tree.map(lambda g, w, w0: g + mu * (w - w0), grads, params, global_params)
+  return correct
+
+
+def site_num_steps(site_count, local_steps: int, local_epochs: float, batch_size: int):
+  """The local steps a site takes: client.local_steps, or with client.local_epochs > 0
+  ceil(local_epochs * n_i / batch_size) capped to [1, local_steps] (FedNova's tau_i;
+  site sizes are public, as the sampling rates treat them)."""
+  if not local_epochs:
+    return jnp.int32(local_steps)
+  steps = jnp.ceil(local_epochs * site_count / batch_size).astype(jnp.int32)
+  return jnp.clip(steps, 1, local_steps)
+
+
+def make_client_update(model: Model, client_tx: optax.GradientTransformationExtraArgs,
+                       config: ClientConfig, dp: ExampleDP | None = None,
+                       correction: Callable | None = None, l2: float = 0.0,
+                       local_epochs: float = 0.0):
+  """Returns client_update(params, model_state, site_idx, site_count, rng, data, extra=None)
+  -> ClientOutput: `make_local_update` on `make_site_gradient` (with `dp`, every step a DP-SGD
+  step on a Poisson minibatch), with FedProx's correction when config.prox_mu > 0 and the
+  curvature objective (module docstring) for curvature client optimizers."""
+  site_gradient = make_site_gradient(model, config.batch_size, config.shuffle, dp, l2)
+  public_objective = make_public_objective(model, config.public_batch_size)
+  loss_fn = functools.partial(_loss_fn, model)
+  if correction is None and config.prox_mu:
+    correction = prox_correction(config.prox_mu)
+
+  def curvature_objective(ms, g: StepGrad, rng_t, public_rng, data: FederatedData):
     """The obj_fn of this step (see the module docstring): public rows, private rows or None."""
     if data.public_x is not None:
       return public_objective(ms, public_rng, rng_t, data)
     if dp is not None:
       return None  # Never the private batch under example-level DP.
-    return lambda p: loss_fn(p, ms, x, y, rng_t)[0]
+    return lambda p: loss_fn(p, ms, g.x, g.y, rng_t)[0]
 
-  def client_update(global_params, model_state, site_idx, site_count, rng, data: FederatedData):
-    batch_rng, step_rng = jax.random.split(rng)
+  return make_local_update(site_gradient, client_tx, config.local_steps, correction=correction,
+                           curvature_objective=curvature_objective, batch_size=config.batch_size,
+                           local_epochs=local_epochs, private=dp is not None)
+
+
+def make_local_update(site_gradient: Callable, client_tx: optax.GradientTransformationExtraArgs,
+                      local_steps: int, *, correction: Callable | None = None,
+                      curvature_objective: Callable | None = None, batch_size: int = 1,
+                      local_epochs: float = 0.0, private: bool = False):
+  """THE client update of every server-coordinated algorithm: local steps as a lax.scan.
+
+  Returns client_update(params, model_state, site_idx, site_count, rng, data, extra=None)
+  -> ClientOutput. site_idx: [n_max] int32 row of the index table; site_count: int32 (0: an
+  empty slot); rng: the site's key for this round (folded in with the round and site id by
+  the caller). Each step takes `site_gradient` (make_site_gradient's signature), adds the
+  algorithm's `correction(grads, params, global_params, extra)` (FedProx's prox term,
+  SCAFFOLD's c - c_i; `extra` is what the site holds for it) and applies the client
+  optimizer, handing it `curvature_objective(ms, step_grad, rng_t, public_rng, data)` as
+  obj_fn. With `local_epochs` > 0 each site takes its own number of steps (`site_num_steps`,
+  FedNova's tau_i; the scan runs local_steps and a site's later steps keep the carry).
+  """
+
+  def client_update(global_params, model_state, site_idx, site_count, rng, data: FederatedData,
+                    extra=None):
+    step_rng = site_step_keys(rng)[1]
     public_rng = jax.random.fold_in(rng, _PUBLIC_STREAM)
-    n_max = site_idx.shape[0]
+    num_steps = site_num_steps(site_count, local_steps, local_epochs, batch_size)
 
     def step(carry, t):
       params, opt_state, ms = carry
-      rng_t = jax.random.fold_in(step_rng, t)
-      if dp is None:
-        pos = minibatch_positions(batch_rng, t, jnp.maximum(site_count, 1), n_max,
-                                  config.batch_size, config.shuffle)
-        rows = site_idx[pos]
-        # site_count 0 is an empty slot (a padded place in a Poisson cohort): it trains on
-        # zeros, never on the examples its index row happens to point at.
-        present = site_count > 0
-        x = jnp.where(present, data.x[rows], 0).astype(data.x.dtype)
-        y = jnp.where(present, data.y[rows], 0)
-        loss, grads, new_ms = plain_grad_fn(params, ms, x, y, rng_t)
-        overflow = jnp.int32(0)
-      else:
-        loss, grads, new_ms, x, y, overflow = private_step_grads(
-            params, ms, site_idx, site_count, jax.random.fold_in(batch_rng, t), rng_t, data)
-      if config.prox_mu:
-        grads = jax.tree.map(lambda g, w, w0: g + config.prox_mu * (w - w0),
-                             grads, params, global_params)
-      obj_fn = curvature_objective(ms, x, y, rng_t, jax.random.fold_in(public_rng, t), data)
-      updates, opt_state = client_tx.update(grads, opt_state, params, obj_fn=obj_fn)
-      return (optax.apply_updates(params, updates), opt_state, new_ms), (loss, overflow)
+      g = site_gradient(params, ms, site_idx, site_count, rng, t, data)
+      grads = g.grads
+      if correction is not None:
+        grads = correction(grads, params, global_params, extra)
+      obj_fn = None
+      if curvature_objective is not None:
+        obj_fn = curvature_objective(ms, g, jax.random.fold_in(step_rng, t),
+                                     jax.random.fold_in(public_rng, t), data)
+      updates, new_opt_state = client_tx.update(grads, opt_state, params, obj_fn=obj_fn)
+      new = (optax.apply_updates(params, updates), new_opt_state, g.model_state)
+      if local_epochs:  # this site's steps are done: keep the carry
+        new = jax.tree.map(lambda a, b: jnp.where(t < num_steps, a, b), new, carry)
+      return new, (g.loss, g.overflow)
 
     # The optimizer state is fresh every round; without a fresh probe key every site and every
     # round would draw the same Rademacher probes for its curvature estimates.
@@ -202,10 +313,16 @@ def make_client_update(model: Model, client_tx: optax.GradientTransformationExtr
                                     jax.random.fold_in(rng, _PROBE_STREAM))
     init = (global_params, opt_state, model_state)
     (params, _, model_state), (losses, overflow) = jax.lax.scan(
-        step, init, jnp.arange(config.local_steps))
+        step, init, jnp.arange(local_steps))
     delta = jax.tree.map(jnp.subtract, params, global_params)
+    if local_epochs:
+      active = jnp.arange(local_steps) < num_steps
+      loss = jnp.where(active, losses, 0.0).sum() / num_steps
+    else:
+      loss = losses.mean()
     # Without DP the overflow is a constant 0, so no cross-device sum is compiled for it.
-    return ClientOutput(delta=delta, model_state=model_state, train_loss=losses.mean(),
-                        dp_overflow=overflow.sum() if dp is not None else jnp.int32(0))
+    return ClientOutput(delta=delta, model_state=model_state, train_loss=loss,
+                        dp_overflow=overflow.sum() if private else jnp.int32(0),
+                        num_steps=num_steps)
 
   return client_update

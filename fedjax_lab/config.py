@@ -31,7 +31,9 @@ def default_config() -> ml_collections.ConfigDict:
       l2=0.0))
   c.client = ml_collections.ConfigDict(dict(
       optimizer="sgd", lr=0.1, local_steps=3, batch_size=5, shuffle=True, prox_mu=0.0,
-      optimizer_args=ml_collections.ConfigDict()))
+      # local_epochs > 0: each site takes ceil(local_epochs * its size / batch_size) steps,
+      # at most local_steps (per-site step counts, e.g. FedNova's tau_i); 0: local_steps each.
+      local_epochs=0.0, optimizer_args=ml_collections.ConfigDict()))
   c.server = ml_collections.ConfigDict(dict(
       optimizer="sgd", lr=1.0, weighting="examples", optimizer_args=ml_collections.ConfigDict()))
   # Communication schedule of proxskip / randcom / dsgd (algorithms/schedules.py): which of
@@ -189,50 +191,32 @@ def validate(config) -> None:
 
 
 def _validate_algorithm(config):
-  """The communication-skipping and control-variate algorithms (algorithms/*.py)."""
+  """The algorithm's own keys and constraints: its module's validate (algorithms/*.py)."""
   from fedjax_lab import algorithms
-  from fedjax_lab.algorithms import schedules, topology
-  a, name = config.algorithm, config.algorithm.name
   if config.model.l2 < 0:
     raise ConfigError("model.l2", f"must be >= 0, got {config.model.l2}")
-  _one_of("algorithm.comm_schedule", a.comm_schedule, schedules.COMM_SCHEDULES)
-  if not 0 < a.comm_prob <= 1:
-    raise ConfigError("algorithm.comm_prob", f"must be in (0, 1], got {a.comm_prob}")
-  _positive("algorithm.comm_every", a.comm_every, integer=True)
-  _one_of("algorithm.topology", a.topology, topology.TOPOLOGIES)
-  if not 0 < a.erdos_renyi_p <= 1:
-    raise ConfigError("algorithm.erdos_renyi_p", f"must be in (0, 1], got {a.erdos_renyi_p}")
-  if name not in ("scaffold", *algorithms.PER_SITE_MODELS):
-    return
-  if config.dp.level != "none":
-    raise ConfigError("dp.level", f"'{config.dp.level}' is not implemented for algorithm "
-                      f"'{name}'; allowed with it: none")
-  # Their correction terms assume plain gradient steps of size client.lr.
-  if config.client.optimizer != "sgd" or config.client.optimizer_args.get("momentum", 0.0):
-    raise ConfigError("client.optimizer", f"algorithm '{name}' takes plain SGD steps of size "
-                      f"client.lr; got '{config.client.optimizer}' "
-                      f"{dict(config.client.optimizer_args)}; allowed: sgd without momentum")
-  if config.model.norm == "batch":
-    raise ConfigError("model.norm", f"algorithm '{name}' keeps no BatchNorm statistics; "
-                      "allowed: none, group")
+  if config.client.local_epochs < 0:
+    raise ConfigError("client.local_epochs", f"must be >= 0 (0: client.local_steps at every "
+                      f"site), got {config.client.local_epochs}")
+  algorithms.validate(config)
 
 
 def check_sites(config):
   """The checks that need data.num_sites; with data.partition=by_column they run once the
   column has set it (partition.resolve_num_sites)."""
   from fedjax_lab import algorithms
-  from fedjax_lab.algorithms import topology
   n, name = config.data.num_sites, config.algorithm.name
   origin = (f" (data.partition=by_column: data.column '{config.data.column}' has {n} distinct "
             "values)" if config.data.partition == "by_column" else "")
   if config.cohort_size > n:
     raise ConfigError("cohort_size", f"{config.cohort_size} > data.num_sites={n}{origin}; use "
                       f"at most {n}")
-  if name in algorithms.PER_SITE_MODELS and config.cohort_size != n:
+  if algorithms.every_site(name) and config.cohort_size != n:
     raise ConfigError("cohort_size", f"algorithm '{name}' uses every site at every step; set "
                       f"cohort_size = data.num_sites = {n}{origin}")
-  if name in ("randcom", "dsgd") and config.algorithm.topology == "torus":
-    topology.build("torus", n)  # raises if num_sites is prime
+  check = getattr(algorithms.module(name), "check_sites", None)
+  if check is not None:
+    check(config)
 
 
 def _validate_dp(config):

@@ -1,36 +1,31 @@
-"""Builds everything from a config and runs the rounds: the one loop.
+"""Builds everything one config describes: data, holdout, partition, the privacy plan
+(privacy/plan.py), mesh, model, optimizers and the algorithm's round, jitted.
 
     exp = Experiment(config)          # validates, loads data, partitions, builds the round
-    summary = exp.run(workdir)        # metrics.jsonl, summary.json, checkpoints, resume
+    summary = exp.run(workdir)        # run_loop.py: metrics.jsonl, summary.json, checkpoints
 
 Every random choice comes from one root key, split by purpose and folded in with the round
 and site index (docs/design.md), so a resumed run ends with the same parameters.
 """
 
 import hashlib
-import json
 import logging
 import math
 import os
-import signal
-import time
-from typing import NamedTuple
 
 import jax
 import numpy as np
-import optax
 
 from fedjax_lab import config as config_lib
-from fedjax_lab import algorithms, evaluation, evaluation_robustness, optim, runs, sharding
-from fedjax_lab.checkpoint import Checkpointer
+from fedjax_lab import algorithms, evaluation, evaluation_robustness, optim, sharding
 from fedjax_lab.algorithms import fedavg
-from fedjax_lab.client import (ClientConfig, ExampleDP, example_dp_divisor, make_client_update,
+from fedjax_lab.client import (ClientConfig, ExampleDP, make_client_update,
                                make_public_objective)
 from fedjax_lab.data import federated, partition, public, sources, standardize
 from fedjax_lab.errors import ConfigError
-from fedjax_lab.logging import MetricsLogger
 from fedjax_lab.models import make_model
-from fedjax_lab.privacy import accounting, adaptive_clipping, clipping, guarantees, sampling
+from fedjax_lab.privacy import clipping
+from fedjax_lab.privacy.plan import PrivacyPlan, noise_coverage, privacy_plan  # noqa: F401
 
 log = logging.getLogger("fedjax_lab")
 
@@ -50,151 +45,10 @@ def tree_bytes(tree) -> int:
   return sum(int(np.prod(l.shape)) * 4 for l in jax.tree.leaves(tree))  # sent as float32
 
 
-class PrivacyPlan(NamedTuple):
-  noise_multiplier: float      # sigma of the aggregate (per-site shares derive from it)
-  sampling_prob: float         # Poisson rate the accountant uses
-  steps_per_round: int         # DP-SGD steps (example) or 1 (site) per round
-  accountant: accounting.Accountant
-  budget: float | None         # stop before epsilon would exceed this
-  description: str             # the one log line stating what is protected and how
-  # Adaptive clipping (site DP) splits noise_multiplier over two releases: the update's
-  # multiplier z_update > noise_multiplier and the count's std sigma_b. Otherwise the update
-  # gets noise_multiplier itself and count_noise_multiplier is None.
-  update_noise_multiplier: float | None = None
-  count_noise_multiplier: float | None = None
-  # Poisson samples are truncated to `slots` (sampling.py): the batch of a site (example
-  # level) or the cohort (site level). P(a draw of the unit's overflows during the run) <=
-  # overflow_bound, paid for by the delta the accountant does not get (_TRUNCATION_SHARE).
-  slots: int = 0
-  overflow_bound: float = 0.0
-  # "secret": the DP noise and sampling come from OS entropy kept in the checkpoint; "seeded":
-  # from config.seed (reproducible, and no guarantee against anyone who knows the seed).
-  randomness: str = "seeded"
-
-  def mechanism(self, config, steps: int) -> guarantees.Mechanism:
-    return guarantees.Mechanism(
-        level=config.dp.level, noise=config.dp.noise,
-        noise_multiplier=self.noise_multiplier, sampling_prob=self.sampling_prob,
-        steps=steps, accountant_delta=self.accountant.delta, delta=config.dp.delta,
-        overflow_bound=self.overflow_bound, accountant=config.dp.accountant,
-        cohort_size=config.cohort_size, max_cohort=max(self.slots, 1),
-        randomness=self.randomness)
-
-
-# The share of dp.delta set aside for truncated Poisson samples (sampling.py): the accountant
-# composes at delta (1 - share), and the slots are sized so (1 + e^eps) P(overflow) <= share
-# delta, so (eps, dp.delta) holds for the run as it is really sampled.
-_TRUNCATION_SHARE = 1e-3
-
-
-def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
-  """What the accountant composes, from the config; sigma calibrated if asked."""
-  dp = config.dp
-  if dp.level == "none":
-    return None
-  if dp.level == "example":
-    # Every site runs DP-SGD on its own examples; the smallest site samples at the highest
-    # rate, so its epsilon bounds every site's. No amplification by cohort sampling is
-    # claimed: a site is accounted as if it took part in every round.
-    q = min(1.0, config.client.batch_size / int(site_counts.min()))
-    steps_per_round, units = config.client.local_steps, int(site_counts.sum())
-    unit = "one example"
-    scheme = (f"Poisson minibatches at rate batch_size/site_size (q={q:.4g} at the smallest "
-              f"site), {steps_per_round} DP-SGD step(s) a round, no cohort amplification")
-  else:
-    q, steps_per_round, units = config.cohort_size / config.data.num_sites, 1, config.data.num_sites
-    unit = "one site (all its examples)"
-    scheme = f"Poisson cohorts at rate cohort_size/num_sites (q={q:.4g}), updates clipped"
-  total_steps = config.rounds * steps_per_round
-  accountant_delta = dp.delta * (1 - _TRUNCATION_SHARE)
-  sigma, budget, how = dp.noise_multiplier, dp.target_epsilon, "given"
-  if sigma == 0:
-    sigma = accounting.noise_multiplier_for(dp.target_epsilon, q, total_steps,
-                                            accountant_delta, dp.accountant)
-    budget, how = None, f"calibrated to epsilon<={dp.target_epsilon} after {config.rounds} rounds"
-  accountant = accounting.Accountant(sigma, q, accountant_delta, dp.accountant)
-  # Every draw that can hold the unit: its site's batch at every step (sizes n and n +- 1 for
-  # the neighbours, each at rate batch_size / its size), or the cohort at every round.
-  eps = accountant.epsilon_after(total_steps)
-  overflow_bound = _TRUNCATION_SHARE * dp.delta / (1 + math.exp(min(eps, 700.0)))
-  tail = overflow_bound / total_steps
-  if dp.level == "example":
-    sizes = np.unique(site_counts)
-    slots = sampling.max_sample_size_over(
-        np.concatenate([sizes - 1, sizes, sizes + 1]),
-        lambda n: config.client.batch_size / n, tail)
-    slots = min(slots, int(site_counts.max()))  # a site never has more to sample
-  else:
-    n = config.data.num_sites
-    slots = min(n, sampling.max_sample_size_over([n - 1, n, n + 1],
-                                                 lambda _: q, tail))
-  if dp.delta > 1.0 / units:
-    log.warning("dp.delta=%g > 1/%d (1/number of protected units): a mechanism that "
-                "publishes one unit's data outright meets this delta", dp.delta, units)
-  noise = ("coordinated: each of the K sites adds sigma/sqrt(K), so the sum carries sigma "
-           "(secure aggregation, which would hide the single updates from the server, is "
-           "assumed, not implemented: the guarantees below say what holds against whom)"
-           if dp.noise == "coordinated" else "parallel: every site adds the full sigma")
-  if dp.level == "site":
-    noise += "; a round with an empty cohort gets the noise from the server"
-  randomness = guarantees.resolve_randomness(dp.randomness, config.data.name)
-  update_sigma, count_stddev, clip = float(sigma), None, f"clip_norm={dp.clip_norm:g}"
-  if dp.adaptive_clip:  # the accountant still composes sigma (Andrew et al. 2021, Thm 1)
-    update_sigma, count_stddev = config_lib.adaptive_clip_noise(config, sigma)
-    clip = adaptive_clipping.describe(sigma, count_stddev, dp.target_quantile, dp.clip_lr,
-                                      dp.clip_norm)
-  truncation = (f"samples truncated to {slots} slots, P(any overflow of the unit's draws) <= "
-                f"{overflow_bound:.3g}, covered by delta: the accountant composes at "
-                f"delta={accountant_delta:g}")
-  description = (f"privacy: unit={unit}; neighbouring relation=add/remove one; sampling="
-                 f"{scheme}; {truncation}; accountant={dp.accountant}; delta={dp.delta:g}; "
-                 f"noise_multiplier={sigma:.4f} ({how}); {clip}; noise {noise}; "
-                 f"randomness={randomness} (dp.randomness={dp.randomness})")
-  return PrivacyPlan(noise_multiplier=float(sigma), sampling_prob=q,
-                     steps_per_round=steps_per_round, accountant=accountant,
-                     budget=budget, description=description,
-                     update_noise_multiplier=update_sigma, count_noise_multiplier=count_stddev,
-                     slots=slots, overflow_bound=overflow_bound, randomness=randomness)
-
-
-def noise_coverage(site_counts, batch_size: int, example_dp: ExampleDP, cohort_size: int,
-                   noise_multiplier: float) -> np.ndarray:
-  """[sites]: for each site j, the std of the noise in a round's uniform average over the
-  cohort, over noise_multiplier x the sensitivity of one of site j's examples in it, at the
-  cohort holding j that carries the least noise. >= 1 means the accountant's sigma covers
-  every example of j, whoever else is in the cohort.
-
-  From the client's own divisors (client.example_dp_divisor) and noise share: site k sends
-  (S_k + N(0, (share C)^2)) / d_k and the server averages with weight 1/K, so one example of
-  j moves the average by C / (K d_j) while the noise has std share C sqrt(sum_k d_k^-2) / K.
-  """
-  d = np.asarray(example_dp_divisor(example_dp, batch_size, np.asarray(site_counts, np.float64)),
-                 np.float64)
-  share = example_dp.noise_multiplier
-  ratios = np.empty(len(d))
-  for j, dj in enumerate(d):
-    least = np.sort(np.delete(d, j) ** -2.0)[:cohort_size - 1].sum()  # the quietest others
-    ratios[j] = share * np.sqrt(dj ** -2.0 + least) / (noise_multiplier / dj)
-  return ratios
-
-
-def _any_process_signalled(signalled_here: bool) -> bool:
-  """Whether any process of a multi-process run was signalled to stop this round.
-
-  Saving a checkpoint is collective: a process that stops alone would wait for the others,
-  which wait in the next round for it. So all processes learn of a signal any one received
-  and stop after the same round. A single process has nothing to ask.
-  """
-  if jax.process_count() == 1:
-    return signalled_here
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.int32(signalled_here))))
-
-
 def _round_devices(config, privacy: PrivacyPlan | None) -> list:
-  """Every device, or one CPU device for a FedAvg round too small to split (see
-  sharding.round_devices); the other algorithms always shard their per-site state."""
-  if config.algorithm.name not in ("fedavg", "fedprox"):
+  """Every device, or one CPU device for a round too small to split (see
+  sharding.round_devices); algorithms with per-site state always shard it."""
+  if algorithms.per_site_state(config.algorithm.name):
     return jax.devices()
   per_round = privacy.slots if config.dp.level == "site" else config.cohort_size
   return sharding.round_devices(per_round, config.min_sites_per_device)
@@ -262,20 +116,25 @@ class Experiment:
     # Under dp.randomness=secret a fresh secret per run (run() keeps the checkpoint's on resume).
     secret = self.privacy is not None and self.privacy.randomness == "secret"
     self.set_secret(draw_secret() if secret else None)
+    # The objective's (l2/2)||w||^2 is in the client's gradient (client.make_site_gradient).
     self.client_tx = optim.make_optimizer(config.client.optimizer, config.client.lr,
                                           key_prefix="client", **config.client.optimizer_args)
-    if config.model.l2:  # the objective's (l2/2)||w||^2, as algorithms/common.py adds it
-      self.client_tx = optax.chain(optax.add_decayed_weights(config.model.l2), self.client_tx)
     self.server_tx = optim.make_optimizer(config.server.optimizer, config.server.lr,
                                           key_prefix="server", **config.server.optimizer_args)
-    prox_mu = config.client.prox_mu if config.algorithm.name == "fedprox" else 0.0
     self.example_dp = example_dp = self._example_dp()
     if example_dp is not None:
       self._check_noise_coverage(example_dp)
-    self.client_update = make_client_update(self.model, self.client_tx, ClientConfig(
+    client_config = ClientConfig(
         local_steps=config.client.local_steps, batch_size=config.client.batch_size,
-        shuffle=config.client.shuffle, prox_mu=prox_mu,
-        public_batch_size=config.optim.public_batch_size), dp=example_dp)
+        shuffle=config.client.shuffle, prox_mu=0.0,
+        public_batch_size=config.optim.public_batch_size)
+
+    def client_update_with(correction=None, local_epochs=config.client.local_epochs):
+      return make_client_update(self.model, self.client_tx, client_config, dp=example_dp,
+                                correction=correction, l2=config.model.l2,
+                                local_epochs=local_epochs)
+
+    self.client_update = client_update_with()
     self.fedbn = config.algorithm.batch_stats == "local"
     self.algorithm = algorithms.make_algorithm(algorithms.AlgorithmContext(
         config=config, model=self.model, client_update=self.client_update,
@@ -284,7 +143,8 @@ class Experiment:
         server_objective=(make_public_objective(self.model, config.optim.public_batch_size)
                           if config.server.optimizer in optim.CURVATURE_OPTIMIZERS else None),
         sites_per_chunk=(sharding.default_sites_per_chunk() if config.sites_per_chunk is None
-                         else config.sites_per_chunk)))
+                         else config.sites_per_chunk),
+        example_dp=example_dp, make_client_update=client_update_with))
     self.round_fn = self.algorithm.round
     self.rounds_per_step = config.rounds_per_step
     step = (self.round_fn if self.rounds_per_step == 1
@@ -406,151 +266,7 @@ class Experiment:
             and self.epsilon(rounds) > self.privacy.budget)
 
   def run(self, workdir: str) -> dict:
-    """Trains to `config.rounds`, resuming from the last checkpoint in `workdir`."""
-    os.makedirs(workdir, exist_ok=True)
-    cfg = self.config
-    # One run, one workdir: resume only the config that made it (runs.RESUMABLE_KEYS may differ).
-    runs.check_resume(workdir, cfg)
-    if jax.process_index() == 0:
-      runs.write_run(workdir, cfg)
-    ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep)
-    state = self.init_state()
-    start, meta = 0, {"bytes_total": 0, "seconds_total": 0.0}
-    if self.privacy is not None:  # what the accountant composes; checked again on resume
-      meta.update(noise_multiplier=self.privacy.noise_multiplier,
-                  sampling_prob=self.privacy.sampling_prob,
-                  steps_per_round=self.privacy.steps_per_round)
-    adaptive = self.privacy is not None and cfg.dp.adaptive_clip
-    site_dp = self.privacy is not None and cfg.dp.level == "site"
-    if adaptive:  # the split of noise_multiplier; C_t itself is in the checkpointed state
-      meta.update(update_noise_multiplier=self.privacy.update_noise_multiplier,
-                  count_noise_multiplier=self.privacy.count_noise_multiplier)
-    if self.secret is not None:  # the checkpoint is the one place the secret is written
-      meta["dp_secret"] = self.secret
-    if ckpt.latest_round() is not None:
-      start = ckpt.latest_round()
-      planned = dict(meta)
-      state, meta = ckpt.restore(start, state)
-      for key in ("noise_multiplier", "sampling_prob", "steps_per_round",
-                  "update_noise_multiplier", "count_noise_multiplier"):
-        if key in planned and not math.isclose(meta.get(key, -1), planned[key], rel_tol=1e-9):
-          raise ConfigError("dp", f"the checkpoint in {workdir} was trained with {key}="
-                            f"{meta.get(key)}, this config gives {planned[key]}; use a new workdir")
-      if (self.secret is None) != (meta.get("dp_secret") is None):
-        raise ConfigError("dp.randomness", f"the checkpoint in {workdir} was trained with "
-                          f"{'seeded' if self.secret is not None else 'secret'} DP randomness; "
-                          "use the same dp.randomness or a new workdir")
-      if self.secret is not None:
-        self.set_secret(meta["dp_secret"])
-      state = place_state(state, self.mesh)
-      log.info("resumed from %s at round %d", workdir, start)
-    # A multi-process run trains as one program; process 0 alone writes what it reports.
-    primary = jax.process_index() == 0
-    logger = MetricsLogger(workdir, cfg.rounds, start, progress=cfg.log.progress,
-                           tensorboard=cfg.log.tensorboard, primary=primary)
-    for note in self.data_notes:
-      log.info(note)
-    if self.privacy is not None:
-      log.info(self.privacy.description)
-      log.info(guarantees.describe(guarantees.all_guarantees(self.privacy.mechanism(
-          cfg, cfg.rounds * self.privacy.steps_per_round))) + f"\n  (after the planned "
-          f"{cfg.rounds} rounds; summary.json lists them after the rounds completed)")
-    if self.public is not None:
-      log.info("curvature objective: %d public examples of optim.public_data=%s, %d per "
-               "estimate (public by assumption: no epsilon covers them)", len(self.public),
-               cfg.optim.public_data, min(cfg.optim.public_batch_size, len(self.public)))
-    completed, result = start, None
-    # Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the round in flight, save, then stop.
-    stop = {"signal": None}
-    handlers = {s: signal.signal(s, lambda num, _: stop.update(signal=num))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-      while completed < cfg.rounds and stop["signal"] is None:
-        if self._over_budget(completed + self.rounds_per_step):
-          log.warning("privacy budget dp.target_epsilon=%g reached: stopping after round %d "
-                      "(epsilon %.4f)", self.privacy.budget, completed, self.epsilon(completed))
-          break
-        t0 = time.perf_counter()
-        from fedjax_lab.attacks import record  # attack.record_sites: off by default
-        before = jax.tree.map(np.array, state) if record.wants(cfg, completed + 1) else None
-        state, metrics = self.step(state, self.data, self.keys["sampling"], self.keys["client"])
-        if before is not None and primary:
-          record.save(self, before, completed + 1, workdir)
-        losses = np.atleast_1d(np.asarray(metrics.train_loss))
-        messages = np.atleast_1d(np.asarray(metrics.messages))
-        overflow = np.atleast_1d(np.asarray(metrics.dp_overflow))
-        nonfinite = (np.atleast_1d(np.asarray(metrics.nonfinite_updates)) if site_dp else None)
-        clip_norms = np.atleast_1d(np.asarray(metrics.clip_norm)) if adaptive else None
-        for i, loss in enumerate(losses):
-          completed += 1
-          evaluate = completed % cfg.eval.every == 0 or completed == cfg.rounds
-          result = self.evaluate(state) if evaluate and i == len(losses) - 1 else None
-          seconds = (time.perf_counter() - t0) / len(losses)
-          # Under site DP the realised cohort size is private (who took part): log the
-          # expected 2 x cohort_size messages instead.
-          round_bytes = (2 * cfg.cohort_size if site_dp else int(messages[i])) * self.message_bytes
-          meta["bytes_total"] += round_bytes
-          meta["seconds_total"] += seconds
-          logger.write({
-              "round": completed, "train_loss": float(loss),
-              "test_accuracy": result.accuracy if result else None,
-              "test_loss": result.loss if result else None,
-              "site_accuracy_mean": result.site_accuracy_mean if result else None,
-              "site_accuracy_worst10": result.site_accuracy_worst10 if result else None,
-              "epsilon": self.epsilon(completed), "seconds": seconds,
-              "bytes_communicated": round_bytes, "bytes_total": meta["bytes_total"],
-              **({"dp_overflow": int(overflow[i])} if self.privacy else {}),
-              **({"nonfinite_updates": int(nonfinite[i])} if site_dp else {}),
-              # The norm this round's site updates were clipped to (C_t, before its update).
-              **({"clip_norm": float(clip_norms[i])} if adaptive else {})})
-        if _any_process_signalled(stop["signal"] is not None) and stop["signal"] is None:
-          stop["signal"] = signal.SIGTERM  # another process was: stop after the same round
-        if (completed % cfg.checkpoint.every == 0 or completed == cfg.rounds or stop["signal"]
-            or self._over_budget(completed + self.rounds_per_step)):
-          ckpt.save(completed, state, meta)
-    finally:
-      for s, h in handlers.items():
-        signal.signal(s, h)
-      logger.close()
-      ckpt.close()
-    if stop["signal"] is not None:
-      raise KeyboardInterrupt(f"stopped at round {completed}; checkpoint saved in {workdir}")
-    result = result or self.evaluate(state)
-    summary = {
-        "test_accuracy": result.accuracy, "test_loss": result.loss,
-        "site_accuracy_mean": result.site_accuracy_mean,
-        "site_accuracy_worst10": result.site_accuracy_worst10,
-        "epsilon": self.epsilon(completed), "rounds_completed": completed,
-        "total_seconds": meta["seconds_total"], "bytes_total": meta["bytes_total"],
-        "params_sha256": params_sha256(state.params),
-        "config": json.loads(self.config.to_json_best_effort()),
-        "lab_commit": runs.lab_commit(), "versions": runs.versions(),
-    }
-    if self.privacy is not None:
-      # What the accountant composed, so anyone can recompute epsilon with dp-accounting.
-      summary["privacy"] = {
-          "noise_multiplier": self.privacy.noise_multiplier,
-          "sampling_prob": self.privacy.sampling_prob,
-          "steps": completed * self.privacy.steps_per_round,
-          "accountant": cfg.dp.accountant, "delta": cfg.dp.delta,
-          # epsilon is dp-accounting's at accountant_delta; the rest of delta covers the
-          # truncation of Poisson samples to `slots` (privacy/sampling.py).
-          "accountant_delta": self.privacy.accountant.delta, "slots": self.privacy.slots,
-          "overflow_bound": self.privacy.overflow_bound,
-          "randomness": self.privacy.randomness,
-          "guarantees": guarantees.all_guarantees(self.privacy.mechanism(
-              cfg, completed * self.privacy.steps_per_round))}
-      if adaptive:  # how noise_multiplier was split, and the clip norm the next round would use
-        summary["privacy"].update(
-            update_noise_multiplier=self.privacy.update_noise_multiplier,
-            count_noise_multiplier=self.privacy.count_noise_multiplier,
-            final_clip_norm=float(state.clip_norm))
-    if cfg.eval.centralized_baseline:
-      summary["centralized_test_accuracy"] = self.centralized_accuracy()
-    # AUC, macro-F1, bootstrap intervals, per-site metrics, eval.robustness (new keys only).
-    summary.update(evaluation_robustness.final_metrics(self, state))
-    if primary:
-      with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    self.final_state = state
-    return summary
+    """Trains to `config.rounds`, resuming from the last checkpoint in `workdir`
+    (run_loop.run: logging, checkpoints, signals, budget, summary.json)."""
+    from fedjax_lab import run_loop
+    return run_loop.run(self, workdir)

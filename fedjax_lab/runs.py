@@ -109,13 +109,19 @@ def default_workdir(config_spec: str, config, base, root: str = "runs") -> str:
   return os.path.join(root, run_name(spec_parts(config_spec) + overrides(config, base), config))
 
 
+def load_module(path: str, name: str = "fedjax_lab_config_file"):
+  """The Python file at `path` as a module (config files are files, not a package)."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load_config_file(config_spec: str):
   """get_config(arg) of 'path/to/config.py[:arg]', as ml_collections' --config loads it."""
   path, _, arg = config_spec.partition(":")
   try:
-    spec = importlib.util.spec_from_file_location("fedjax_lab_config_file", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(path)
   except (OSError, AttributeError, ImportError, SyntaxError):
     raise ConfigError("--config", f"cannot load '{path}'; give a file like "
                       "configs/digits_fedavg.py") from None

@@ -34,7 +34,12 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
-import numpy as np
+import fedjax_lab
+
+if __name__ == "__main__":  # the command (not the library): before anything imports jax
+  fedjax_lab.setup_cpu_devices()
+
+import numpy as np  # noqa: E402
 
 from fedjax_lab import config as config_lib
 from fedjax_lab import runs

@@ -3,10 +3,9 @@ per-site keys, arithmetic on stacked site arrays (leaves [sites, ...]), and the 
 methods whose every site keeps its own model (ProxSkip, RandCom, D-SGD), which differ only in
 their `step`.
 
-`site_gradient(params, site_idx, site_count, rng, step, data) -> (loss, grads)` is the ONE
-place these algorithms touch data, and it draws minibatches exactly as `client.py` does for
-FedAvg (`minibatch_positions` on the key split the same way, dropout keyed by the step), so a
-site sees the same minibatch sequence under every algorithm. Its objective is the site's mean
+`site_gradient(params, site_idx, site_count, rng, step, data) -> (loss, grads)` is
+client.make_site_gradient, the ONE place every algorithm touches data (minibatches, DP-SGD's
+clipping and noise), so a site sees the same minibatch sequence under every algorithm. Its objective is the site's mean
 cross-entropy plus the l2 term of `model.l2`:
 
   f_i(w) = mean_{k in site i} CE(model(w, x_k), y_k) + (l2 / 2) ||w||^2,
@@ -22,57 +21,25 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_lab import sharding
+from fedjax_lab import algorithms, client, sharding
 from fedjax_lab.algorithms import Algorithm, schedules
-from fedjax_lab.client import minibatch_positions
 from fedjax_lab.data.federated import FederatedData
-from fedjax_lab.models import Model, cross_entropy
+from fedjax_lab.errors import ConfigError
+from fedjax_lab.models import Model
 
 SiteGradient = Callable  # (params, site_idx [n_max], site_count, rng, step, data) -> (loss, grads)
 
 
-class RoundMetrics(NamedTuple):
-  train_loss: jax.Array   # mean minibatch loss over the sites and local steps of the round
-  messages: jax.Array     # model-sized messages sent this round (up + down / to neighbours)
-  comm_steps: jax.Array   # local steps of the round that communicated
-  dp_overflow: jax.Array  # always 0: these algorithms do not run under DP (config.validate)
-
-
-def round_metrics(train_loss, messages, comm_steps) -> RoundMetrics:
-  return RoundMetrics(train_loss=train_loss, messages=jnp.asarray(messages, jnp.int32),
-                      comm_steps=jnp.asarray(comm_steps, jnp.int32),
-                      dp_overflow=jnp.zeros((), jnp.int32))
-
-
 def make_site_gradient(model: Model, batch_size: int, shuffle: bool, l2: float = 0.0,
-                       full_batch: bool = False) -> SiteGradient:
-  """The minibatch gradient of f_i at local step `step` (or its exact gradient if full_batch).
-
-  full_batch: the exact mean over the site's `site_count` examples (padding weighted 0);
-  used by benchmarks/comm_skipping.py, where deterministic gradients isolate the effect of
-  communication skipping.
-  """
-
-  def loss_on(params, x, y, weights, rng):
-    logits, _ = model.apply(params, {}, x, True, rng)
-    return jnp.sum(weights * cross_entropy(logits, y))
+                       full_batch: bool = False, dp=None) -> SiteGradient:
+  """The minibatch gradient of f_i at local step `step` (or its exact gradient if full_batch):
+  client.make_site_gradient (the one place sites touch data; `dp`: DP-SGD steps) for a model
+  without state, as (loss, grads), or (loss, grads, dp_overflow) with `dp`."""
+  grad = client.make_site_gradient(model, batch_size, shuffle, dp, l2, full_batch)
 
   def site_gradient(params, site_idx, site_count, rng, step, data: FederatedData):
-    batch_rng, step_rng = jax.random.split(rng)  # as client.py splits the site's round key
-    n_max = site_idx.shape[0]
-    if full_batch:
-      rows = site_idx
-      dtype = data.x.dtype
-      weights = (jnp.arange(n_max) < site_count).astype(dtype) / site_count.astype(dtype)
-    else:
-      rows = site_idx[minibatch_positions(batch_rng, step, site_count, n_max, batch_size,
-                                          shuffle)]
-      weights = jnp.full((batch_size,), 1.0 / batch_size, data.x.dtype)
-    loss, grads = jax.value_and_grad(loss_on)(params, data.x[rows], data.y[rows], weights,
-                                              jax.random.fold_in(step_rng, step))
-    if l2:
-      grads = jax.tree.map(lambda g, w: g + l2 * w, grads, params)
-    return loss, grads
+    out = grad(params, {}, site_idx, site_count, rng, step, data)
+    return (out.loss, out.grads) if dp is None else (out.loss, out.grads, out.overflow)
 
   return site_gradient
 
@@ -85,7 +52,8 @@ def site_keys(client_rng, round_index, num_sites: int) -> jax.Array:
 
 def all_site_gradients(site_gradient: SiteGradient, site_params, site_idx, site_count, keys,
                        step, data: FederatedData):
-  """(losses [S], grads leaves [S, ...]): every site's gradient at its own model x_i.
+  """(losses [S], grads leaves [S, ...][, overflow [S]]): every site's gradient at its own
+  model x_i.
 
   site_params leaves [S, ...]; site_idx [S, n_max]; site_count [S]; keys [S]; step: int.
   """
@@ -160,17 +128,19 @@ def make_per_site_round(site_gradient: SiteGradient, schedule, step: Callable,
     def local_step(carry, step_and_coin):
       x, h = carry
       t, coin = step_and_coin
-      losses, grads = all_site_gradients(site_gradient, x, site_idx, site_count, keys, t, data)
-      return step(x, h, grads, coin), losses
+      out = all_site_gradients(site_gradient, x, site_idx, site_count, keys, t, data)
+      overflow = out[2].sum() if len(out) == 3 else jnp.int32(0)  # under example-level DP
+      return step(x, h, out[1], coin), (out[0], overflow)
 
-    (x, h), losses = jax.lax.scan(local_step, (x, h),
-                                  (jnp.arange(schedule.local_steps), coins))
+    (x, h), (losses, overflow) = jax.lax.scan(local_step, (x, h),
+                                              (jnp.arange(schedule.local_steps), coins))
     comm_steps = coins.sum()
     x, h = place_per_site((x, h), mesh)
     new_state = state._replace(params=site_mean(x), site_params=x, site_controls=h,
                                round=state.round + 1)
-    return new_state, round_metrics(losses.mean(),
-                                    messages_per_comm(data.num_sites) * comm_steps, comm_steps)
+    return new_state, algorithms.round_metrics(
+        losses.mean(), messages_per_comm(data.num_sites) * comm_steps, comm_steps,
+        dp_overflow=overflow.sum())
 
   return round_fn
 
@@ -179,10 +149,78 @@ def build_per_site(ctx, make_round, *, controls: bool, **kwargs):
   """The Algorithm of a per-site-model method from the config (shared by its build())."""
   cfg = ctx.config
   site_gradient = make_site_gradient(ctx.model, cfg.client.batch_size, cfg.client.shuffle,
-                                     cfg.model.l2)
+                                     cfg.model.l2, dp=ctx.example_dp)
   round_fn = make_round(site_gradient, schedules.from_config(cfg), lr=cfg.client.lr,
                         mesh=ctx.mesh, **kwargs)
   return Algorithm(
       init=lambda params, model_state: init_per_site_state(params, model_state, ctx.num_sites,
                                                            controls=controls),
       round=round_fn)
+
+
+def validate_plain_sgd(config) -> None:
+  """The correction terms of SCAFFOLD, FedNova and the per-site-model methods assume plain
+  gradient steps of size client.lr, and they keep no BatchNorm statistics."""
+  name = config.algorithm.name
+  if config.client.optimizer != "sgd" or config.client.optimizer_args.get("momentum", 0.0):
+    raise ConfigError("client.optimizer", f"algorithm '{name}' takes plain SGD steps of size "
+                      f"client.lr; got '{config.client.optimizer}' "
+                      f"{dict(config.client.optimizer_args)}; allowed: sgd without momentum")
+  if config.model.norm == "batch":
+    raise ConfigError("model.norm", f"algorithm '{name}' keeps no BatchNorm statistics; "
+                      "allowed: none, group")
+
+
+def validate_fixed_steps(config) -> None:
+  """For algorithms whose correction assumes client.local_steps steps at every site."""
+  if config.client.local_epochs:
+    raise ConfigError("client.local_epochs", f"algorithm '{config.algorithm.name}' takes "
+                      "client.local_steps steps at every site; allowed: 0 (per-site step "
+                      "counts: algorithm.name=fednova or fedavg)")
+
+
+def refuse_dp(config, why_not_site_level: str) -> None:
+  """Example-level DP with parallel noise only: DP-SGD steps at the sites are sound for any
+  algorithm whose messages are computed from the privatized gradients and public values.
+  Site-level DP is refused with the reason; coordinated noise needs each site's update to be
+  linear in its noise share (one FedAvg SGD step)."""
+  name = config.algorithm.name
+  if config.dp.level == "site":
+    raise ConfigError("dp.level", f"site-level DP is not available for algorithm '{name}': "
+                      f"{why_not_site_level}; allowed: none, example")
+  if config.dp.level == "example" and config.dp.noise == "coordinated":
+    raise ConfigError("dp.noise", "coordinated noise needs each site's update to be linear in "
+                      f"its noise share (one FedAvg SGD step); allowed with {name}: parallel")
+
+
+def validate_per_site(config) -> None:
+  """ProxSkip, RandCom and D-SGD: the communication schedule, and which DP is sound."""
+  a = config.algorithm
+  _one_of("algorithm.comm_schedule", a.comm_schedule, schedules.COMM_SCHEDULES)
+  if not 0 < a.comm_prob <= 1:
+    raise ConfigError("algorithm.comm_prob", f"must be in (0, 1], got {a.comm_prob}")
+  if int(a.comm_every) != a.comm_every or a.comm_every <= 0:
+    raise ConfigError("algorithm.comm_every", f"must be a positive integer, got {a.comm_every}")
+  validate_plain_sgd(config)
+  validate_fixed_steps(config)
+  refuse_dp(config, "every site's own model leaves it at each communicating step, unclipped "
+            "and unnoised")
+
+
+def validate_gossip(config) -> None:
+  """RandCom and D-SGD: validate_per_site and the graph's keys."""
+  from fedjax_lab.algorithms import topology
+  validate_per_site(config)
+  topology.validate(config)
+
+
+def check_gossip_sites(config) -> None:
+  """Once data.num_sites is known: a torus needs a composite number of sites."""
+  from fedjax_lab.algorithms import topology
+  if config.algorithm.topology == "torus":
+    topology.build("torus", config.data.num_sites)  # raises if num_sites is prime
+
+
+def _one_of(key, value, allowed):
+  if value not in allowed:
+    raise ConfigError(key, f"unknown '{value}'; allowed: {', '.join(map(str, allowed))}")

@@ -13,9 +13,11 @@ One round, as in the papers' algorithm box:
   for each site k in S_t in parallel (jax.vmap):  Δ_k = ClientUpdate(w_t, data_k)
   Δ_t = Σ_k p_k Δ_k  with p_k ∝ n_k (or uniform)
   w_{t+1} = ServerOpt(w_t, -Δ_t)
-Under site-level DP, Δ_t = (Σ_k clip(Δ_k, C_t) + noise) / expected cohort size; with adaptive
-clipping, C_{t+1} = C_t exp(-η_C (b̃_t - γ)) from the noised fraction b̃_t of sites with
-||Δ_k|| <= C_t (privacy/adaptive_clipping.py); otherwise C_t = dp.clip_norm.
+The round is built from the three seams (docs/design.md): the client update (client.py),
+the aggregator chain (aggregators.py: `weighted` without DP; under site-level DP
+Δ_t = (Σ_k clip(Δ_k, C_t) + noise) / expected cohort size, with adaptive clipping's C_t) and
+the server optax step (`server_step`). Other algorithms reuse this round with their own
+aggregator (FedNova) or their own per-site state (FedBN's statistics, through `kept`).
 """
 
 from typing import Any, Callable, NamedTuple
@@ -24,57 +26,33 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab import sharding
+from fedjax_lab import aggregators, algorithms, sharding
+from fedjax_lab.aggregators import AdaptiveClip, clip_by_global_norm  # noqa: F401 (API)
+from fedjax_lab.algorithms import RoundMetrics, round_metrics  # noqa: F401 (API)
 from fedjax_lab.data.federated import FederatedData
-from fedjax_lab.privacy import adaptive_clipping
 from fedjax_lab.privacy.sampling import poisson_sample
 
-
-# Site noise keys hang off fold_in(client_rng, _SITE_NOISE), a value no round index reaches,
-# so they never coincide with a round's client-training keys fold_in(client_rng, t).
-_SITE_NOISE = 0xFFFFFFFF
-# Adaptive clipping's count-noise keys hang off another such value.
-_SITE_COUNT_NOISE = 0xFFFFFFFE
 # fold_in tag (into the round's client key, beside the site ids) of the public minibatch a
 # curvature server optimizer takes its obj_fn on.
 _SERVER_PUBLIC = 0xFFFFFFFD
-# The server's own noise (update and count) for a round in which no site was sampled.
-_SERVER_NOISE = 0xFFFFFFFC
 
 
 class ServerState(NamedTuple):
   params: Any            # the global model
   model_state: Any       # global BatchNorm statistics ({} if none)
   opt_state: Any         # the server optimizer's state
-  site_model_state: Any  # FedBN: per-site statistics, leaves [sites, ...]; else {}
+  site_model_state: Any  # what each site keeps (FedBN statistics), leaves [sites, ...]; else {}
   round: jax.Array       # int32 rounds completed
-  clip_norm: Any         # adaptive clipping: C_t, the next round's clip norm (float32); else {}
-
-
-class RoundMetrics(NamedTuple):
-  train_loss: jax.Array  # example-weighted mean of the cohort's local training losses
-  messages: jax.Array    # model-sized messages sent: K down + K up
-  dp_overflow: jax.Array  # Poisson-sampled examples/sites that did not fit (0 without DP)
-  clip_norm: Any          # site DP: the clip norm this round's updates were clipped to; else {}
-  nonfinite_updates: jax.Array  # site DP: cohort sites whose update had a NaN/inf (sent as 0)
-
-
-class AdaptiveClip(NamedTuple):
-  """Andrew et al. 2021, geometric update: C_{t+1} = C_t exp(-clip_lr (b̃_t - target_quantile)).
-
-  Each site also adds its share of N(0, count_stddev^2) to the centred count Σ (b_k - 1/2),
-  split over the sites like the update noise (parallel: each the full std; coordinated:
-  std / sqrt(n) each).
-  """
-  target_quantile: float  # γ
-  clip_lr: float          # η_C
-  count_stddev: float     # σ_b
+  # The aggregator chain's state (aggregators.chain): adaptive clipping's C_t, the next
+  # round's clip norm (float32), the one stateful aggregator today; else {}.
+  clip_norm: Any
 
 
 class SiteDP(NamedTuple):
   """Site-level DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent
   Language Models"): Poisson cohorts at rate q = cohort_size / num_sites, each site update
-  clipped to clip_norm, Gaussian noise on the sum, divided by the expected cohort size.
+  clipped to clip_norm, Gaussian noise on the sum, divided by the expected cohort size
+  (the chain `aggregators.site_dp`).
 
   noise "parallel": every site adds N(0, (sigma C)^2); "coordinated" (Dopamine): every site
   adds N(0, (sigma C)^2 / n) for the n sites of the round, so the secure sum carries exactly
@@ -92,6 +70,20 @@ class SiteDP(NamedTuple):
   adaptive: AdaptiveClip | None = None
 
 
+def count_noise(count_rng, cohort, in_cohort, num_in, site_dp: SiteDP):
+  """Σ_k ξ_k: the noise on adaptive clipping's count (aggregators.count_noise)."""
+  return aggregators.count_noise(count_rng, cohort, in_cohort, num_in,
+                                 site_dp.adaptive.count_stddev, site_dp.coordinated)
+
+
+def make_aggregator(site_dp: SiteDP | None, cohort_size: int) -> aggregators.Aggregator:
+  """The round's chain: the weighted mean, or site-level DP's clip, noise, / expected size."""
+  if site_dp is None:
+    return aggregators.weighted()
+  return aggregators.site_dp(site_dp.clip_norm, site_dp.noise_multiplier, site_dp.coordinated,
+                             cohort_size, site_dp.adaptive)
+
+
 def sample_cohort(rng, num_sites: int, cohort_size: int) -> jax.Array:
   """[cohort_size] distinct site ids, uniformly without replacement (all sites if equal)."""
   if cohort_size == num_sites:
@@ -100,26 +92,19 @@ def sample_cohort(rng, num_sites: int, cohort_size: int) -> jax.Array:
 
 
 def init_server_state(params, model_state, server_tx, num_sites: int, fedbn: bool,
-                      clip_norm: float | None = None) -> ServerState:
-  """`clip_norm`: C_0 under adaptive clipping (kept in the state, so it is checkpointed)."""
+                      clip_norm: float | None = None,
+                      aggregator: aggregators.Aggregator | None = None) -> ServerState:
+  """`clip_norm`: C_0 under adaptive clipping (kept in the state, so it is checkpointed);
+  or `aggregator`, whose init() is the state kept there."""
   site_state = {}
   if fedbn and model_state:
     site_state = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_sites, *a.shape)), model_state)
+  agg_state = {} if clip_norm is None else jnp.asarray(clip_norm, jnp.float32)
+  if aggregator is not None:
+    agg_state = aggregator.init()
   return ServerState(params=params, model_state=model_state, opt_state=server_tx.init(params),
                      site_model_state=site_state, round=jnp.zeros((), jnp.int32),
-                     clip_norm={} if clip_norm is None else jnp.asarray(clip_norm, jnp.float32))
-
-
-def clip_by_global_norm(tree, clip_norm):
-  """Scales the whole pytree to L2 norm <= clip_norm; returns (clipped, norm).
-
-  NaN-safe: a tree whose norm is not finite becomes all zeros (a `where`, since NaN * 0 is
-  NaN), which is within the sensitivity bound like any clipped update.
-  """
-  norm = optax.global_norm(tree)
-  finite = jnp.isfinite(norm)
-  factor = jnp.where(finite, jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12)), 0.0)
-  return jax.tree.map(lambda a: jnp.where(finite, a * factor, 0.0).astype(a.dtype), tree), norm
+                     clip_norm=agg_state)
 
 
 def server_step(server_tx: optax.GradientTransformationExtraArgs, mean_delta, opt_state,
@@ -142,18 +127,33 @@ def server_step(server_tx: optax.GradientTransformationExtraArgs, mean_delta, op
   return optax.apply_updates(params, updates), opt_state
 
 
+def gather_sites(tree, cohort):
+  """Leaves [sites, ...] -> [cohort, ...]: what the cohort's sites kept from earlier rounds."""
+  return jax.tree.map(lambda a: a[cohort], tree)
+
+
+def scatter_sites(tree, cohort, new):
+  """Writes the cohort's rows of a per-site tree back (what each site keeps)."""
+  return jax.tree.map(lambda all_, n: all_.at[cohort].set(n), tree, new)
+
+
 def make_round(client_update: Callable, server_tx: optax.GradientTransformation, *,
                cohort_size: int, weighting: str = "examples", fedbn: bool = False,
                mesh=None, site_dp: SiteDP | None = None,
                min_sites_per_device: int = 16, sites_per_chunk: int = 0,
-               server_objective: Callable | None = None) -> Callable:
+               server_objective: Callable | None = None,
+               aggregator: aggregators.Aggregator | None = None) -> Callable:
   """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, RoundMetrics).
 
   `client_update` is `client.make_client_update(...)`; the keys are the run's per-purpose
   roots: the round index and site id are folded in here, so a site's randomness never
   depends on the cohort order or the device it ran on. `server_objective`: see server_step.
-  `sites_per_chunk`: see sharding.map_sum_sites.
+  `sites_per_chunk`: see sharding.map_sum_sites. `aggregator`: the chain between the sites
+  and the server (default `make_aggregator(site_dp, cohort_size)`). With `fedbn`, each site
+  keeps its model state (BatchNorm statistics) in `site_model_state`.
   """
+  if aggregator is None:
+    aggregator = make_aggregator(site_dp, cohort_size)
 
   def round_fn(state: ServerState, data: FederatedData, sampling_rng, client_rng):
     t = state.round
@@ -174,71 +174,42 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
       weights = cohort_count.astype(jnp.float32) / cohort_count.sum()
     else:
       weights = jnp.full(cohort.shape, 1.0 / cohort.shape[0])
+    num_in = in_cohort.sum()
     if site_dp is not None:
       # A padded slot of the Poisson cohort trains on no examples (count 0, see client.py),
       # not on the data of site 0 its id points to: its update is dropped anyway.
       cohort_count = jnp.where(in_cohort > 0, cohort_count, 0)
+      weights = in_cohort / jnp.maximum(num_in, 1.0)
     site_idx, site_count = sharding.constrain_sites((data.idx[cohort], cohort_count), split)
     round_rng = jax.random.fold_in(client_rng, t)
     site_rngs = jax.vmap(lambda s: jax.random.fold_in(round_rng, s))(cohort)
     if fedbn and state.model_state:
-      site_ms = jax.tree.map(lambda a: a[cohort], state.site_model_state)
-      ms_axis = 0
+      site_ms, ms_axis = gather_sites(state.site_model_state, cohort), 0
     else:
       site_ms, ms_axis = state.model_state, None
 
-    num_in = in_cohort.sum()
-    clip_norm, next_clip_norm, share = {}, state.clip_norm, None
-    if site_dp is not None:
-      clip_norm = state.clip_norm if site_dp.adaptive is not None else site_dp.clip_norm
-      share = site_dp.noise_multiplier * clip_norm
-      if site_dp.coordinated:
-        share = share / jnp.sqrt(jnp.maximum(num_in, 1.0))
-      weights = in_cohort / jnp.maximum(num_in, 1.0)
-    noise_rng = jax.random.fold_in(jax.random.fold_in(client_rng, _SITE_NOISE), t)
+    rnd = aggregators.RoundInfo(t=t, client_rng=client_rng, cohort=cohort,
+                                in_cohort=in_cohort, num_in=num_in)
+    shared = aggregator.broadcast(state.clip_norm, rnd, {})
 
     def site_fn(params, ms, idx, count, rng, weight, in_k, site, data):
-      """One site: its update, and its terms of the round's sums (sharding.map_sum_sites)."""
+      """One site: its update through the chain's site transforms, and its terms of the
+      round's sums (sharding.map_sum_sites)."""
       out = client_update(params, ms, idx, count, rng, data)
+      info = aggregators.SiteInfo(site=site, weight=weight, present=in_k,
+                                  steps=out.num_steps)
+      update, stats = aggregator.site(out.delta, info, shared)
       scale = lambda tree, c: jax.tree.map(lambda a: c * a, tree)
       to_sum = {"loss": weight * out.train_loss, "overflow": out.dp_overflow,
-                "model_state": scale(out.model_state, weight)}
-      per_site = {"model_state": out.model_state if fedbn else {}}
-      if site_dp is None:
-        to_sum["delta"] = scale(out.delta, weight)
-      else:  # clip, add this site's noise share, / the EXPECTED cohort size
-        clipped, per_site["norm"] = clip_by_global_norm(out.delta, clip_norm)
-        noised = jax.tree.map(jnp.add, clipped, _site_noise(noise_rng, site, clipped, share))
-        # `where`, not a product: a padded slot's update must vanish even if it were NaN.
-        to_sum["delta"] = jax.tree.map(lambda a: jnp.where(in_k > 0, a / cohort_size, 0.0),
-                                       noised)
-        to_sum["nonfinite"] = jnp.where(in_k > 0, ~jnp.isfinite(per_site["norm"]), False
-                                        ).astype(jnp.int32)
-      return to_sum, per_site
+                "model_state": scale(out.model_state, weight), "delta": update}
+      return to_sum, {"model_state": out.model_state if fedbn else {}, "stats": stats}
 
     sums, per_site = sharding.map_sum_sites(
         site_fn, (None, ms_axis, 0, 0, 0, 0, 0, 0, None), split, sites_per_chunk)(
             state.params, site_ms, site_idx, site_count, site_rngs, weights, in_cohort,
             cohort, data)
-    mean_delta = sums["delta"]
-    if site_dp is not None:
-      # An empty cohort sends nothing; the server then adds the noise the accountant counts.
-      empty = num_in == 0
-      server_rng = jax.random.fold_in(jax.random.fold_in(client_rng, _SERVER_NOISE), t)
-      server_noise = _site_noise(server_rng, 0, mean_delta,
-                                 site_dp.noise_multiplier * clip_norm)
-      mean_delta = jax.tree.map(lambda d, z: d + jnp.where(empty, z / cohort_size, 0.0),
-                                mean_delta, server_noise)
-      if site_dp.adaptive is not None:
-        count_rng = jax.random.fold_in(jax.random.fold_in(client_rng, _SITE_COUNT_NOISE), t)
-        server_count_noise = site_dp.adaptive.count_stddev * jax.random.normal(
-            jax.random.fold_in(server_rng, 1))
-        next_clip_norm = adaptive_clipping.next_clip_norm(
-            clip_norm, per_site["norm"], in_cohort,
-            count_noise(count_rng, cohort, in_cohort, num_in, site_dp)
-            + jnp.where(empty, server_count_noise, 0.0),
-            cohort_size, site_dp.adaptive.target_quantile, site_dp.adaptive.clip_lr)
-      clip_norm = jnp.asarray(clip_norm, jnp.float32)
+    mean_delta, agg_state, agg_metrics = aggregator.server(
+        sums["delta"], state.clip_norm, rnd, shared, per_site["stats"])
     params, opt_state = server_step(server_tx, mean_delta, state.opt_state, state.params,
                                     server_objective, state.model_state, round_rng, data)
 
@@ -247,40 +218,37 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
       # Under FedBN the global statistics are only used to evaluate the global model.
       model_state = sums["model_state"]
       if fedbn:
-        site_model_state = jax.tree.map(lambda all_, new: all_.at[cohort].set(new),
-                                        site_model_state, per_site["model_state"])
+        site_model_state = scatter_sites(site_model_state, cohort, per_site["model_state"])
 
     new_state = ServerState(params=params, model_state=model_state, opt_state=opt_state,
                             site_model_state=site_model_state, round=t + 1,
-                            clip_norm=next_clip_norm)
-    metrics = RoundMetrics(train_loss=sums["loss"],
-                           messages=(2 * num_in).astype(jnp.int32),
-                           dp_overflow=cohort_overflow + sums["overflow"],
-                           clip_norm=clip_norm,
-                           nonfinite_updates=sums.get("nonfinite", jnp.int32(0)))
+                            clip_norm=agg_state)
+    metrics = round_metrics(sums["loss"], 2 * num_in,
+                            dp_overflow=cohort_overflow + sums["overflow"], **agg_metrics)
     return new_state, metrics
 
   return round_fn
 
 
-def _site_noise(noise_rng, site, like, share):
-  """One site's noise share, N(0, share^2) per coordinate of `like`, from a key folded with
-  its site id, as a real site would draw it: it never depends on the cohort order, the
-  device or the chunk the site ran in."""
-  keys = jax.random.split(jax.random.fold_in(noise_rng, site), len(jax.tree.leaves(like)))
-  leaves = [share * jax.random.normal(k, l.shape, l.dtype)
-            for k, l in zip(keys, jax.tree.leaves(like))]
-  return jax.tree.unflatten(jax.tree.structure(like), leaves)
+def validate(config) -> None:
+  """FedAvg / FedProx take any client optimizer, BatchNorm (FedBN with batch_stats=local)
+  and every DP level; the generic checks in config.py cover them."""
 
 
-def count_noise(count_rng, cohort, in_cohort, num_in, site_dp: SiteDP):
-  """Σ_k ξ_k over the sites in the cohort: the noise on adaptive clipping's count.
-
-  Each site draws its share ξ_k from a key folded with its site id, N(0, σ_b^2) (parallel)
-  or N(0, σ_b^2 / n) for the n sites of the round (coordinated), as the update noise.
-  """
-  share = site_dp.adaptive.count_stddev
-  if site_dp.coordinated:
-    share = share / jnp.sqrt(jnp.maximum(num_in, 1.0))
-  draws = jax.vmap(lambda site: jax.random.normal(jax.random.fold_in(count_rng, site)))(cohort)
-  return share * jnp.dot(in_cohort, draws)
+def build(ctx):
+  """FedAvg (and FedProx: algorithm.name=fedprox adds client.prox_mu's proximal term)."""
+  from fedjax_lab import client
+  cfg = ctx.config
+  fedbn = cfg.algorithm.batch_stats == "local"
+  client_update = ctx.client_update
+  if cfg.algorithm.name == "fedprox" and cfg.client.prox_mu:
+    client_update = ctx.make_client_update(correction=client.prox_correction(cfg.client.prox_mu))
+  aggregator = make_aggregator(ctx.site_dp, cfg.cohort_size)
+  round_fn = make_round(client_update, ctx.server_tx, cohort_size=cfg.cohort_size,
+                        weighting=cfg.server.weighting, fedbn=fedbn, mesh=ctx.mesh,
+                        site_dp=ctx.site_dp, min_sites_per_device=cfg.min_sites_per_device,
+                        server_objective=ctx.server_objective,
+                        sites_per_chunk=ctx.sites_per_chunk, aggregator=aggregator)
+  init = lambda params, model_state: init_server_state(
+      params, model_state, ctx.server_tx, ctx.num_sites, fedbn, aggregator=aggregator)
+  return algorithms.Algorithm(init=init, round=round_fn)

@@ -31,6 +31,9 @@ from fedjax_lab.algorithms import common, schedules, topology as topology_lib
 
 log = logging.getLogger("fedjax_lab")
 
+# Every site keeps its own model and takes part in every local step.
+EVERY_SITE = PER_SITE_STATE = True
+
 
 GossipState = common.PerSiteState
 
@@ -57,3 +60,7 @@ def build(ctx):
   topology = topology_lib.from_config(ctx.config)
   log.info("dsgd: %s", topology_lib.describe(topology))
   return common.build_per_site(ctx, make_round, controls=False, topology=topology)
+
+
+validate = common.validate_gossip
+check_sites = common.check_gossip_sites

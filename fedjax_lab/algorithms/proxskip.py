@@ -31,6 +31,9 @@ import jax.numpy as jnp
 from fedjax_lab.algorithms import common, schedules
 
 
+# Every site keeps its own model and takes part in every local step.
+EVERY_SITE = PER_SITE_STATE = True
+
 ProxSkipState = common.PerSiteState
 
 
@@ -71,3 +74,7 @@ def make_round(site_gradient: common.SiteGradient, schedule: schedules.CommSched
 
 def build(ctx):
   return common.build_per_site(ctx, make_round, controls=True)
+
+
+def validate(config) -> None:
+  common.validate_per_site(config)

@@ -36,6 +36,9 @@ from fedjax_lab.algorithms import common, schedules, topology as topology_lib
 
 log = logging.getLogger("fedjax_lab")
 
+# Every site keeps its own model and takes part in every local step.
+EVERY_SITE = PER_SITE_STATE = True
+
 
 RandComState = common.PerSiteState
 
@@ -72,3 +75,7 @@ def build(ctx):
   topology = topology_lib.from_config(ctx.config)
   log.info("randcom: %s", topology_lib.describe(topology, lazy=True))
   return common.build_per_site(ctx, make_round, controls=True, topology=topology)
+
+
+validate = common.validate_gossip
+check_sites = common.check_gossip_sites

@@ -29,10 +29,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab import sharding
+from fedjax_lab import algorithms, client, sharding
 from fedjax_lab.algorithms import Algorithm, common
-from fedjax_lab.algorithms.fedavg import sample_cohort, server_step
+from fedjax_lab.algorithms.fedavg import gather_sites, sample_cohort, server_step
 from fedjax_lab.data.federated import FederatedData
+
+PER_SITE_STATE = True  # c_i, leaves [sites, ...]
 
 
 class ScaffoldState(NamedTuple):
@@ -53,33 +55,42 @@ def init_state(params, model_state, server_tx, num_sites: int) -> ScaffoldState:
                        site_model_state={}, round=jnp.zeros((), jnp.int32))
 
 
-def client_update(site_gradient: common.SiteGradient, local_steps: int, lr: float,
-                  x, c, c_i, site_idx, site_count, rng, data: FederatedData):
-  """One site's corrected local steps; returns (dy_i, dc_i, mean local loss)."""
+def correction(grads, params, global_params, extra):
+  """SCAFFOLD's corrected step direction g - c_i + c; extra = (c, c_i)."""
+  c, c_i = extra
+  return jax.tree.map(lambda g, ci, c: g - ci + c, grads, c_i, c)
 
-  def local_step(y, t):
-    loss, g = site_gradient(y, site_idx, site_count, rng, t, data)
-    return jax.tree.map(lambda y, g, ci, c: y - lr * (g - ci + c), y, g, c_i, c), loss
 
-  y, losses = jax.lax.scan(local_step, x, jnp.arange(local_steps))
-  c_i_new = jax.tree.map(lambda ci, c, x, y: ci - c + (x - y) / (local_steps * lr),
-                         c_i, c, x, y)
-  return (jax.tree.map(jnp.subtract, y, x), jax.tree.map(jnp.subtract, c_i_new, c_i),
-          losses.mean())
+def control_delta(delta, c, c_i, local_steps: int, lr: float):
+  """dc_i = c_i+ - c_i with c_i+ = c_i - c + (x - y_i) / (local_steps * eta_l), option II
+  (delta = y_i - x). dc_i = -c - delta / (local_steps * eta_l): no more than the update and c."""
+  c_i_new = jax.tree.map(lambda ci, c, d: ci - c + (-d) / (local_steps * lr), c_i, c, delta)
+  return jax.tree.map(jnp.subtract, c_i_new, c_i)
+
+
+def make_client_update(site_gradient: common.SiteGradient, local_steps: int, lr: float):
+  """client.make_local_update with plain SGD steps of size eta_l and SCAFFOLD's correction.
+  `site_gradient`: common.make_site_gradient (with `dp`, every step a DP-SGD step)."""
+  return client.make_local_update(client.from_site_gradient(site_gradient),
+                                  optax.with_extra_args_support(optax.sgd(lr)), local_steps,
+                                  correction=correction, private=True)
 
 
 def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTransformation, *,
                cohort_size: int, local_steps: int, lr: float, weighting: str = "examples",
                mesh=None, server_objective=None, sites_per_chunk: int = 0):
-  """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, common.RoundMetrics).
+  """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, RoundMetrics).
 
-  `server_objective`: the public curvature objective of a curvature ServerOpt (fedavg.server_step).
+  `site_gradient`: common.make_site_gradient (or any function with its signature; tests use
+  exact gradients). `server_objective`: the public curvature objective of a curvature
+  ServerOpt (fedavg.server_step).
   """
+  client_update = make_client_update(site_gradient, local_steps, lr)
 
   def round_fn(state: ScaffoldState, data: FederatedData, sampling_rng, client_rng):
     t = state.round
     cohort = sample_cohort(jax.random.fold_in(sampling_rng, t), data.num_sites, cohort_size)
-    c_i = jax.tree.map(lambda a: a[cohort], state.site_controls)
+    c_i = gather_sites(state.site_controls, cohort)
     site_idx, site_count, c_i = sharding.constrain_sites(
         (data.idx[cohort], data.count[cohort], c_i), mesh)
     round_rng = jax.random.fold_in(client_rng, t)
@@ -93,10 +104,11 @@ def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTran
       q = jnp.full((cohort_size,), 1.0 / data.num_sites)
 
     def site_fn(x, c, c_i, idx, count, rng, w_i, q_i, data):
-      dy, dc, loss = client_update(site_gradient, local_steps, lr, x, c, c_i, idx, count, rng,
-                                   data)
+      out = client_update(x, {}, idx, count, rng, data, (c, c_i))
+      dc = control_delta(out.delta, c, c_i, local_steps, lr)
       scale = lambda tree, k: jax.tree.map(lambda a: k * a, tree)
-      return {"dy": scale(dy, w_i), "dc": scale(dc, q_i), "loss": w_i * loss}, dc
+      return ({"dy": scale(out.delta, w_i), "dc": scale(dc, q_i), "loss": w_i * out.train_loss,
+               "overflow": out.dp_overflow}, dc)
 
     sums, dc = sharding.map_sum_sites(site_fn, (None, None, 0, 0, 0, 0, 0, 0, None), mesh,
                                       sites_per_chunk)(
@@ -109,15 +121,27 @@ def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTran
 
     new_state = state._replace(params=params, opt_state=opt_state, control=control,
                                site_controls=site_controls, round=t + 1)
-    return new_state, common.round_metrics(sums["loss"], 4 * cohort_size, 1)
+    return new_state, algorithms.round_metrics(sums["loss"], 4 * cohort_size, 1,
+                                               dp_overflow=sums["overflow"])
 
   return round_fn
 
 
+def validate(config):
+  """SCAFFOLD's own constraints (config.validate calls it)."""
+  common.validate_plain_sgd(config)
+  common.validate_fixed_steps(config)
+  common.refuse_dp(config, "each site also sends its control update dc_i, which the site-level "
+                   "chain does not clip or noise (a site's c_i would leave it through it)")
+
+
 def build(ctx):
+  """Under example-level DP every local step is a DP-SGD step, so y_i, dy_i and
+  dc_i = -c - dy_i / (local_steps eta_l) are functions of privatized gradients and of the
+  public c: post-processing, accounted like FedAvg's DP-SGD (local_steps steps a round)."""
   cfg = ctx.config
   site_gradient = common.make_site_gradient(ctx.model, cfg.client.batch_size,
-                                            cfg.client.shuffle, cfg.model.l2)
+                                            cfg.client.shuffle, cfg.model.l2, dp=ctx.example_dp)
   round_fn = make_round(site_gradient, ctx.server_tx, cohort_size=cfg.cohort_size,
                         local_steps=cfg.client.local_steps, lr=cfg.client.lr,
                         weighting=cfg.server.weighting, mesh=ctx.mesh,

@@ -227,3 +227,14 @@ def describe(topology: Topology, lazy: bool = False) -> str:
   return (f"topology {topology.name} over {topology.num_sites} sites: "
           f"{topology.messages_per_gossip // 2} edges, degree {d.min()}-{d.max()}, "
           f"Metropolis-Hastings mixing {which}, spectral gap {gap:.4g}")
+
+
+def validate(config) -> None:
+  """algorithm.topology and algorithm.erdos_renyi_p (RandCom, D-SGD)."""
+  from fedjax_lab.errors import ConfigError
+  a = config.algorithm
+  if a.topology not in TOPOLOGIES:
+    raise ConfigError("algorithm.topology", f"unknown '{a.topology}'; allowed: "
+                      f"{', '.join(TOPOLOGIES)}")
+  if not 0 < a.erdos_renyi_p <= 1:
+    raise ConfigError("algorithm.erdos_renyi_p", f"must be in (0, 1], got {a.erdos_renyi_p}")

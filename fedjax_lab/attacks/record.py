@@ -9,7 +9,7 @@ anyone who reads the workdir can attack it.
 Rather than threading a recording output through the vmapped, sharded round, the site's
 update is recomputed from the state before the round with the round's own keys
 (fedavg.make_round: round_rng = fold_in(client_rng, t), site key = fold_in(round_rng, site);
-site-level DP noise from fold_in(fold_in(client_rng, _SITE_NOISE), t) and the site id), so it
+site-level DP noise from fold_in(fold_in(client_rng, aggregators.SITE_NOISE), t) and the site id), so it
 is the update the round used (tests/test_inversion.py checks it against the round).
 """
 
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab import aggregators
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.privacy.sampling import poisson_sample
 
@@ -72,9 +73,10 @@ def site_update(exp, state, t: int, site: int) -> dict:
     share = site_dp.noise_multiplier * site_dp.clip_norm
     if site_dp.coordinated:
       share = share / np.sqrt(max(float(mask.sum()), 1.0))
-    noise_rng = jax.random.fold_in(jax.random.fold_in(exp.keys["client"], fedavg._SITE_NOISE), t)
-    clipped, _ = fedavg.clip_by_global_norm(delta, site_dp.clip_norm)
-    delta = jax.tree.map(jnp.add, clipped, fedavg._site_noise(noise_rng, site, clipped, share))
+    noise_rng = jax.random.fold_in(
+        jax.random.fold_in(exp.keys["client"], aggregators.SITE_NOISE), t)
+    clipped, _ = aggregators.clip_by_global_norm(delta, site_dp.clip_norm)
+    delta = jax.tree.map(jnp.add, clipped, aggregators.site_noise(noise_rng, site, clipped, share))
   to_np = lambda tree: jax.tree.map(np.asarray, tree)
   return {"round": t + 1, "site": site, "in_cohort": bool(present),
           "delta": to_np(delta), "model_state": to_np(out.model_state),

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 import numpy as np
 
 from fedjax_lab import cli
@@ -65,6 +66,9 @@ def save_heatmap(hist: np.ndarray, path: str, class_names: Sequence[str] = (),
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Libraries' INFO lines (e.g. numexpr's thread count, logged when pandas loads) would
+  # break the one-line config errors on stderr; train.py does the same.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   config, _ = cli.load_config(_CONFIG)
   try:
     train, _ = sources.load_dataset(config.data)

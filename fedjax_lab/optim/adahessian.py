@@ -30,32 +30,14 @@ Like `optax.contrib.sophia`, the update needs the objective as an extra argument
     updates, state = tx.update(grads, state, params, obj_fn=lambda p: loss(p, batch))
 """
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
-from fedjax_lab.optim import hessian
+from fedjax_lab.optim import hessian, preconditioner
 
 
-class AdaHessianState(NamedTuple):
-  """State of `scale_by_adahessian`.
-
-  Attributes:
-    count: [] int32, update calls so far.
-    curvature_count: [] int32, curvature estimates folded into `nu` so far.
-    mu: moving average of the gradient, shaped like params.
-    nu: moving average of the squared (spatially averaged) |diag(H)| estimate.
-    key: [2] uint32 raw PRNG key data for the probes; split on every refresh.
-  """
-
-  count: jax.Array
-  curvature_count: jax.Array
-  mu: optax.Updates
-  nu: optax.Updates
-  key: jax.Array
+AdaHessianState = preconditioner.DiagonalPreconditionerState
 
 
 def scale_by_adahessian(
@@ -80,101 +62,29 @@ def scale_by_adahessian(
       paper; larger values save Hessian-vector products).
     spatial_averaging: average over the spatial axes of rank-4 (conv) leaves.
     num_probes: probes averaged per estimate (before the absolute value).
-    seed: seed of the probe PRNG key kept in the state.
-    probe_fn: (key, params) -> probes; override to inject known probes.
+    seed, probe_fn: the probe key's seed and the probes' law (hessian.py).
 
-  Returns:
-    An optax.GradientTransformationExtraArgs whose update needs `params` and
-    `obj_fn` (params -> scalar loss on the current minibatch).
+  Returns the transformation of preconditioner.scale_by_diagonal_preconditioner (its
+  update needs `params` and `obj_fn`).
   """
 
-  def init_fn(params):
-    return AdaHessianState(
-        count=jnp.zeros([], jnp.int32),
-        curvature_count=jnp.zeros([], jnp.int32),
-        mu=optax.tree.zeros_like(params),
-        nu=optax.tree.zeros_like(params),
-        key=hessian.new_probe_key(seed),
-    )
+  def statistic(obj_fn, params, probe_key):
+    diagonal = hessian.hutchinson_diagonal(obj_fn, params, probe_key, num_probes, probe_fn)
+    return jax.tree.map(hessian.spatial_average if spatial_averaging else jnp.abs, diagonal)
 
-  def update_fn(updates, state, params=None, obj_fn=None, **extra_args):
-    del extra_args  # Other transformations' arguments, e.g. from a chain.
-    if params is None:
-      raise ValueError(
-          "adahessian needs params in update(updates, state, params).")
-    if obj_fn is None:
-      raise ValueError(
-          "adahessian needs obj_fn=params -> loss in its update call.")
+  def fold(magnitude, nu, curvature_count):
+    return optax.tree.update_moment(magnitude, nu, b2, 2)
 
-    def refresh(key, nu, curvature_count):
-      key, probe_key = hessian.split_probe_key(key)
-      diagonal = hessian.hutchinson_diagonal(
-          obj_fn, params, probe_key, num_probes, probe_fn)
-      magnitude = jax.tree.map(
-          hessian.spatial_average if spatial_averaging else jnp.abs, diagonal)
-      nu = optax.tree.update_moment(magnitude, nu, b2, 2)
-      return key, nu, numerics.safe_int32_increment(curvature_count)
-
-    # lax.cond, not where: outside vmap the skipped branch costs nothing.
-    key, nu, curvature_count = jax.lax.cond(
-        hessian.refresh_due(state.count, update_interval),
-        refresh,
-        lambda *carry: carry,
-        state.key, state.nu, state.curvature_count)
-
-    count = numerics.safe_int32_increment(state.count)
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    mu_hat = optax.tree.bias_correction(mu, b1, count)
+  def denominator(nu, curvature_count):
     nu_hat = optax.tree.bias_correction(nu, b2, curvature_count)
-    updates = jax.tree.map(
-        lambda m, v: m / (jnp.sqrt(v) ** hessian_power + eps), mu_hat, nu_hat)
-    return updates, AdaHessianState(
-        count=count, curvature_count=curvature_count, mu=mu, nu=nu, key=key)
+    return jax.tree.map(lambda v: jnp.sqrt(v) ** hessian_power + eps, nu_hat)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return preconditioner.scale_by_diagonal_preconditioner(
+      "adahessian", statistic, fold, denominator, b1,
+      lambda count: hessian.refresh_due(count, update_interval), seed)
 
 
-def adahessian(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-4,
-    weight_decay: float = 0.0,
-    hessian_power: float = 1.0,
-    update_interval: int = 1,
-    spatial_averaging: bool = True,
-    num_probes: int = 1,
-    seed: int = 0,
-    probe_fn: hessian.ProbeFn = hessian.rademacher_like,
-) -> optax.GradientTransformationExtraArgs:
-  """AdaHessian (Yao et al. 2021) with decoupled weight decay.
-
-  update = -learning_rate * (m_hat / (sqrt(nu_hat)^k + eps)
-                             + weight_decay * params),
-  as in the reference implementation.
-
-  Args:
-    learning_rate: global step size, or an optax schedule.
-    b1: see `scale_by_adahessian`.
-    b2: see `scale_by_adahessian`.
-    eps: see `scale_by_adahessian`.
-    weight_decay: decoupled weight decay, not preconditioned.
-    hessian_power: see `scale_by_adahessian`.
-    update_interval: see `scale_by_adahessian`.
-    spatial_averaging: see `scale_by_adahessian`.
-    num_probes: see `scale_by_adahessian`.
-    seed: see `scale_by_adahessian`.
-    probe_fn: see `scale_by_adahessian`.
-
-  Returns:
-    An optax.GradientTransformationExtraArgs; call its update with `obj_fn=`.
-  """
-  return optax.chain(
-      scale_by_adahessian(
-          b1=b1, b2=b2, eps=eps, hessian_power=hessian_power,
-          update_interval=update_interval,
-          spatial_averaging=spatial_averaging, num_probes=num_probes,
-          seed=seed, probe_fn=probe_fn),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+adahessian = preconditioner.with_decoupled_weight_decay(scale_by_adahessian, """AdaHessian (Yao et al. 2021) with decoupled weight decay, as in the reference
+  implementation: update = -learning_rate * (m_hat / (sqrt(nu_hat)^k + eps)
+  + weight_decay * params); the other arguments: `scale_by_adahessian`.
+  """)

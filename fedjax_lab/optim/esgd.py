@@ -37,32 +37,16 @@ EVERY step, so update_interval > 1 then saves nothing.
 Hessian-vector product is jax.jvp of jax.grad(obj_fn), never a dense Hessian.
 """
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
-from fedjax_lab.optim import hessian
+from fedjax_lab.optim import hessian, preconditioner
 
 
-class ESGDState(NamedTuple):
-  """State of `scale_by_esgd`.
-
-  Attributes:
-    count: [] int32, update calls so far.
-    curvature_count: [] int32, curvature estimates folded into `nu` so far.
-    mu: moving average of the gradient, shaped like params.
-    nu: running average of (H v)^2, shaped like params.
-    key: [2] uint32 raw PRNG key data for the probes; split on every refresh.
-  """
-
-  count: jax.Array
-  curvature_count: jax.Array
-  mu: optax.Updates
-  nu: optax.Updates
-  key: jax.Array
+ESGDState = preconditioner.DiagonalPreconditionerState
 
 
 def scale_by_esgd(
@@ -87,100 +71,31 @@ def scale_by_esgd(
     update_interval: re-estimate the curvature every this many updates.
     warmup_steps: also re-estimate on each of the first this many updates.
     num_probes: probes averaged per estimate.
-    seed: seed of the probe PRNG key kept in the state.
-    probe_fn: (key, params) -> probes; override to inject known probes.
+    seed, probe_fn: the probe key's seed and the probes' law (hessian.py).
 
-  Returns:
-    An optax.GradientTransformationExtraArgs whose update needs `params` and
-    `obj_fn` (params -> scalar loss on the current minibatch).
+  Returns the transformation of preconditioner.scale_by_diagonal_preconditioner (its
+  update needs `params` and `obj_fn`).
   """
 
-  def init_fn(params):
-    return ESGDState(
-        count=jnp.zeros([], jnp.int32),
-        curvature_count=jnp.zeros([], jnp.int32),
-        mu=optax.tree.zeros_like(params),
-        nu=optax.tree.zeros_like(params),
-        key=hessian.new_probe_key(seed),
-    )
+  def statistic(obj_fn, params, probe_key):
+    return hessian.equilibration_diagonal(obj_fn, params, probe_key, num_probes, probe_fn)
 
-  def update_fn(updates, state, params=None, obj_fn=None, **extra_args):
-    del extra_args  # Other transformations' arguments, e.g. from a chain.
-    if params is None:
-      raise ValueError("esgd needs params in update(updates, state, params).")
-    if obj_fn is None:
-      raise ValueError("esgd needs obj_fn=params -> loss in its update call.")
+  def fold(sq_hv, nu, curvature_count):
+    if b2 is None:  # Arithmetic mean: nu_n = nu_{n-1} + (x_n - nu_{n-1}) / n.
+      return jax.tree.map(lambda a, x: a + (x - a) / curvature_count.astype(a.dtype), nu, sq_hv)
+    return optax.tree.update_moment(sq_hv, nu, b2, 1)
 
-    def refresh(key, nu, curvature_count):
-      key, probe_key = hessian.split_probe_key(key)
-      sq_hv = hessian.equilibration_diagonal(
-          obj_fn, params, probe_key, num_probes, probe_fn)
-      curvature_count = numerics.safe_int32_increment(curvature_count)
-      if b2 is None:
-        # Arithmetic mean: nu_n = nu_{n-1} + (x_n - nu_{n-1}) / n.
-        nu = jax.tree.map(
-            lambda a, x: a + (x - a) / curvature_count.astype(a.dtype),
-            nu, sq_hv)
-      else:
-        nu = optax.tree.update_moment(sq_hv, nu, b2, 1)
-      return key, nu, curvature_count
+  def denominator(nu, curvature_count):
+    nu_hat = nu if b2 is None else optax.tree.bias_correction(nu, b2, curvature_count)
+    return jax.tree.map(lambda v: jnp.sqrt(v) + eps, nu_hat)
 
-    # lax.cond, not where: outside vmap the skipped branch costs nothing.
-    key, nu, curvature_count = jax.lax.cond(
-        hessian.refresh_due(state.count, update_interval, warmup_steps),
-        refresh,
-        lambda *carry: carry,
-        state.key, state.nu, state.curvature_count)
-
-    count = numerics.safe_int32_increment(state.count)
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    mu_hat = optax.tree.bias_correction(mu, b1, count)
-    nu_hat = nu if b2 is None else optax.tree.bias_correction(
-        nu, b2, curvature_count)
-    updates = jax.tree.map(
-        lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
-    return updates, ESGDState(
-        count=count, curvature_count=curvature_count, mu=mu, nu=nu, key=key)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return preconditioner.scale_by_diagonal_preconditioner(
+      "esgd", statistic, fold, denominator, b1,
+      lambda count: hessian.refresh_due(count, update_interval, warmup_steps), seed)
 
 
-def esgd(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: Optional[float] = 0.999,
-    eps: float = 1e-4,
-    weight_decay: float = 0.0,
-    update_interval: int = 10,
-    warmup_steps: int = 20,
-    num_probes: int = 1,
-    seed: int = 0,
-    probe_fn: hessian.ProbeFn = hessian.rademacher_like,
-) -> optax.GradientTransformationExtraArgs:
-  """ESGD (Dauphin et al. 2015) with decoupled weight decay.
+esgd = preconditioner.with_decoupled_weight_decay(scale_by_esgd, """ESGD (Dauphin et al. 2015) with decoupled weight decay.
 
-  update = -learning_rate * (m_hat / (sqrt(nu_hat) + eps) + weight_decay * params)
-
-  Args:
-    learning_rate: global step size, or an optax schedule.
-    b1: see `scale_by_esgd`.
-    b2: see `scale_by_esgd`.
-    eps: see `scale_by_esgd`.
-    weight_decay: decoupled weight decay, not preconditioned.
-    update_interval: see `scale_by_esgd`.
-    warmup_steps: see `scale_by_esgd`.
-    num_probes: see `scale_by_esgd`.
-    seed: see `scale_by_esgd`.
-    probe_fn: see `scale_by_esgd`.
-
-  Returns:
-    An optax.GradientTransformationExtraArgs; call its update with `obj_fn=`.
-  """
-  return optax.chain(
-      scale_by_esgd(
-          b1=b1, b2=b2, eps=eps, update_interval=update_interval,
-          warmup_steps=warmup_steps, num_probes=num_probes, seed=seed,
-          probe_fn=probe_fn),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  update = -learning_rate * (m_hat / (sqrt(nu_hat) + eps) + weight_decay * params);
+  learning_rate: a step size or an optax schedule; the other arguments: `scale_by_esgd`.
+  """)

@@ -89,58 +89,32 @@ def _probe_statistic(
   return jax.tree.map(lambda x: jnp.mean(x, axis=0), per_probe)
 
 
-def hutchinson_diagonal(
-    obj_fn: ObjectiveFn,
-    params: Params,
-    key: jax.Array,
-    num_probes: int = 1,
-    probe_fn: ProbeFn = rademacher_like,
-) -> Params:
-  """Hutchinson estimate of diag(H): mean over probes of v * (H v).
+def _probe_estimator(per_probe: Callable, doc: str) -> Callable:
+  """estimator(obj_fn, params, key, num_probes=1, probe_fn=rademacher_like) -> the mean over
+  probes of per_probe(v, H v), a pytree shaped like params: obj_fn is params -> scalar
+  objective, params the point at which the Hessian is taken, key the probes' PRNG key."""
+
+  def estimator(obj_fn: ObjectiveFn, params: Params, key: jax.Array, num_probes: int = 1,
+                probe_fn: ProbeFn = rademacher_like) -> Params:
+    return _probe_statistic(per_probe, obj_fn, params, key, num_probes, probe_fn)
+
+  estimator.__doc__ = doc
+  return estimator
+
+
+hutchinson_diagonal = _probe_estimator(
+    lambda v, hv: jax.tree.map(jnp.multiply, v, hv),
+    """Hutchinson estimate of diag(H): mean over probes of v * (H v) (`_probe_estimator`).
 
   Unbiased; with Rademacher probes the variance of entry i per probe is
-  sum_{j != i} H_ij^2, so it is exact for a diagonal H.
+  sum_{j != i} H_ij^2, so it is exact for a diagonal H.""")
 
-  Args:
-    obj_fn: params -> scalar objective.
-    params: point at which the Hessian is taken.
-    key: PRNG key for the probes.
-    num_probes: number of probes averaged.
-    probe_fn: (key, params) -> probes; Rademacher by default.
-
-  Returns:
-    The estimate of diag(H), a pytree shaped like params.
-  """
-  return _probe_statistic(
-      lambda v, hv: jax.tree.map(jnp.multiply, v, hv),
-      obj_fn, params, key, num_probes, probe_fn)
-
-
-def equilibration_diagonal(
-    obj_fn: ObjectiveFn,
-    params: Params,
-    key: jax.Array,
-    num_probes: int = 1,
-    probe_fn: ProbeFn = rademacher_like,
-) -> Params:
-  """ESGD's statistic: mean over probes of (H v)^2, an estimate of diag(H^2).
+equilibration_diagonal = _probe_estimator(
+    lambda v, hv: jax.tree.map(jnp.square, hv),
+    """ESGD's statistic: mean over probes of (H v)^2, an estimate of diag(H^2) (non-negative).
 
   Unbiased for any probe with E[v v^T] = I. The equilibration preconditioner of
-  Dauphin et al. (2015) is its square root.
-
-  Args:
-    obj_fn: params -> scalar objective.
-    params: point at which the Hessian is taken.
-    key: PRNG key for the probes.
-    num_probes: number of probes averaged.
-    probe_fn: (key, params) -> probes; Rademacher by default.
-
-  Returns:
-    The estimate of diag(H^2) (non-negative), a pytree shaped like params.
-  """
-  return _probe_statistic(
-      lambda v, hv: jax.tree.map(jnp.square, hv),
-      obj_fn, params, key, num_probes, probe_fn)
+  Dauphin et al. (2015) is its square root.""")
 
 
 def spatial_average(diagonal: jax.Array) -> jax.Array:

@@ -1,0 +1,149 @@
+"""The privacy plan: what the accountant composes for a run, built from its config.
+
+`privacy_plan(config, site_counts)` states the unit (one example or one site), the sampling
+(Poisson minibatches or cohorts, truncated to `slots`), sigma (given or calibrated to
+dp.target_epsilon), the accountant, the delta split between the accountant and the
+truncation, the randomness, and the one log line that says all of it; `PrivacyPlan.mechanism`
+is what privacy/guarantees.py turns into an epsilon per adversary. `noise_coverage` checks
+that the clients' divisors and noise shares give every site's examples at least sigma.
+"""
+
+import logging
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from fedjax_lab import config as config_lib
+from fedjax_lab.privacy import accounting, adaptive_clipping, guarantees, sampling
+
+log = logging.getLogger("fedjax_lab")
+
+
+class PrivacyPlan(NamedTuple):
+  noise_multiplier: float      # sigma of the aggregate (per-site shares derive from it)
+  sampling_prob: float         # Poisson rate the accountant uses
+  steps_per_round: int         # DP-SGD steps (example) or 1 (site) per round
+  accountant: accounting.Accountant
+  budget: float | None         # stop before epsilon would exceed this
+  description: str             # the one log line stating what is protected and how
+  # Adaptive clipping (site DP) splits noise_multiplier over two releases: the update's
+  # multiplier z_update > noise_multiplier and the count's std sigma_b. Otherwise the update
+  # gets noise_multiplier itself and count_noise_multiplier is None.
+  update_noise_multiplier: float | None = None
+  count_noise_multiplier: float | None = None
+  # Poisson samples are truncated to `slots` (sampling.py): the batch of a site (example
+  # level) or the cohort (site level). P(a draw of the unit's overflows during the run) <=
+  # overflow_bound, paid for by the delta the accountant does not get (_TRUNCATION_SHARE).
+  slots: int = 0
+  overflow_bound: float = 0.0
+  # "secret": the DP noise and sampling come from OS entropy kept in the checkpoint; "seeded":
+  # from config.seed (reproducible, and no guarantee against anyone who knows the seed).
+  randomness: str = "seeded"
+
+  def mechanism(self, config, steps: int) -> guarantees.Mechanism:
+    return guarantees.Mechanism(
+        level=config.dp.level, noise=config.dp.noise,
+        noise_multiplier=self.noise_multiplier, sampling_prob=self.sampling_prob,
+        steps=steps, accountant_delta=self.accountant.delta, delta=config.dp.delta,
+        overflow_bound=self.overflow_bound, accountant=config.dp.accountant,
+        cohort_size=config.cohort_size, max_cohort=max(self.slots, 1),
+        randomness=self.randomness)
+
+
+# The share of dp.delta set aside for truncated Poisson samples (sampling.py): the accountant
+# composes at delta (1 - share), and the slots are sized so (1 + e^eps) P(overflow) <= share
+# delta, so (eps, dp.delta) holds for the run as it is really sampled.
+_TRUNCATION_SHARE = 1e-3
+
+
+def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
+  """What the accountant composes, from the config; sigma calibrated if asked."""
+  dp = config.dp
+  if dp.level == "none":
+    return None
+  if dp.level == "example":
+    # Every site runs DP-SGD on its own examples; the smallest site samples at the highest
+    # rate, so its epsilon bounds every site's. No amplification by cohort sampling is
+    # claimed: a site is accounted as if it took part in every round.
+    q = min(1.0, config.client.batch_size / int(site_counts.min()))
+    steps_per_round, units = config.client.local_steps, int(site_counts.sum())
+    unit = "one example"
+    scheme = (f"Poisson minibatches at rate batch_size/site_size (q={q:.4g} at the smallest "
+              f"site), {steps_per_round} DP-SGD step(s) a round, no cohort amplification")
+  else:
+    q, steps_per_round, units = config.cohort_size / config.data.num_sites, 1, config.data.num_sites
+    unit = "one site (all its examples)"
+    scheme = f"Poisson cohorts at rate cohort_size/num_sites (q={q:.4g}), updates clipped"
+  total_steps = config.rounds * steps_per_round
+  accountant_delta = dp.delta * (1 - _TRUNCATION_SHARE)
+  sigma, budget, how = dp.noise_multiplier, dp.target_epsilon, "given"
+  if sigma == 0:
+    sigma = accounting.noise_multiplier_for(dp.target_epsilon, q, total_steps,
+                                            accountant_delta, dp.accountant)
+    budget, how = None, f"calibrated to epsilon<={dp.target_epsilon} after {config.rounds} rounds"
+  accountant = accounting.Accountant(sigma, q, accountant_delta, dp.accountant)
+  # Every draw that can hold the unit: its site's batch at every step (sizes n and n +- 1 for
+  # the neighbours, each at rate batch_size / its size), or the cohort at every round.
+  eps = accountant.epsilon_after(total_steps)
+  overflow_bound = _TRUNCATION_SHARE * dp.delta / (1 + math.exp(min(eps, 700.0)))
+  tail = overflow_bound / total_steps
+  if dp.level == "example":
+    sizes = np.unique(site_counts)
+    slots = sampling.max_sample_size_over(
+        np.concatenate([sizes - 1, sizes, sizes + 1]),
+        lambda n: config.client.batch_size / n, tail)
+    slots = min(slots, int(site_counts.max()))  # a site never has more to sample
+  else:
+    n = config.data.num_sites
+    slots = min(n, sampling.max_sample_size_over([n - 1, n, n + 1],
+                                                 lambda _: q, tail))
+  if dp.delta > 1.0 / units:
+    log.warning("dp.delta=%g > 1/%d (1/number of protected units): a mechanism that "
+                "publishes one unit's data outright meets this delta", dp.delta, units)
+  noise = ("coordinated: each of the K sites adds sigma/sqrt(K), so the sum carries sigma "
+           "(secure aggregation, which would hide the single updates from the server, is "
+           "assumed, not implemented: the guarantees below say what holds against whom)"
+           if dp.noise == "coordinated" else "parallel: every site adds the full sigma")
+  if dp.level == "site":
+    noise += "; a round with an empty cohort gets the noise from the server"
+  randomness = guarantees.resolve_randomness(dp.randomness, config.data.name)
+  update_sigma, count_stddev, clip = float(sigma), None, f"clip_norm={dp.clip_norm:g}"
+  if dp.adaptive_clip:  # the accountant still composes sigma (Andrew et al. 2021, Thm 1)
+    update_sigma, count_stddev = config_lib.adaptive_clip_noise(config, sigma)
+    clip = adaptive_clipping.describe(sigma, count_stddev, dp.target_quantile, dp.clip_lr,
+                                      dp.clip_norm)
+  truncation = (f"samples truncated to {slots} slots, P(any overflow of the unit's draws) <= "
+                f"{overflow_bound:.3g}, covered by delta: the accountant composes at "
+                f"delta={accountant_delta:g}")
+  description = (f"privacy: unit={unit}; neighbouring relation=add/remove one; sampling="
+                 f"{scheme}; {truncation}; accountant={dp.accountant}; delta={dp.delta:g}; "
+                 f"noise_multiplier={sigma:.4f} ({how}); {clip}; noise {noise}; "
+                 f"randomness={randomness} (dp.randomness={dp.randomness})")
+  return PrivacyPlan(noise_multiplier=float(sigma), sampling_prob=q,
+                     steps_per_round=steps_per_round, accountant=accountant,
+                     budget=budget, description=description,
+                     update_noise_multiplier=update_sigma, count_noise_multiplier=count_stddev,
+                     slots=slots, overflow_bound=overflow_bound, randomness=randomness)
+
+
+def noise_coverage(site_counts, batch_size: int, example_dp, cohort_size: int,
+                   noise_multiplier: float) -> np.ndarray:
+  """[sites]: for each site j, the std of the noise in a round's uniform average over the
+  cohort, over noise_multiplier x the sensitivity of one of site j's examples in it, at the
+  cohort holding j that carries the least noise. >= 1 means the accountant's sigma covers
+  every example of j, whoever else is in the cohort.
+
+  From the client's own divisors (client.example_dp_divisor) and noise share: site k sends
+  (S_k + N(0, (share C)^2)) / d_k and the server averages with weight 1/K, so one example of
+  j moves the average by C / (K d_j) while the noise has std share C sqrt(sum_k d_k^-2) / K.
+  """
+  from fedjax_lab.client import example_dp_divisor
+  d = np.asarray(example_dp_divisor(example_dp, batch_size, np.asarray(site_counts, np.float64)),
+                 np.float64)
+  share = example_dp.noise_multiplier
+  ratios = np.empty(len(d))
+  for j, dj in enumerate(d):
+    least = np.sort(np.delete(d, j) ** -2.0)[:cohort_size - 1].sum()  # the quietest others
+    ratios[j] = share * np.sqrt(dj ** -2.0 + least) / (noise_multiplier / dj)
+  return ratios

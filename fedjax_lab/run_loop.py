@@ -1,0 +1,186 @@
+"""The run loop: train an Experiment to its rounds, with resume, signals, the privacy budget,
+logging and summary.json (the contracts in docs/design.md). experiment.py builds; this runs.
+"""
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from fedjax_lab import evaluation_robustness, experiment, runs
+from fedjax_lab.attacks import record
+from fedjax_lab.checkpoint import Checkpointer
+from fedjax_lab.errors import ConfigError
+from fedjax_lab.logging import MetricsLogger
+from fedjax_lab.privacy import guarantees
+
+log = logging.getLogger("fedjax_lab")
+
+
+def _any_process_signalled(signalled_here: bool) -> bool:
+  """Whether any process of a multi-process run was signalled to stop this round.
+
+  Saving a checkpoint is collective: a process that stops alone would wait for the others,
+  which wait in the next round for it. So all processes learn of a signal any one received
+  and stop after the same round. A single process has nothing to ask.
+  """
+  if jax.process_count() == 1:
+    return signalled_here
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(signalled_here))))
+
+
+def run(self, workdir: str) -> dict:
+  """Trains `self` (an Experiment) to `config.rounds`, resuming from the last checkpoint in
+  `workdir`; writes metrics.jsonl, summary.json, TensorBoard and checkpoints."""
+  os.makedirs(workdir, exist_ok=True)
+  cfg = self.config
+  # One run, one workdir: resume only the config that made it (runs.RESUMABLE_KEYS may differ).
+  runs.check_resume(workdir, cfg)
+  if jax.process_index() == 0:
+    runs.write_run(workdir, cfg)
+  ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep)
+  state = self.init_state()
+  start, meta = 0, {"bytes_total": 0, "seconds_total": 0.0}
+  if self.privacy is not None:  # what the accountant composes; checked again on resume
+    meta.update(noise_multiplier=self.privacy.noise_multiplier,
+                sampling_prob=self.privacy.sampling_prob,
+                steps_per_round=self.privacy.steps_per_round)
+  adaptive = self.privacy is not None and cfg.dp.adaptive_clip
+  site_dp = self.privacy is not None and cfg.dp.level == "site"
+  if adaptive:  # the split of noise_multiplier; C_t itself is in the checkpointed state
+    meta.update(update_noise_multiplier=self.privacy.update_noise_multiplier,
+                count_noise_multiplier=self.privacy.count_noise_multiplier)
+  if self.secret is not None:  # the checkpoint is the one place the secret is written
+    meta["dp_secret"] = self.secret
+  if ckpt.latest_round() is not None:
+    start = ckpt.latest_round()
+    planned = dict(meta)
+    state, meta = ckpt.restore(start, state)
+    for key in ("noise_multiplier", "sampling_prob", "steps_per_round",
+                "update_noise_multiplier", "count_noise_multiplier"):
+      if key in planned and not math.isclose(meta.get(key, -1), planned[key], rel_tol=1e-9):
+        raise ConfigError("dp", f"the checkpoint in {workdir} was trained with {key}="
+                          f"{meta.get(key)}, this config gives {planned[key]}; use a new workdir")
+    if (self.secret is None) != (meta.get("dp_secret") is None):
+      raise ConfigError("dp.randomness", f"the checkpoint in {workdir} was trained with "
+                        f"{'seeded' if self.secret is not None else 'secret'} DP randomness; "
+                        "use the same dp.randomness or a new workdir")
+    if self.secret is not None:
+      self.set_secret(meta["dp_secret"])
+    state = experiment.place_state(state, self.mesh)
+    log.info("resumed from %s at round %d", workdir, start)
+  # A multi-process run trains as one program; process 0 alone writes what it reports.
+  primary = jax.process_index() == 0
+  logger = MetricsLogger(workdir, cfg.rounds, start, progress=cfg.log.progress,
+                         tensorboard=cfg.log.tensorboard, primary=primary)
+  for note in self.data_notes:
+    log.info(note)
+  if self.privacy is not None:
+    log.info(self.privacy.description)
+    log.info(guarantees.describe(guarantees.all_guarantees(self.privacy.mechanism(
+        cfg, cfg.rounds * self.privacy.steps_per_round))) + f"\n  (after the planned "
+        f"{cfg.rounds} rounds; summary.json lists them after the rounds completed)")
+  if self.public is not None:
+    log.info("curvature objective: %d public examples of optim.public_data=%s, %d per "
+             "estimate (public by assumption: no epsilon covers them)", len(self.public),
+             cfg.optim.public_data, min(cfg.optim.public_batch_size, len(self.public)))
+  completed, result = start, None
+  # Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the round in flight, save, then stop.
+  stop = {"signal": None}
+  handlers = {s: signal.signal(s, lambda num, _: stop.update(signal=num))
+              for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    while completed < cfg.rounds and stop["signal"] is None:
+      if self._over_budget(completed + self.rounds_per_step):
+        log.warning("privacy budget dp.target_epsilon=%g reached: stopping after round %d "
+                    "(epsilon %.4f)", self.privacy.budget, completed, self.epsilon(completed))
+        break
+      t0 = time.perf_counter()
+      before = jax.tree.map(np.array, state) if record.wants(cfg, completed + 1) else None
+      state, metrics = self.step(state, self.data, self.keys["sampling"], self.keys["client"])
+      if before is not None and primary:  # attack.record_sites: off by default
+        record.save(self, before, completed + 1, workdir)
+      losses = np.atleast_1d(np.asarray(metrics.train_loss))
+      messages = np.atleast_1d(np.asarray(metrics.messages))
+      overflow = np.atleast_1d(np.asarray(metrics.dp_overflow))
+      nonfinite = (np.atleast_1d(np.asarray(metrics.nonfinite_updates)) if site_dp else None)
+      clip_norms = np.atleast_1d(np.asarray(metrics.clip_norm)) if adaptive else None
+      for i, loss in enumerate(losses):
+        completed += 1
+        evaluate = completed % cfg.eval.every == 0 or completed == cfg.rounds
+        result = self.evaluate(state) if evaluate and i == len(losses) - 1 else None
+        seconds = (time.perf_counter() - t0) / len(losses)
+        # Under site DP the realised cohort size is private (who took part): log the
+        # expected 2 x cohort_size messages instead.
+        round_bytes = (2 * cfg.cohort_size if site_dp else int(messages[i])) * self.message_bytes
+        meta["bytes_total"] += round_bytes
+        meta["seconds_total"] += seconds
+        logger.write({
+            "round": completed, "train_loss": float(loss),
+            "test_accuracy": result.accuracy if result else None,
+            "test_loss": result.loss if result else None,
+            "site_accuracy_mean": result.site_accuracy_mean if result else None,
+            "site_accuracy_worst10": result.site_accuracy_worst10 if result else None,
+            "epsilon": self.epsilon(completed), "seconds": seconds,
+            "bytes_communicated": round_bytes, "bytes_total": meta["bytes_total"],
+            **({"dp_overflow": int(overflow[i])} if self.privacy else {}),
+            **({"nonfinite_updates": int(nonfinite[i])} if site_dp else {}),
+            # The norm this round's site updates were clipped to (C_t, before its update).
+            **({"clip_norm": float(clip_norms[i])} if adaptive else {})})
+      if _any_process_signalled(stop["signal"] is not None) and stop["signal"] is None:
+        stop["signal"] = signal.SIGTERM  # another process was: stop after the same round
+      if (completed % cfg.checkpoint.every == 0 or completed == cfg.rounds or stop["signal"]
+          or self._over_budget(completed + self.rounds_per_step)):
+        ckpt.save(completed, state, meta)
+  finally:
+    for s, h in handlers.items():
+      signal.signal(s, h)
+    logger.close()
+    ckpt.close()
+  if stop["signal"] is not None:
+    raise KeyboardInterrupt(f"stopped at round {completed}; checkpoint saved in {workdir}")
+  result = result or self.evaluate(state)
+  summary = {
+      "test_accuracy": result.accuracy, "test_loss": result.loss,
+      "site_accuracy_mean": result.site_accuracy_mean,
+      "site_accuracy_worst10": result.site_accuracy_worst10,
+      "epsilon": self.epsilon(completed), "rounds_completed": completed,
+      "total_seconds": meta["seconds_total"], "bytes_total": meta["bytes_total"],
+      "params_sha256": experiment.params_sha256(state.params),
+      "config": json.loads(self.config.to_json_best_effort()),
+      "lab_commit": runs.lab_commit(), "versions": runs.versions(),
+  }
+  if self.privacy is not None:
+    # What the accountant composed, so anyone can recompute epsilon with dp-accounting.
+    summary["privacy"] = {
+        "noise_multiplier": self.privacy.noise_multiplier,
+        "sampling_prob": self.privacy.sampling_prob,
+        "steps": completed * self.privacy.steps_per_round,
+        "accountant": cfg.dp.accountant, "delta": cfg.dp.delta,
+        # epsilon is dp-accounting's at accountant_delta; the rest of delta covers the
+        # truncation of Poisson samples to `slots` (privacy/sampling.py).
+        "accountant_delta": self.privacy.accountant.delta, "slots": self.privacy.slots,
+        "overflow_bound": self.privacy.overflow_bound,
+        "randomness": self.privacy.randomness,
+        "guarantees": guarantees.all_guarantees(self.privacy.mechanism(
+            cfg, completed * self.privacy.steps_per_round))}
+    if adaptive:  # how noise_multiplier was split, and the clip norm the next round would use
+      summary["privacy"].update(
+          update_noise_multiplier=self.privacy.update_noise_multiplier,
+          count_noise_multiplier=self.privacy.count_noise_multiplier,
+          final_clip_norm=float(state.clip_norm))
+  if cfg.eval.centralized_baseline:
+    summary["centralized_test_accuracy"] = self.centralized_accuracy()
+  # AUC, macro-F1, bootstrap intervals, per-site metrics, eval.robustness (new keys only).
+  summary.update(evaluation_robustness.final_metrics(self, state))
+  if primary:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  self.final_state = state
+  return summary
