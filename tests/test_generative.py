@@ -4,7 +4,6 @@ seams under sync=decoder, what epsilon covers, and one end-to-end run on digits.
 import json
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +12,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from fedjax_lab import runs
 from fedjax_lab.data import federated as fed_data
 from fedjax_lab.generative import evaluate, federated, models, privacy
 from fedjax_lab.privacy import accounting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import dpd_fvae  # noqa: E402
+dpd_fvae = runs.load_module(os.path.join(ROOT, "configs", "dpd_fvae.py"), "dpd_fvae")
 
 
 def tiny_config(sync="decoder", level="none", encoder="private", kind="conv"):
