@@ -16,7 +16,9 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from fedjax_lab import cli  # noqa: F401,E402  (CPU devices before jax)
+import fedjax_lab
+
+fedjax_lab.setup_cpu_devices()  # before jax: one XLA device per CPU core
 
 ROWS = [  # (sync, epsilon or None, encoder mode)
     ("all", None, "-"), ("decoder", None, "-"),
@@ -31,7 +33,8 @@ def main():
   parser.add_argument("--rounds", type=int, default=60)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
-  from configs import dpd_fvae
+  from fedjax_lab import runs
+  dpd_fvae = runs.load_module(os.path.join(runs.ROOT, "configs", "dpd_fvae.py"), "dpd_fvae")
   from fedjax_lab.generative import train
   root = os.path.dirname(os.path.abspath(args.out))
   lines = ["| sync | DP (example level) | epsilon | noise multiplier | synthetic -> real "

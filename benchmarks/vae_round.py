@@ -16,14 +16,17 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from fedjax_lab import cli  # noqa: F401,E402  (CPU devices before jax)
+import fedjax_lab
+
+fedjax_lab.setup_cpu_devices()  # before jax: one XLA device per CPU core
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
 def build(num_sites: int, model: str):
-  from configs import dpd_fvae
+  from fedjax_lab import runs
+  dpd_fvae = runs.load_module(os.path.join(runs.ROOT, "configs", "dpd_fvae.py"), "dpd_fvae")
   from fedjax_lab.generative import federated, models, train
   c = dpd_fvae.get_config()
   c.data.num_sites = num_sites
