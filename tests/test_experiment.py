@@ -22,13 +22,18 @@ def tiny_config(**overrides):
   c.client.local_steps, c.client.batch_size = 3, 8
   c.checkpoint.every = 2
   c.log.progress, c.log.tensorboard = False, False
+  return set_keys(c, overrides)
+
+
+def set_keys(config, overrides: dict):
+  """config with every dotted key of `overrides` set ("dp.level": "site")."""
   for k, v in overrides.items():
-    node = c
+    node = config
     *parents, leaf = k.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = v
-  return c
+  return config
 
 
 def test_outputs_follow_the_contract(tmp_path):

@@ -13,10 +13,10 @@ import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
 from fedjax_lab import evaluation, evaluation_robustness, metrics
-from fedjax_lab.config import default_config
 from fedjax_lab.data import gse7390, sources
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.experiment import Experiment
+from test_experiment import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAY5Y = 5 * 365.25
@@ -183,19 +183,8 @@ def test_site_weights_reproduce_evaluation_site_accuracy():
 
 
 def _tiny(**kw):
-  c = default_config()
-  c.rounds, c.cohort_size = 4, 5
-  c.data.num_sites = 10
-  c.client.local_steps, c.client.batch_size = 3, 16
-  c.log.progress = c.log.tensorboard = False
-  c.eval.bootstrap = 50
-  for k, v in kw.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return tiny_config(**{"rounds": 4, "data.num_sites": 10, "client.batch_size": 16,
+                        "eval.bootstrap": 50, **kw})
 
 
 def test_report_matches_sklearn_on_the_models_probabilities(tmp_path):

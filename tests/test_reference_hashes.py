@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 import pytest
+from test_experiment import set_keys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(HERE, "reference")
@@ -26,17 +27,7 @@ def _tiny(**overrides):
   c.data.num_sites = 20
   c.client.local_steps, c.client.batch_size = 3, 8
   c.log.progress, c.log.tensorboard = False, False
-  return _set(c, overrides)
-
-
-def _set(c, overrides):
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return set_keys(c, overrides)
 
 
 def _pbmc():
@@ -46,7 +37,7 @@ def _pbmc():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  return _set(c, {"rounds": 3, "eval.centralized_baseline": False, "log.progress": False,
+  return set_keys(c, {"rounds": 3, "eval.centralized_baseline": False, "log.progress": False,
                   "log.tensorboard": False})
 
 

@@ -19,20 +19,11 @@ from fedjax_lab.experiment import Experiment
 from fedjax_lab.models import make_model
 from fedjax_lab.privacy import clipping
 from fedjax_lab.privacy.sampling import max_sample_size
+from test_experiment import tiny_config
 
 
 def _tiny(**overrides):
-  c = default_config()
-  c.rounds, c.cohort_size, c.data.num_sites = 3, 5, 20
-  c.client.local_steps, c.client.batch_size = 3, 8
-  c.log.progress, c.log.tensorboard = False, False
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return tiny_config(**{"rounds": 3, "checkpoint.every": 10, **overrides})
 
 
 # ------------------------------------------------------------------ the aggregator chain
