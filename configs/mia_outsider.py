@@ -9,20 +9,18 @@ target: configs/digits_fedavg.py on half the digits training split (750 examples
 of 8); 64 such FedAvg runs, vmapped, each on its own random half; LiRA leave-one-out over 16.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from fedjax_lab import runs
 from fedjax_lab.attacks.membership import default_mia_config
 
 
 def _digits_fedavg():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_fedavg.py")
-  spec = importlib.util.spec_from_file_location("digits_fedavg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """configs/digits_fedavg.py's config, the target the attack trains."""
+  return runs.load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_fedavg.py"))
 
 
 def get_config():

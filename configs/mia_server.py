@@ -9,27 +9,15 @@ digits and runs the config's local update (3 SGD steps of batch 5, lr 0.1); the 
 the global model, so its shadows are that same local update on other halves of the pool.
 """
 
-import importlib.util
 import os
 
-import ml_collections
-
-from fedjax_lab.attacks.membership import default_mia_config
-
-
-def _digits_fedavg():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_fedavg.py")
-  spec = importlib.util.spec_from_file_location("digits_fedavg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from fedjax_lab import runs
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.target = _digits_fedavg()
-  c.target.log.progress = False
-  c.mia = default_mia_config()
+  """configs/mia_outsider.py's target (digits FedAvg) and attack, another threat."""
+  c = runs.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                   "mia_outsider.py"), "mia_outsider").get_config()
   c.mia.threat = "server"
   c.mia.server_round = 100
   c.mia.site_pool = 30
