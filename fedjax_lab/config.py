@@ -277,7 +277,7 @@ def _validate_adaptive_clip(config):
   if dp.level != "site":
     raise ConfigError("dp.adaptive_clip", f"adaptive clipping is implemented for site-level "
                       f"DP-FedAvg only, got dp.level={dp.level}; allowed with it: site")
-  if dp.noise_multiplier > 0:  # a calibrated one is checked by experiment.privacy_plan
+  if dp.noise_multiplier > 0:  # a calibrated one is checked by privacy.plan.privacy_plan
     adaptive_clip_noise(config, dp.noise_multiplier)
 
 

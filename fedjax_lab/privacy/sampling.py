@@ -9,7 +9,7 @@ Truncation is a different mechanism from the Poisson one the accountant composes
 gap is paid for in delta, not ignored: a run whose draws never overflow is the Poisson run
 exactly, so if P(some draw of the unit's overflows during the run) <= eta, the truncated run
 is (epsilon, delta_acc + (1 + e^epsilon) eta)-DP when the Poisson run is (epsilon,
-delta_acc)-DP. experiment.privacy_plan gives the accountant delta (1 - 1e-3) and sizes the
+delta_acc)-DP. privacy/plan.py (privacy_plan) gives the accountant delta (1 - 1e-3) and sizes the
 slots (`max_sample_size` with an exact binomial tail) so that (1 + e^epsilon) eta stays
 within the other 1e-3 of delta.
 """
