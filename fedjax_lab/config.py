@@ -77,6 +77,15 @@ def default_config() -> ml_collections.ConfigDict:
   # classes in unknown_classes (held out of training), the AUROC of max-softmax rejection.
   c.eval.update(dict(bootstrap=1000, robustness=False, robustness_noise=(0.1, 0.3, 1.0),
                      robustness_mask=(0.1, 0.3, 0.5), unknown_classes=()))
+  # Secure aggregation (fedjax_lab/secagg, README "Secure aggregation"): the server learns only
+  # the sum of the round's updates. neighbours: k sites each site masks with (SecAgg+; unset:
+  # the whole cohort, Bonawitz et al.); threshold: Shamir t of k + 1 (unset: a majority);
+  # bits: the modulus 2^bits of the masked sum; clip_range: every coordinate of the update a
+  # site sends is clipped to [-clip_range, clip_range] (counted, logged); dropout_rate: the
+  # simulated chance a site drops out at each of the protocol's three stages.
+  c.secagg = ml_collections.ConfigDict(dict(
+      enabled=False, neighbours=config_dict.placeholder(int),
+      threshold=config_dict.placeholder(int), bits=32, clip_range=1.0, dropout_rate=0.0))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
   c.rounds_per_step = 1           # >1 fuses that many rounds into one lax.scan dispatch
   # Split a cohort over the devices only above this many each; below it a FedAvg round on a
@@ -179,6 +188,7 @@ def validate(config) -> None:
     raise ConfigError("sites_per_chunk", f"must be >= 0 (0: all sites at once; unset: 64 on "
                       f"CPU, 0 on GPU/TPU), got {config.sites_per_chunk}")
   _validate_dp(config)
+  _validate_secagg(config)
   for key in ("record_sites", "record_rounds"):
     if not all(isinstance(v, int) for v in config.attack[key]):
       raise ConfigError(f"attack.{key}", f"must be integers, e.g. --config.attack.{key}=3,7 "
@@ -188,6 +198,61 @@ def validate(config) -> None:
     raise ConfigError("attack.record_sites", "recording needs algorithm.name fedavg or fedprox "
                       "and rounds_per_step=1")
   standardize.resolve(config)  # data.standardize against dp.level and optim.public_data
+
+
+def secagg_max_cohort(config) -> int:
+  """The most sites a round's secure sum can hold: cohort_size, or under site-level DP the
+  slots of the Poisson cohort (privacy/sampling.py), known once the privacy plan is made;
+  config validation checks cohort_size and the plan checks the slots (privacy/plan.py)."""
+  return config.cohort_size
+
+
+def check_secagg(config, max_cohort: int):
+  """validate_secagg's checks for a cohort of up to `max_cohort` sites, as a ConfigError
+  naming the key (its ValueError names the key first: 'secagg.bits=...')."""
+  from fedjax_lab import secagg
+  s = config.secagg
+  try:
+    secagg.validate_secagg(max_cohort, s.neighbours, s.threshold, s.bits, s.clip_range,
+                           s.dropout_rate)
+  except ValueError as e:
+    message = str(e)
+    key = message.split("=")[0] if message.startswith("secagg.") else "secagg.enabled"
+    raise ConfigError(key, message) from None
+
+
+def _validate_secagg(config):
+  """Settings that cannot work with secure aggregation, each with the reason."""
+  from fedjax_lab import algorithms
+  s = config.secagg
+  if not s.enabled:
+    return
+  name = config.algorithm.name
+  if not getattr(algorithms.module(name), "SECURE_AGGREGATION", False):
+    allowed = [a for a in algorithms.ALGORITHMS
+               if getattr(algorithms.module(a), "SECURE_AGGREGATION", False)]
+    raise ConfigError("secagg.enabled", f"algorithm '{name}' sends more than one summed update "
+                      f"(control variates, gossip or per-step messages), which the secure sum "
+                      f"does not carry yet; allowed: {', '.join(allowed)}")
+  if config.rounds_per_step != 1:
+    raise ConfigError("rounds_per_step", "secure aggregation runs host cryptography between "
+                      "the sites and the server in every round; use rounds_per_step=1")
+  dp = config.dp
+  if dp.adaptive_clip:
+    raise ConfigError("dp.adaptive_clip", "adaptive clipping's per-site count bits would reach "
+                      "the server outside the secure sum; use a fixed dp.clip_norm with "
+                      "secagg.enabled")
+  if dp.level == "site" and s.dropout_rate > 0:
+    raise ConfigError("secagg.dropout_rate", "with site-level DP a site's presence changes "
+                      "whether the round aborts (fewer than secagg.threshold survivors) and so "
+                      "whether the OTHER sites' updates are released, which the accountant does "
+                      "not model; use 0 (dropouts are simulated without DP or with "
+                      "dp.level=example)")
+  if dp.level == "site" and s.threshold is not None:
+    raise ConfigError("secagg.threshold", "a Poisson cohort (site-level DP) can be smaller than "
+                      "a fixed threshold, and aborting then would depend on who took part; "
+                      "leave it unset (a majority of each round's cohort)")
+  check_secagg(config, secagg_max_cohort(config))
 
 
 def _validate_algorithm(config):

@@ -25,7 +25,8 @@ from fedjax_lab.data import federated, partition, public, sources, standardize
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.models import make_model
 from fedjax_lab.privacy import clipping
-from fedjax_lab.privacy.plan import PrivacyPlan, noise_coverage, privacy_plan  # noqa: F401
+from fedjax_lab.privacy.plan import (PrivacyPlan, noise_coverage, noise_shares,  # noqa: F401
+                                     privacy_plan)
 
 log = logging.getLogger("fedjax_lab")
 
@@ -144,12 +145,15 @@ class Experiment:
                           if config.server.optimizer in optim.CURVATURE_OPTIMIZERS else None),
         sites_per_chunk=(sharding.default_sites_per_chunk() if config.sites_per_chunk is None
                          else config.sites_per_chunk),
-        example_dp=example_dp, make_client_update=client_update_with))
+        example_dp=example_dp, make_client_update=client_update_with,
+        secure_sum=self._secure_sum()))
     self.round_fn = self.algorithm.round
     self.rounds_per_step = config.rounds_per_step
     step = (self.round_fn if self.rounds_per_step == 1
             else algorithms.fuse_rounds(self.round_fn, self.rounds_per_step))
-    self.step = jax.jit(step, donate_argnums=0)
+    # A round with a host step (secure aggregation) jits its own halves.
+    self.step = (jax.jit(step, donate_argnums=0) if getattr(step, "jittable", True)
+                 else step)
     class_eval = evaluation.make_class_evaluator(
         self.model, test.x, test.y, train.num_classes, config.eval.batch_size)
     self.evaluate_global = jax.jit(class_eval)
@@ -166,7 +170,7 @@ class Experiment:
     dp, cfg = self.config.dp, self.config
     share = self.privacy.noise_multiplier
     if dp.noise == "coordinated":
-      share /= math.sqrt(cfg.cohort_size)
+      share /= math.sqrt(noise_shares(cfg))
     # Decided from shapes now, so that dp.clipping=ghost on a model it cannot handle is a
     # config error rather than a failure inside the first round's trace.
     params, model_state = jax.eval_shape(self.model.init, self.keys["init"], self.train.x[:2])
@@ -193,12 +197,64 @@ class Experiment:
     """Refuses a plan in which some site's examples see less noise than the accountant's sigma
     (a guard: the divisors chosen in _example_dp make every ratio >= 1)."""
     ratios = noise_coverage(np.asarray(self.data.count), self.config.client.batch_size,
-                            example_dp, self.config.cohort_size, self.privacy.noise_multiplier)
+                            example_dp, noise_shares(self.config), self.privacy.noise_multiplier)
     worst = int(np.argmin(ratios))
     if ratios[worst] < 1 - 1e-9:
       raise ConfigError("dp.noise", f"site {worst}'s examples would see noise "
                         f"{ratios[worst]:.3f} x sigma, less than the accountant composes; "
                         "use dp.noise=parallel")
+
+  def _secure_sum(self):
+    """secagg.round.SecureSum for secagg.enabled (checked against this run's largest cohort
+    and, under coordinated noise, against the quantization's aliasing term), else None."""
+    cfg = self.config
+    if not cfg.secagg.enabled:
+      return None
+    from fedjax_lab import secagg
+    site_level = self.privacy is not None and cfg.dp.level == "site"
+    max_cohort = self.privacy.slots if site_level else cfg.cohort_size
+    config_lib.check_secagg(cfg, max_cohort)
+    s = cfg.secagg
+    sa = secagg.SecAggConfig(neighbours=s.neighbours, threshold=s.threshold, bits=s.bits,
+                             clip_range=s.clip_range, dropout_rate=s.dropout_rate)
+    if self.privacy is not None and cfg.dp.noise == "coordinated":
+      self._check_aliasing(sa, max_cohort)
+    # What one site that stays sends in a round (its masked vector, shares, unmasking), at the
+    # configured cohort: under site DP the realised one is private, as for bytes_communicated.
+    params, model_state = jax.eval_shape(self.model.init, self.keys["init"], self.train.x[:2])
+    d = sum(int(np.prod(l.shape)) for l in jax.tree.leaves((params, model_state)))
+    self.secagg_bytes_per_site = secagg.bytes_per_site(
+        d, s.bits, secagg.resolve_neighbours(cfg.cohort_size, s.neighbours))["sent_total"]
+    return secagg.SecureSum(sa)
+
+  def _check_aliasing(self, sa, max_cohort: int) -> None:
+    """Refuses a grid too coarse for the noise shares: the secure sum of quantized noised
+    updates is a post-processing of the noisy sum only up to a term of order
+    n d exp(-pi^2 (s / step)^2) (README, Secure aggregation (3)); it must stay below
+    1e-3 dp.delta. s: one site's noise std per coordinate in what it sends."""
+    from fedjax_lab import secagg
+    from fedjax_lab.secagg import noise as secagg_noise
+    cfg = self.config
+    d = sum(int(np.prod(l.shape)) for l in jax.tree.leaves(
+        jax.eval_shape(self.model.init, self.keys["init"], self.train.x[:2])[0]))
+    if cfg.dp.level == "site":  # share sigma C / sqrt(n), then / the expected cohort size
+      worst = max(range(2, max_cohort + 1), key=lambda n: n * math.exp(
+          -math.pi ** 2 * (self.privacy.update_noise_multiplier * cfg.dp.clip_norm
+                           / math.sqrt(n) / cfg.cohort_size
+                           / (2 * sa.clip_range / secagg.levels_for(n, sa.bits))) ** 2))
+      n, s = worst, (self.privacy.update_noise_multiplier * cfg.dp.clip_norm
+                     / math.sqrt(worst) / cfg.cohort_size)
+    else:  # one DP-SGD step: lr (sum of clipped grads + N(0, (share C)^2)) / B, weight 1/K
+      n = cfg.cohort_size
+      share = self.privacy.noise_multiplier / math.sqrt(noise_shares(cfg))
+      s = cfg.client.lr * share * cfg.dp.clip_norm / cfg.client.batch_size / n
+    step = 2 * sa.clip_range / secagg.levels_for(n, sa.bits)
+    term = n * d * secagg_noise.aliasing_bound(s, step)
+    if term > 1e-3 * cfg.dp.delta:
+      raise ConfigError("secagg.bits", f"{sa.bits} bits give a grid step {step:.3g} too coarse "
+                        f"for noise shares of std {s:.3g}: the quantization's aliasing term "
+                        f"{term:.3g} is not below 1e-3 dp.delta; raise secagg.bits or lower "
+                        f"secagg.clip_range")
 
   def set_secret(self, secret: list[int] | None) -> None:
     """The per-purpose keys: from config.seed, except that with a secret (dp.randomness=secret)

@@ -111,6 +111,8 @@ def run(self, workdir: str) -> dict:
       overflow = np.atleast_1d(np.asarray(metrics.dp_overflow))
       nonfinite = (np.atleast_1d(np.asarray(metrics.nonfinite_updates)) if site_dp else None)
       clip_norms = np.atleast_1d(np.asarray(metrics.clip_norm)) if adaptive else None
+      secure = ({k: np.atleast_1d(np.asarray(v)) for k, v in metrics.secagg.items()}
+                if cfg.secagg.enabled else None)
       for i, loss in enumerate(losses):
         completed += 1
         evaluate = completed % cfg.eval.every == 0 or completed == cfg.rounds
@@ -119,6 +121,14 @@ def run(self, workdir: str) -> dict:
         # Under site DP the realised cohort size is private (who took part): log the
         # expected 2 x cohort_size messages instead.
         round_bytes = (2 * cfg.cohort_size if site_dp else int(messages[i])) * self.message_bytes
+        if secure is not None:  # uploads are masked vectors + the protocol's messages
+          sites = cfg.cohort_size if site_dp else int(messages[i]) // 2
+          round_bytes = sites * (self.message_bytes + self.secagg_bytes_per_site)
+          meta["secagg_aborted"] = meta.get("secagg_aborted", 0) + int(secure["aborted"][i])
+          meta["secagg_clipped"] = meta.get("secagg_clipped", 0) + int(secure["clipped"][i])
+          if secure["aborted"][i]:
+            log.warning("round %d: secure aggregation aborted (too few survivors): the model "
+                        "is unchanged", completed)
         meta["bytes_total"] += round_bytes
         meta["seconds_total"] += seconds
         logger.write({
@@ -132,7 +142,13 @@ def run(self, workdir: str) -> dict:
             **({"dp_overflow": int(overflow[i])} if self.privacy else {}),
             **({"nonfinite_updates": int(nonfinite[i])} if site_dp else {}),
             # The norm this round's site updates were clipped to (C_t, before its update).
-            **({"clip_norm": float(clip_norms[i])} if adaptive else {})})
+            **({"clip_norm": float(clip_norms[i])} if adaptive else {}),
+            # What the secure sum did: sites in it, whether it aborted, coordinates clipped to
+            # secagg.clip_range (never silent) and the protocol's host cryptography time.
+            # Under site DP the realised cohort is private: no survivor count.
+            **({f"secagg_{k}": (float(v[i]) if k == "host_seconds" else int(v[i]))
+                for k, v in secure.items() if not (site_dp and k == "survivors")}
+               if secure is not None else {})})
       if _any_process_signalled(stop["signal"] is not None) and stop["signal"] is None:
         stop["signal"] = signal.SIGTERM  # another process was: stop after the same round
       if (completed % cfg.checkpoint.every == 0 or completed == cfg.rounds or stop["signal"]
@@ -175,6 +191,9 @@ def run(self, workdir: str) -> dict:
           update_noise_multiplier=self.privacy.update_noise_multiplier,
           count_noise_multiplier=self.privacy.count_noise_multiplier,
           final_clip_norm=float(state.clip_norm))
+  if cfg.secagg.enabled:
+    summary["secagg"] = {"aborted_rounds": meta.get("secagg_aborted", 0),
+                         "clipped_values": meta.get("secagg_clipped", 0)}
   if cfg.eval.centralized_baseline:
     summary["centralized_test_accuracy"] = self.centralized_accuracy()
   # AUC, macro-F1, bootstrap intervals, per-site metrics, eval.robustness (new keys only).

@@ -298,15 +298,33 @@ def test_noise_helpers_size_the_clip_range_and_grid():
   assert noise.aliasing_bound(1.0, 1.0) == pytest.approx(math.exp(-math.pi ** 2))
 
 
-def test_aggregator_pair_counts_rounds_aborts_and_clips():
-  init, apply = secagg.secagg_aggregator(secagg.SecAggConfig(threshold=6, bits=16, prg="host"))
-  state = init()
-  x = np.zeros((K, 20), np.float32)
-  x[0, 0] = 3.0
-  total, state, _ = apply(state, jnp.asarray(x), jax.random.key(0))
-  assert total is not None and state.clipped == 1 and state.survivors == K
-  drop = np.zeros(K, int)
-  drop[:5] = 2
-  total, state, result = apply(state, jnp.asarray(x), jax.random.key(1), dropouts=drop)
-  assert total is None and result.aborted
-  assert state == secagg.SecAggState(rounds=2, aborted=1, clipped=1, survivors=K)
+def test_secure_sum_link_maps_slots_and_handles_tiny_cohorts_and_aborts():
+  """The round's host step (secagg.round.SecureSum): rows of absent slots never enter, the
+  sum is the plain quantized sum's float, cohorts of 0 and 1 need no protocol, an abort
+  returns zeros with nobody counted."""
+  link = secagg.SecureSum(secagg.SecAggConfig(threshold=6, bits=16, prg="host"))
+  rng = np.random.default_rng(0)
+  rows = rng.uniform(-0.5, 0.5, (K + 3, 20)).astype(np.float32)
+  rows[2, 0] = 3.0  # clipped to [-1, 1], counted
+  present = np.ones(K + 3, bool)
+  present[[1, 5, 9]] = False
+  present[2] = True
+  out = link(jnp.asarray(rows), present, jax.random.key(0))
+  assert not out.aborted and (out.survived == present).all()
+  expect = np.clip(rows[present], -1, 1).sum(0)
+  levels = secagg.levels_for(int(present.sum()), 16)
+  assert np.abs(np.asarray(out.total) - expect).max() <= present.sum() * 2.0 / levels
+  assert out.clipped == 1
+  one = np.zeros(K + 3, bool)
+  one[4] = True
+  out = link(jnp.asarray(rows), one, jax.random.key(0))
+  assert (np.asarray(out.total) == rows[4]).all() and out.survived.sum() == 1
+  out = link(jnp.asarray(rows), np.zeros(K + 3, bool), jax.random.key(0))
+  assert (np.asarray(out.total) == 0).all() and not out.survived.any()
+  # Every site drops before upload: fewer than t uploads, the round aborts.
+  link = secagg.SecureSum(secagg.SecAggConfig(threshold=6, bits=16, prg="host",
+                                              dropout_rate=0.99))
+  out = link(jnp.asarray(rows), present, jax.random.key(1))
+  assert out.aborted and out.reason and not out.survived.any()
+  assert (np.asarray(out.total) == 0).all()
+

@@ -18,7 +18,10 @@ An `Algorithm` is
   round(state, data, sampling_rng, client_rng) -> (state, RoundMetrics)
                                         `messages`: the number of model-sized messages sent
                                         this round (up + down), from which the experiment
-                                        reports bytes_communicated
+                                        reports bytes_communicated. A round with a host
+                                        step (secure aggregation) has `round.jittable =
+                                        False`: it jits its own halves, the experiment calls
+                                        it as it is
 built from the three seams of docs/design.md: the client update (client.make_local_update),
 the aggregator chain (aggregators.py) and the server optax step (fedavg.server_step).
 The experiment jits `round` (and fuses several with lax.scan); per-site state lives in the
@@ -51,6 +54,9 @@ class AlgorithmContext(NamedTuple):
   # make_client_update(correction=None, local_epochs=0.0) -> a client update for this config
   # with the algorithm's correction (client.make_client_update's other arguments bound).
   make_client_update: Callable | None = None
+  # secagg.round.SecureSum when secagg.enabled (the algorithm declares SECURE_AGGREGATION =
+  # True and passes it to fedavg.make_round), else None.
+  secure_sum: Callable | None = None
 
 
 class Algorithm(NamedTuple):
@@ -66,15 +72,19 @@ class RoundMetrics(NamedTuple):
   dp_overflow: jax.Array        # Poisson-sampled examples/sites that did not fit (0 without DP)
   clip_norm: Any                # site DP: the clip norm this round's updates were clipped to; else {}
   nonfinite_updates: jax.Array  # site DP: cohort sites whose update had a NaN/inf (sent as 0)
+  # secagg.enabled: survivors, aborted, clipped (coordinates clipped to secagg.clip_range),
+  # host_seconds (the protocol's host cryptography); else {}
+  secagg: Any = {}
 
 
 def round_metrics(train_loss, messages, comm_steps=1, dp_overflow=0, clip_norm=None,
-                  nonfinite_updates=0) -> RoundMetrics:
+                  nonfinite_updates=0, secagg=None) -> RoundMetrics:
   return RoundMetrics(train_loss=train_loss, messages=jnp.asarray(messages, jnp.int32),
                       comm_steps=jnp.asarray(comm_steps, jnp.int32),
                       dp_overflow=jnp.asarray(dp_overflow, jnp.int32),
                       clip_norm={} if clip_norm is None else clip_norm,
-                      nonfinite_updates=jnp.asarray(nonfinite_updates, jnp.int32))
+                      nonfinite_updates=jnp.asarray(nonfinite_updates, jnp.int32),
+                      secagg={} if secagg is None else secagg)
 
 
 # name -> module under fedjax_lab/algorithms/ (fedprox is fedavg whose client adds the

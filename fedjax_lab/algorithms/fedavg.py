@@ -20,10 +20,13 @@ the server optax step (`server_step`). Other algorithms reuse this round with th
 aggregator (FedNova) or their own per-site state (FedBN's statistics, through `kept`).
 """
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_lab import aggregators, algorithms, sharding
@@ -31,6 +34,7 @@ from fedjax_lab.aggregators import AdaptiveClip, clip_by_global_norm  # noqa: F4
 from fedjax_lab.algorithms import RoundMetrics, round_metrics  # noqa: F401 (API)
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.privacy.sampling import poisson_sample
+from fedjax_lab.secagg import round as secagg_round
 
 # fold_in tag (into the round's client key, beside the site ids) of the public minibatch a
 # curvature server optimizer takes its obj_fn on.
@@ -142,7 +146,8 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
                mesh=None, site_dp: SiteDP | None = None,
                min_sites_per_device: int = 16, sites_per_chunk: int = 0,
                server_objective: Callable | None = None,
-               aggregator: aggregators.Aggregator | None = None) -> Callable:
+               aggregator: aggregators.Aggregator | None = None,
+               secure_sum: Callable | None = None) -> Callable:
   """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, RoundMetrics).
 
   `client_update` is `client.make_client_update(...)`; the keys are the run's per-purpose
@@ -151,11 +156,18 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
   `sites_per_chunk`: see sharding.map_sum_sites. `aggregator`: the chain between the sites
   and the server (default `make_aggregator(site_dp, cohort_size)`). With `fedbn`, each site
   keeps its model state (BatchNorm statistics) in `site_model_state`.
+
+  `secure_sum` (a secagg.round.SecureSum): the sites' transformed updates are summed by the
+  secure-aggregation protocol on the host instead of on the device. The round is then two
+  jitted halves around that host step (`secure_round`), so it cannot be jitted or fused as a
+  whole; an aborted round leaves the model as it was.
   """
   if aggregator is None:
     aggregator = make_aggregator(site_dp, cohort_size)
 
-  def round_fn(state: ServerState, data: FederatedData, sampling_rng, client_rng):
+  def sites(state: ServerState, data: FederatedData, sampling_rng, client_rng, as_rows: bool):
+    """The round up to the sum: cohort, client updates, the chain's per-site transforms and
+    the sum over the sites (or, `as_rows`, each site's contribution as one float32 row)."""
     t = state.round
     round_sampling_rng = jax.random.fold_in(sampling_rng, t)
     if site_dp is None:
@@ -200,34 +212,100 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
                                   steps=out.num_steps)
       update, stats = aggregator.site(out.delta, info, shared)
       scale = lambda tree, c: jax.tree.map(lambda a: c * a, tree)
-      to_sum = {"loss": weight * out.train_loss, "overflow": out.dp_overflow,
-                "model_state": scale(out.model_state, weight), "delta": update}
-      return to_sum, {"model_state": out.model_state if fedbn else {}, "stats": stats}
+      sent = {"delta": update, "model_state": scale(out.model_state, weight)}
+      to_sum = {"loss": weight * out.train_loss, "overflow": out.dp_overflow}
+      per_site = {"model_state": out.model_state if fedbn else {}, "stats": stats}
+      if as_rows:  # what the site sends, flat: the secure sum adds these on the host
+        per_site["row"] = jax.flatten_util.ravel_pytree(sent)[0].astype(jnp.float32)
+      else:
+        to_sum.update(sent)
+      return to_sum, per_site
 
     sums, per_site = sharding.map_sum_sites(
         site_fn, (None, ms_axis, 0, 0, 0, 0, 0, 0, None), split, sites_per_chunk)(
             state.params, site_ms, site_idx, site_count, site_rngs, weights, in_cohort,
             cohort, data)
+    return dict(sums=sums, per_site=per_site, rnd=rnd, shared=shared, weights=weights,
+                cohort_overflow=cohort_overflow, round_rng=round_rng)
+
+  def finish(state: ServerState, data: FederatedData, ctx, sent_total, secagg_metrics=None):
+    """The server's end: the chain's server steps (last to first), the server optimizer."""
+    rnd, sums, per_site = ctx["rnd"], ctx["sums"], ctx["per_site"]
     mean_delta, agg_state, agg_metrics = aggregator.server(
-        sums["delta"], state.clip_norm, rnd, shared, per_site["stats"])
+        sent_total["delta"], state.clip_norm, rnd, ctx["shared"], per_site["stats"])
     params, opt_state = server_step(server_tx, mean_delta, state.opt_state, state.params,
-                                    server_objective, state.model_state, round_rng, data)
+                                    server_objective, state.model_state, ctx["round_rng"], data)
 
     model_state, site_model_state = state.model_state, state.site_model_state
     if state.model_state:
       # Under FedBN the global statistics are only used to evaluate the global model.
-      model_state = sums["model_state"]
+      model_state = sent_total["model_state"]
       if fedbn:
-        site_model_state = scatter_sites(site_model_state, cohort, per_site["model_state"])
+        site_model_state = scatter_sites(site_model_state, rnd.cohort, per_site["model_state"])
 
     new_state = ServerState(params=params, model_state=model_state, opt_state=opt_state,
-                            site_model_state=site_model_state, round=t + 1,
+                            site_model_state=site_model_state, round=rnd.t + 1,
                             clip_norm=agg_state)
-    metrics = round_metrics(sums["loss"], 2 * num_in,
-                            dp_overflow=cohort_overflow + sums["overflow"], **agg_metrics)
+    metrics = round_metrics(sums["loss"], 2 * rnd.num_in,
+                            dp_overflow=ctx["cohort_overflow"] + sums["overflow"],
+                            secagg=secagg_metrics, **agg_metrics)
     return new_state, metrics
 
+  def round_fn(state: ServerState, data: FederatedData, sampling_rng, client_rng):
+    ctx = sites(state, data, sampling_rng, client_rng, as_rows=False)
+    return finish(state, data, ctx, ctx["sums"])
+
+  if secure_sum is None:
+    return round_fn
+  return secure_round(sites, finish, secure_sum, renormalize=site_dp is None)
+
+
+def secure_round(sites: Callable, finish: Callable, secure_sum: Callable,
+                 renormalize: bool) -> Callable:
+  """make_round's round with the sum over the sites done by `secure_sum` on the host.
+
+  `renormalize`: the sites' weights were normalised over the whole cohort; a sum over the
+  survivors of dropouts is divided by the survivors' share of the weight, so it stays a
+  weighted mean (without site-level DP, whose divisor is the expected cohort size and which
+  allows no dropouts). An aborted round keeps the model, its optimizer and the chain's state;
+  only the round counter moves on (so the next round draws fresh randomness).
+  """
+
+  @jax.jit
+  def first_half(state, data, sampling_rng, client_rng):
+    ctx = sites(state, data, sampling_rng, client_rng, as_rows=True)
+    key = jax.random.fold_in(jax.random.fold_in(client_rng, secagg_round.SECAGG_KEY), state.round)
+    return ctx, key
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def second_half(state, data, ctx, total, survived, ok, secagg_metrics):
+    sent_like = {"delta": state.params, "model_state": state.model_state}
+    sent_total = jax.flatten_util.ravel_pytree(sent_like)[1](total)
+    if renormalize:
+      kept = jnp.dot(ctx["weights"], survived.astype(jnp.float32))
+      sent_total = jax.tree.map(lambda a: a / jnp.maximum(kept, 1e-30), sent_total)
+    new_state, metrics = finish(state, data, ctx, sent_total, secagg_metrics)
+    keep = lambda new, old: jnp.where(ok, new, old)
+    new_state = jax.tree.map(keep, new_state, state)._replace(round=state.round + 1)
+    return new_state, metrics
+
+  def round_fn(state, data, sampling_rng, client_rng):
+    ctx, key = first_half(state, data, sampling_rng, client_rng)
+    rows = ctx["per_site"].pop("row")
+    present = np.asarray(ctx["rnd"].in_cohort) > 0
+    result = secure_sum(rows, present, key)
+    metrics = {"survivors": jnp.int32(result.survived.sum()),
+               "aborted": jnp.int32(result.aborted), "clipped": jnp.int32(result.clipped),
+               "host_seconds": jnp.float32(result.host_seconds)}
+    return second_half(state, data, ctx, jnp.asarray(result.total, jnp.float32),
+                       jnp.asarray(result.survived), jnp.asarray(not result.aborted), metrics)
+
+  round_fn.jittable = False
   return round_fn
+
+
+# The round sends one summed update, so secure aggregation can carry it (config.py).
+SECURE_AGGREGATION = True
 
 
 def validate(config) -> None:
@@ -248,7 +326,8 @@ def build(ctx):
                         weighting=cfg.server.weighting, fedbn=fedbn, mesh=ctx.mesh,
                         site_dp=ctx.site_dp, min_sites_per_device=cfg.min_sites_per_device,
                         server_objective=ctx.server_objective,
-                        sites_per_chunk=ctx.sites_per_chunk, aggregator=aggregator)
+                        sites_per_chunk=ctx.sites_per_chunk, aggregator=aggregator,
+                        secure_sum=ctx.secure_sum)
   init = lambda params, model_state: init_server_state(
       params, model_state, ctx.server_tx, ctx.num_sites, fedbn, aggregator=aggregator)
   return algorithms.Algorithm(init=init, round=round_fn)

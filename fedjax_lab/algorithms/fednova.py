@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from fedjax_lab import aggregators, algorithms
 from fedjax_lab.algorithms import common, fedavg
+from fedjax_lab.errors import ConfigError
 
 
 def normalized() -> aggregators.Aggregator:
@@ -45,9 +46,16 @@ def aggregator() -> aggregators.Aggregator:
   return aggregators.chain(normalized(), aggregators.weighted())
 
 
+SECURE_AGGREGATION = True  # its one summed update (d_i = Δ_i / tau_i, weighted)
+
+
 def validate(config) -> None:
-  """Plain SGD (momentum or Adam change a_i); example-level DP only."""
+  """Plain SGD (momentum or Adam change a_i); example-level DP only; secure aggregation
+  without dropouts (tau_eff = Σ p_i tau_i would then need the survivors' share)."""
   common.validate_plain_sgd(config)
+  if config.secagg.enabled and config.secagg.dropout_rate > 0:
+    raise ConfigError("secagg.dropout_rate", "fednova's tau_eff is summed over the whole "
+                      "cohort, not over the survivors of dropouts; use 0")
   common.refuse_dp(config, "tau_eff = sum_i p_i tau_i is computed from the realised cohort, "
                    "which site-level DP keeps private")
 
@@ -60,7 +68,8 @@ def build(ctx):
                                weighting=cfg.server.weighting, mesh=ctx.mesh,
                                min_sites_per_device=cfg.min_sites_per_device,
                                server_objective=ctx.server_objective,
-                               sites_per_chunk=ctx.sites_per_chunk, aggregator=agg)
+                               sites_per_chunk=ctx.sites_per_chunk, aggregator=agg,
+                               secure_sum=ctx.secure_sum)
   init = lambda params, model_state: fedavg.init_server_state(
       params, model_state, ctx.server_tx, ctx.num_sites, False, aggregator=agg)
   return algorithms.Algorithm(init=init, round=round_fn)

@@ -61,6 +61,11 @@ class Mechanism(NamedTuple):
   cohort_size: int            # K: sites per round (example level), expected cohort (site level)
   max_cohort: int             # site level: slots of the Poisson cohort (its largest size)
   randomness: str             # "secret" or "seeded"
+  # secagg.enabled: the server receives masked vectors and learns only their sum.
+  secure_aggregation: bool = False
+  # Coordinated example level: each site adds sigma/sqrt(noise_shares): the cohort K, or with
+  # secure aggregation and dropouts its threshold t (experiment.noise_shares).
+  noise_shares: int = 0
 
 
 def resolve_randomness(randomness: str, data_name: str) -> str:
@@ -143,11 +148,24 @@ def guarantees(m: Mechanism) -> list[Guarantee]:
   add("anyone who sees the released models (every round's global model), not the cohort",
       sigma, True, f"unit: {unit}, add/remove; {hidden}; {secret}")
   coordinated = m.noise == "coordinated"
-  if m.level == "site":
+  shares = m.noise_shares or m.cohort_size
+  secure = ("secure aggregation (secagg): it receives masked vectors and learns only their "
+            "sum; it is semi-honest (follows the protocol) and fewer than t of any site's "
+            "share holders collude with it; the sum of quantized noised updates is treated "
+            "as the noisy sum (README, Secure aggregation (3): aliasing term checked below "
+            "1e-3 delta)")
+  if m.secure_aggregation:
+    if m.level == "site":
+      add("the server, which sees only the sum (secure aggregation)", sigma, False,
+          f"it picks each round's cohort, so no amplification by sampling; {secure}; {secret}")
+    else:
+      add("the server, which sees only the sum (secure aggregation)", sigma, True,
+          f"each site's Poisson minibatch draws stay hidden from it; {secure}; {secret}")
+  elif m.level == "site":
     picks = "it picks each round's cohort, so no amplification by sampling"
     if coordinated:
-      add("the server, if secure aggregation let it see only the sum (assumed, not "
-          "implemented)", sigma, False, f"{picks}; {secret}")
+      add("the server, if secure aggregation let it see only the sum (not in this "
+          "run: secagg.enabled=False)", sigma, False, f"{picks}; {secret}")
       add("the server as implemented: it sees each site's update, noised by its share "
           f"sigma/sqrt(n) of the round's n <= {m.max_cohort} sites",
           sigma / math.sqrt(m.max_cohort), False, f"{picks}; {secret}")
@@ -157,8 +175,8 @@ def guarantees(m: Mechanism) -> list[Guarantee]:
   else:
     batches = "each site's Poisson minibatch draws stay hidden from it"
     if coordinated:
-      add("the server, if secure aggregation let it see only the sum (assumed, not "
-          "implemented)", sigma, True, f"{batches}; {secret}")
+      add("the server, if secure aggregation let it see only the sum (not in this "
+          "run: secagg.enabled=False)", sigma, True, f"{batches}; {secret}")
       add(f"the server as implemented: it sees each site's update, noised by its share "
           f"sigma/sqrt({m.cohort_size})", sigma / math.sqrt(m.cohort_size), True,
           f"{batches}; {secret}")
@@ -172,9 +190,15 @@ def guarantees(m: Mechanism) -> list[Guarantee]:
   for k in colluding_counts(m.cohort_size):
     sites = "one site" if k == 1 else f"{k} colluding sites"
     if m.level == "example":
-      left = sigma * math.sqrt(1 - k / m.cohort_size)
+      if k >= shares:  # their shares can be all the noise a finished round holds
+        out.append(Guarantee(
+            f"{sites} of the cohort, knowing their own noise shares: a round can finish with "
+            f"only the {shares} shares secure aggregation needs", None, m.delta,
+            "no noise is left to them when only they and the target's site survive"))
+        continue
+      left = sigma * math.sqrt(1 - k / shares)
       add(f"{sites} of the cohort, knowing their own noise shares: sigma sqrt(1 - {k}/"
-          f"{m.cohort_size}) of the noise is left", left, True,
+          f"{shares}) of the noise is left", left, True,
           f"the target's own site is honest; they see the released models; {hidden}; "
           f"{secret}")
     else:

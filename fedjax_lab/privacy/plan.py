@@ -48,7 +48,8 @@ class PrivacyPlan(NamedTuple):
         steps=steps, accountant_delta=self.accountant.delta, delta=config.dp.delta,
         overflow_bound=self.overflow_bound, accountant=config.dp.accountant,
         cohort_size=config.cohort_size, max_cohort=max(self.slots, 1),
-        randomness=self.randomness)
+        randomness=self.randomness, secure_aggregation=bool(config.secagg.enabled),
+        noise_shares=noise_shares(config))
 
 
 # The share of dp.delta set aside for truncated Poisson samples (sampling.py): the accountant
@@ -101,10 +102,16 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
   if dp.delta > 1.0 / units:
     log.warning("dp.delta=%g > 1/%d (1/number of protected units): a mechanism that "
                 "publishes one unit's data outright meets this delta", dp.delta, units)
-  noise = ("coordinated: each of the K sites adds sigma/sqrt(K), so the sum carries sigma "
-           "(secure aggregation, which would hide the single updates from the server, is "
-           "assumed, not implemented: the guarantees below say what holds against whom)"
-           if dp.noise == "coordinated" else "parallel: every site adds the full sigma")
+  if dp.noise == "coordinated":
+    shares = noise_shares(config)
+    noise = (f"coordinated: each site adds sigma/sqrt({shares}), so the sum carries sigma"
+             + (f" (with dropouts: at least the threshold t={shares} of the cohort's uploads "
+                "are in any round that finishes)" if shares != config.cohort_size else ""))
+    noise += ("; secure aggregation: the server learns only the sum" if config.secagg.enabled
+              else "; without secure aggregation the server sees each weakly noised update "
+              "(the guarantees below say what holds against whom)")
+  else:
+    noise = "parallel: every site adds the full sigma"
   if dp.level == "site":
     noise += "; a round with an empty cohort gets the noise from the server"
   randomness = guarantees.resolve_randomness(dp.randomness, config.data.name)
@@ -125,6 +132,18 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
                      budget=budget, description=description,
                      update_noise_multiplier=update_sigma, count_noise_multiplier=count_stddev,
                      slots=slots, overflow_bound=overflow_bound, randomness=randomness)
+
+
+def noise_shares(config) -> int:
+  """How many coordinated noise shares a round's sum is sure to hold: the cohort, or with
+  secure aggregation and dropouts the threshold t (a round that finishes has >= t uploads),
+  so each site adds sigma / sqrt(this) and the sum always carries at least sigma. (Site level:
+  the round's own cohort size n, as no dropouts are allowed there.)"""
+  s = config.secagg
+  if s.enabled and s.dropout_rate > 0:
+    from fedjax_lab.secagg import round as secagg_round
+    return int(secagg_round.min_survivors(config.cohort_size, s.neighbours, s.threshold))
+  return config.cohort_size
 
 
 def noise_coverage(site_counts, batch_size: int, example_dp, cohort_size: int,
