@@ -28,8 +28,8 @@ def test_a_secure_run_matches_the_plain_run(tmp_path):
   0.5 points, parameters within the 32-bit grid's rounding (each round's sum moves by at most
   K steps of 2 clip_range / levels per coordinate), and every round's secure sum holds all
   10 sites with nothing clipped."""
-  plain = Experiment(_digits(30))
-  secure = Experiment(_digits(30, **{"secagg.enabled": True}))
+  plain = Experiment(_digits(15))
+  secure = Experiment(_digits(15, **{"secagg.enabled": True}))
   s_plain = plain.run(str(tmp_path / "plain"))
   s_secure = secure.run(str(tmp_path / "secure"))
   assert abs(s_plain["test_accuracy"] - s_secure["test_accuracy"]) <= 0.005
