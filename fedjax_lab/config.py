@@ -197,6 +197,10 @@ def validate(config) -> None:
                                      or config.algorithm.name not in ("fedavg", "fedprox")):
     raise ConfigError("attack.record_sites", "recording needs algorithm.name fedavg or fedprox "
                       "and rounds_per_step=1")
+  if config.attack.record_sites and config.secagg.enabled:
+    raise ConfigError("attack.record_sites", "with secagg.enabled the server receives masked "
+                      "vectors and learns only their sum: there is no site update to record; "
+                      "study attacks with secagg.enabled=False")
   standardize.resolve(config)  # data.standardize against dp.level and optim.public_data
 
 
