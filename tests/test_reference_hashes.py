@@ -94,7 +94,11 @@ HASHES = {
 # tests/reference/<case>.npz (the parameters measured with the hash above) within 1e-5.
 _OPTAX_CE = ("cross-entropy from optax.losses (logsumexp - logit) instead of -log_softmax[y]: "
              "float rounding only, max |diff| {} (issue 13 item 7)")
+_DP_CE = ("DP-SGD's per-example loss from the losses registry (optax cross-entropy) instead of "
+          "-log_softmax(out)[y]: float rounding only, max |diff| {} (issue 18 item 6)")
 NOTES = {
+    "dp_example": _DP_CE.format("1.5e-8"),
+    "dp_example_coordinated": _DP_CE.format("1.9e-9"),
     "dp_site_adaptive": _OPTAX_CE.format("2.4e-7"),
     "dp_site_coordinated": _OPTAX_CE.format("6e-8"),
     "dp_site_parallel": _OPTAX_CE.format("1.2e-7"),

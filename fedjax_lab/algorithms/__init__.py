@@ -51,6 +51,7 @@ class AlgorithmContext(NamedTuple):
   # make_client_update(correction=None, local_epochs=0.0) -> a client update for this config
   # with the algorithm's correction (client.make_client_update's other arguments bound).
   make_client_update: Callable | None = None
+  loss: Any = None           # losses.Loss of model.loss (None: cross-entropy)
 
 
 class Algorithm(NamedTuple):
