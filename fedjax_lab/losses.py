@@ -78,8 +78,10 @@ def far_terms(pred, y, weights=None, base="mae"):
 
 
 def far(outputs, targets, weights=None, *, alpha=1.0, base="mae"):
-  """Function Aligned Regression (Zhu & Jerby 2024, arXiv 2402.06104v2, Section 3; reference
-  implementation github.com/DixianZhu/FAR loss.py `FAR`).
+  """Function Aligned Regression (Zhu & Jerby 2024, arXiv 2402.06104v2: its three losses and
+  their robust (DRO) reconciliation; the constants, eps and ddof here follow the authors'
+  reference implementation, github.com/DixianZhu/FAR loss.py `FAR`, as the paper's equation
+  numbers could not be checked offline when this was written).
 
   The three terms of `far_terms` (each + FAR_EPS) reconciled by KL-regularised DRO over their
   logarithms, max_{p in simplex} sum_k p_k log L_k - alpha KL(p || uniform), whose value is
