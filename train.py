@@ -84,8 +84,15 @@ def main(argv):
                f"{summary['centralized_test_macro_f1']:.4f}")
     print(line + " (95% bootstrap intervals over test examples)")
   eps = summary["epsilon"]
+  eps_text = 'none' if eps is None else f'{eps:.3f} delta={config.dp.delta:g}'
+  if "test_rmse" in summary:  # a regression task (data.name=synthetic_regression)
+    print(f"test_rmse={summary['test_rmse']:.4f} test_r2={summary['test_r2']:.4f} "
+          f"epsilon={eps_text} rounds={summary['rounds_completed']} workdir={workdir}")
+    print(json.dumps({k: summary[k] for k in ("test_rmse", "test_r2", "epsilon",
+                                              "params_sha256")}))
+    return
   print(f"test_accuracy={summary['test_accuracy']:.4f} "
-        f"epsilon={'none' if eps is None else f'{eps:.3f} delta={config.dp.delta:g}'} "
+        f"epsilon={eps_text} "
         f"rounds={summary['rounds_completed']} "
         f"site_accuracy_worst10={summary['site_accuracy_worst10']:.4f} workdir={workdir}")
   if "centralized_test_accuracy" in summary:

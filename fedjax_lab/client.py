@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab import optim
+from fedjax_lab import losses, optim
 from fedjax_lab.data.federated import FederatedData
-from fedjax_lab.models import Model, cross_entropy
+from fedjax_lab.models import Model
 from fedjax_lab.privacy.clipping import privatize
 from fedjax_lab.privacy.sampling import poisson_sample
 
@@ -114,30 +114,32 @@ def public_minibatch_rows(rng, num_public: int, batch_size: int):
   return jax.random.choice(rng, num_public, (size,), replace=False)
 
 
-def _loss_fn(model: Model, params, model_state, x, y, rng):
-  logits, new_state = model.apply(params, model_state, x, True, rng)
-  return cross_entropy(logits, y).mean(), new_state
+def _loss_fn(model: Model, loss: losses.Loss, params, model_state, x, y, rng):
+  outputs, new_state = model.apply(params, model_state, x, True, rng)
+  return loss.batch(outputs, y), new_state
 
 
-def make_public_objective(model: Model, batch_size: int):
+def make_public_objective(model: Model, batch_size: int, loss: losses.Loss | None = None):
   """Returns objective(model_state, rows_rng, dropout_rng, data) -> obj_fn(params) -> loss.
 
   obj_fn is the mean loss of `batch_size` public examples (`data.public_x`) drawn with
   `rows_rng`: the curvature objective of a client step here and of the server step in
-  algorithms/fedavg.py and scaffold.py, which have no data of their own.
+  algorithms/fedavg.py and scaffold.py, which have no data of their own. `loss`: the
+  model.loss (losses.make(); None: cross-entropy).
   """
+  loss = loss or losses.make()
 
   def objective(model_state, rows_rng, dropout_rng, data: FederatedData):
     rows = public_minibatch_rows(rows_rng, data.public_x.shape[0], batch_size)
     x, y = data.public_x[rows], data.public_y[rows]
-    return lambda p: _loss_fn(model, p, model_state, x, y, dropout_rng)[0]
+    return lambda p: _loss_fn(model, loss, p, model_state, x, y, dropout_rng)[0]
 
   return objective
 
 
 class StepGrad(NamedTuple):
   """One local step's gradient at a site (`make_site_gradient`)."""
-  loss: jax.Array      # the step's minibatch loss (cross-entropy; DP: over the sampled examples)
+  loss: jax.Array      # the step's minibatch loss (model.loss; DP: over the sampled examples)
   grads: Any           # shaped like params; under example-level DP clipped, noised, divided
   model_state: Any     # the model state after the step's forward pass (BatchNorm statistics)
   x: jax.Array         # the minibatch the gradient was taken on (the curvature objective's)
@@ -146,24 +148,27 @@ class StepGrad(NamedTuple):
 
 
 def make_site_gradient(model: Model, batch_size: int, shuffle: bool,
-                       dp: ExampleDP | None = None, l2: float = 0.0, full_batch: bool = False):
+                       dp: ExampleDP | None = None, l2: float = 0.0, full_batch: bool = False,
+                       loss: losses.Loss | None = None):
   """Returns grad(params, model_state, site_idx, site_count, rng, step, data) -> StepGrad.
 
   THE place a site touches its data, for every algorithm: it draws local step `step`'s
   minibatch from the site's row of the index table (`minibatch_positions`; under
   example-level DP a Poisson sample with per-example clipping and the site's noise share,
   Abadi et al. 2016, see ExampleDP) and takes the gradient of the site objective
-  f_i(w) = mean CE + (l2 / 2) ||w||^2 (the loss reported is the CE alone).
+  f_i(w) = loss + (l2 / 2) ||w||^2 (the loss reported is `loss` alone): `loss` is the
+  model.loss (losses.make(); None: cross-entropy), a per-example mean or FAR's batch loss.
   `rng` is the site's key for the round. `full_batch`: the exact mean over
   the site's examples (benchmarks/comm_skipping.py: deterministic gradients).
   site_count 0 is an empty slot (a padded place in a Poisson cohort): it trains on zeros,
   never on the examples its index row happens to point at (without example-level DP).
   """
-  loss_fn = functools.partial(_loss_fn, model)
+  loss = loss or losses.make()
+  loss_fn = functools.partial(_loss_fn, model, loss)
 
   def weighted_loss(params, ms, x, y, weights, rng):
-    logits, new_state = model.apply(params, ms, x, True, rng)
-    return jnp.sum(weights * cross_entropy(logits, y)), new_state
+    outputs, new_state = model.apply(params, ms, x, True, rng)
+    return loss.batch(outputs, y, weights), new_state
 
   def plain(params, ms, site_idx, site_count, batch_rng, rng_t, t, data):
     n_max = site_idx.shape[0]
@@ -244,14 +249,16 @@ def site_num_steps(site_count, local_steps: int, local_epochs: float, batch_size
 def make_client_update(model: Model, client_tx: optax.GradientTransformationExtraArgs,
                        config: ClientConfig, dp: ExampleDP | None = None,
                        correction: Callable | None = None, l2: float = 0.0,
-                       local_epochs: float = 0.0):
+                       local_epochs: float = 0.0, loss: losses.Loss | None = None):
   """Returns client_update(params, model_state, site_idx, site_count, rng, data, extra=None)
   -> ClientOutput: `make_local_update` on `make_site_gradient` (with `dp`, every step a DP-SGD
   step on a Poisson minibatch), with FedProx's correction when config.prox_mu > 0 and the
-  curvature objective (module docstring) for curvature client optimizers."""
-  site_gradient = make_site_gradient(model, config.batch_size, config.shuffle, dp, l2)
-  public_objective = make_public_objective(model, config.public_batch_size)
-  loss_fn = functools.partial(_loss_fn, model)
+  curvature objective (module docstring) for curvature client optimizers. `loss`: the
+  model.loss (losses.make(); None: cross-entropy)."""
+  loss = loss or losses.make()
+  site_gradient = make_site_gradient(model, config.batch_size, config.shuffle, dp, l2, loss=loss)
+  public_objective = make_public_objective(model, config.public_batch_size, loss)
+  loss_fn = functools.partial(_loss_fn, model, loss)
   if correction is None and config.prox_mu:
     correction = prox_correction(config.prox_mu)
 

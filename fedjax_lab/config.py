@@ -27,8 +27,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = default_data_config()
   c.model = ml_collections.ConfigDict(dict(
       name="mlp", hidden=(128,), features=(32, 64), norm="none", dropout=0.0, image_shape=(),
-      # l2: the objective of every algorithm is mean cross-entropy + (l2 / 2) ||w||^2.
-      l2=0.0))
+      # l2: the objective of every algorithm is the mean loss + (l2 / 2) ||w||^2.
+      l2=0.0,
+      # loss (fedjax_lab/losses.py): cross_entropy (classification); mse or far (regression:
+      # data.name=synthetic_regression). far: Function Aligned Regression, a batch loss;
+      # far_alpha its DRO temperature, far_base its per-example term (mae | mse).
+      loss="cross_entropy", far_alpha=1.0, far_base="mae"))
   c.client = ml_collections.ConfigDict(dict(
       optimizer="sgd", lr=0.1, local_steps=3, batch_size=5, shuffle=True, prox_mu=0.0,
       # local_epochs > 0: each site takes ceil(local_epochs * its size / batch_size) steps,
@@ -153,6 +157,7 @@ def validate(config) -> None:
     _positive("data.alpha", config.data.alpha)
   _one_of("model.name", config.model.name, models.MODEL_NAMES)
   _one_of("model.norm", config.model.norm, models.NORMS)
+  _validate_task(config)
   for side in ("client", "server"):
     _one_of(f"{side}.optimizer", config[side].optimizer, optim.OPTIMIZERS)
     _positive(f"{side}.lr", config[side].lr)
@@ -369,3 +374,30 @@ def adaptive_clip_noise(config, noise_multiplier: float) -> tuple[float, float]:
                       f"^-1/2); set it above {noise_multiplier / 2:.4g}, e.g. 2.5 z = "
                       f"{2.5 * noise_multiplier:.4g} (update noise ~2% above z)")
   return adaptive_clipping.update_noise_multiplier(noise_multiplier, sigma_b), sigma_b
+
+
+def _validate_task(config):
+  """model.loss against the task of data.name (classification, or regression for
+  data/sources.REGRESSION_SOURCES) and the keys a regression task cannot use."""
+  from fedjax_lab import losses
+  from fedjax_lab.data import sources
+  task = sources.task_of(config.data.name)
+  losses.check(config.model.loss, task, config.model.far_alpha, config.model.far_base)
+  if config.model.loss == "far" and config.dp.level == "example":
+    raise ConfigError("model.loss", "'far' is a batch loss (its terms compare the examples of a "
+                      "batch with each other), so one example's gradient is not defined and "
+                      "DP-SGD's per-example clipping does not bound its influence; use "
+                      "model.loss=mse with dp.level=example, or far with dp.level=site (the "
+                      "whole site update is clipped)")
+  if task != "regression":
+    return
+  where = f"data.name={config.data.name} is a regression task"
+  if config.data.partition in ("dirichlet", "shards"):
+    raise ConfigError("data.partition", f"'{config.data.partition}' splits by class label and "
+                      f"{where}; allowed: iid, quantity_skew, by_column")
+  for key, value, off in (("optim.public_data", config.optim.public_data, "empty"),
+                          ("eval.centralized_baseline", config.eval.centralized_baseline, "False"),
+                          ("eval.robustness", config.eval.robustness, "False"),
+                          ("attack.record_sites", tuple(config.attack.record_sites), "()")):
+    if value:
+      raise ConfigError(key, f"implemented for classification only and {where}; set it {off}")

@@ -1,4 +1,4 @@
-"""Global test accuracy and per-site accuracy.
+"""Global test accuracy and per-site accuracy; for a regression task test RMSE and R^2.
 
 Per-site accuracy weights the global test set's per-class accuracy by each site's own label
 histogram: the accuracy the model would have on a test set drawn like that site's data. It is
@@ -21,6 +21,30 @@ class EvalResult(NamedTuple):
   loss: float
   site_accuracy_mean: float
   site_accuracy_worst10: float  # mean accuracy of the worst 10% of sites (Li et al. 2020, q-FFL)
+
+  def fields(self) -> dict:
+    """The metrics.jsonl / summary.json keys of a classification task."""
+    return {"test_accuracy": self.accuracy, "test_loss": self.loss,
+            "site_accuracy_mean": self.site_accuracy_mean,
+            "site_accuracy_worst10": self.site_accuracy_worst10}
+
+
+class RegressionResult(NamedTuple):
+  rmse: float   # sqrt(mean (f(x) - y)^2) over the test set
+  r2: float     # 1 - sum (f(x) - y)^2 / sum (y - mean y)^2: 0 = predicting the test mean
+  loss: float   # the test MSE (whatever model.loss trained: FAR is a batch loss, not a mean)
+
+  def fields(self) -> dict:
+    """The metrics.jsonl / summary.json keys of a regression task."""
+    return {"test_rmse": self.rmse, "test_r2": self.r2, "test_loss": self.loss}
+
+
+def fields(result, task: str) -> dict:
+  """result.fields(), or the same keys with None on a round that was not evaluated."""
+  if result is not None:
+    return result.fields()
+  cls = RegressionResult if task == "regression" else EvalResult
+  return dict.fromkeys(cls(*[None] * len(cls._fields)).fields())
 
 
 def make_class_evaluator(model: Model, x: np.ndarray, y: np.ndarray, num_classes: int,
@@ -63,3 +87,33 @@ def summarize(correct, loss_sum, y_test, site_hist) -> EvalResult:
     accuracy, loss = correct.sum() / len(y_test), float(loss_sum) / len(y_test)
   return EvalResult(float(accuracy), float(loss), float(site_acc.mean()),
                     float(np.sort(site_acc)[:k].mean()))
+
+
+def make_regression_evaluator(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int):
+  """Returns jitted fn(params, model_state) -> sum of squared errors over the test set."""
+  n = len(y)
+  batch_size = min(batch_size, n)
+  pad = (-n) % batch_size
+  xs = jnp.asarray(np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]))
+  ys = jnp.asarray(np.concatenate([y, np.zeros(pad, y.dtype)]), jnp.float32)
+  valid = jnp.arange(n + pad) < n
+  chunks = (xs.reshape(-1, batch_size, *x.shape[1:]), ys.reshape(-1, batch_size),
+            valid.reshape(-1, batch_size))
+
+  def evaluate(params, model_state):
+    def one(chunk):
+      xb, yb, vb = chunk
+      out, _ = model.apply(params, model_state, xb, False)
+      return jnp.where(vb, (out[:, 0] - yb) ** 2, 0.0).sum()
+    return jax.lax.map(one, chunks).sum()
+
+  return evaluate
+
+
+def summarize_regression(sse, y_test) -> RegressionResult:
+  """sse: scalar (global model) or [sites] (per-site models: their mean is reported)."""
+  y = np.asarray(y_test, np.float64)
+  mse = float(np.mean(np.asarray(sse, np.float64))) / len(y)
+  sst = float(np.sum((y - y.mean()) ** 2))
+  return RegressionResult(rmse=float(np.sqrt(mse)), r2=1.0 - mse * len(y) / max(sst, 1e-300),
+                          loss=mse)

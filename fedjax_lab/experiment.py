@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from fedjax_lab import config as config_lib
-from fedjax_lab import algorithms, evaluation, evaluation_robustness, optim, sharding
+from fedjax_lab import algorithms, evaluation, evaluation_robustness, losses, optim, sharding
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.client import (ClientConfig, ExampleDP, make_client_update,
                                make_public_objective)
@@ -107,7 +107,10 @@ class Experiment:
     self.data = federated.from_partition(
         train.x, train.y, self.sites, train.num_classes,
         *((self.public.x, self.public.y) if self.public is not None else ()))
-    self.site_hist = federated.site_label_histogram(self.data)
+    # data.name decides the task; model.loss (losses.py) is checked against it by validate.
+    self.task, self.loss = sources.task_of(config.data.name), losses.from_config(config.model)
+    self.site_hist = (federated.site_label_histogram(self.data)
+                      if self.task == "classification" else None)
     self.privacy = privacy_plan(config, np.asarray(self.data.count))
     self.mesh = mesh if mesh is not None else sharding.make_mesh(
         _round_devices(config, self.privacy))
@@ -133,7 +136,7 @@ class Experiment:
     def client_update_with(correction=None, local_epochs=config.client.local_epochs):
       return make_client_update(self.model, self.client_tx, client_config, dp=example_dp,
                                 correction=correction, l2=config.model.l2,
-                                local_epochs=local_epochs)
+                                local_epochs=local_epochs, loss=self.loss)
 
     self.client_update = client_update_with()
     self.fedbn = config.algorithm.batch_stats == "local"
@@ -141,11 +144,12 @@ class Experiment:
         config=config, model=self.model, client_update=self.client_update,
         client_tx=self.client_tx, server_tx=self.server_tx, num_sites=self.data.num_sites,
         mesh=self.mesh, site_dp=self._site_dp(),
-        server_objective=(make_public_objective(self.model, config.optim.public_batch_size)
+        server_objective=(make_public_objective(self.model, config.optim.public_batch_size,
+                                                self.loss)
                           if config.server.optimizer in optim.CURVATURE_OPTIMIZERS else None),
         sites_per_chunk=(sharding.default_sites_per_chunk() if config.sites_per_chunk is None
                          else config.sites_per_chunk),
-        example_dp=example_dp, make_client_update=client_update_with,
+        example_dp=example_dp, make_client_update=client_update_with, loss=self.loss,
         secure_sum=self._secure_sum()))
     self.round_fn = self.algorithm.round
     self.rounds_per_step = config.rounds_per_step
@@ -154,8 +158,10 @@ class Experiment:
     # A round with a host step (secure aggregation) jits its own halves.
     self.step = (jax.jit(step, donate_argnums=0) if getattr(step, "jittable", True)
                  else step)
-    class_eval = evaluation.make_class_evaluator(
+    class_eval = (evaluation.make_class_evaluator(
         self.model, test.x, test.y, train.num_classes, config.eval.batch_size)
+        if self.task == "classification" else evaluation.make_regression_evaluator(
+            self.model, test.x, test.y, config.eval.batch_size))
     self.evaluate_global = jax.jit(class_eval)
     # Gathered whole: the host reads every site's counts (on every process of a multi-host run).
     self.evaluate_sites = jax.jit(jax.vmap(class_eval, in_axes=(None, 0)),
@@ -183,8 +189,9 @@ class Experiment:
       raise ConfigError("dp.clipping", f"{problem} (model.name={cfg.model.name}, model.norm="
                         f"{cfg.model.norm}); use dp.clipping=auto or vmap") from None
     log.info("per-example clipping: %s path (dp.clipping=%s)", path, dp.clipping)
+    # The per-example form of model.loss (losses.py); FAR has none and validate refuses it here.
     clipped = clipping.make_clipped_grad_sum(
-        self.model.module, lambda out, y: -jax.nn.log_softmax(out)[y], method=dp.clipping,
+        self.model.module, self.loss.example, method=dp.clipping,
         microbatch_size=dp.microbatch_size or None, apply_kwargs={"train": False},
         return_losses=True)
     return ExampleDP(clip_norm=dp.clip_norm, noise_multiplier=share,
@@ -293,12 +300,14 @@ class Experiment:
     params, model_state = self.model.init(self.keys["init"], self.train.x[:2])
     return place_state(self.algorithm.init(params, model_state), self.mesh)
 
-  def evaluate(self, state) -> evaluation.EvalResult:
+  def evaluate(self, state) -> evaluation.EvalResult | evaluation.RegressionResult:
     if self.fedbn and state.model_state:
-      correct, loss = self.evaluate_sites(state.params, state.site_model_state)
+      out = self.evaluate_sites(state.params, state.site_model_state)
     else:
-      correct, loss = self.evaluate_global(state.params, state.model_state)
-    return evaluation.summarize(correct, loss, self.test.y, self.site_hist)
+      out = self.evaluate_global(state.params, state.model_state)
+    if self.task == "regression":
+      return evaluation.summarize_regression(out, self.test.y)
+    return evaluation.summarize(*out, self.test.y, self.site_hist)
 
   def run_rounds(self, state, num_rounds: int):
     """Trains `num_rounds` rounds without logging (tests, notebooks, benchmarks)."""

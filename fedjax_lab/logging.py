@@ -76,6 +76,8 @@ class MetricsLogger:
     postfix = {"loss": f"{row['train_loss']:.4f}", "s/round": f"{row['seconds']:.3f}"}
     if row.get("test_accuracy") is not None:
       postfix["acc"] = f"{row['test_accuracy']:.4f}"
+    if row.get("test_rmse") is not None:
+      postfix["rmse"] = f"{row['test_rmse']:.4f}"
     if row.get("epsilon") is not None:
       postfix["eps"] = f"{row['epsilon']:.3f}"
     self._bar.set_postfix(postfix, refresh=False)

@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from fedjax_lab import evaluation_robustness, experiment, runs
+from fedjax_lab import evaluation, evaluation_robustness, experiment, runs
 from fedjax_lab.attacks import record
 from fedjax_lab.checkpoint import Checkpointer
 from fedjax_lab.errors import ConfigError
@@ -133,10 +133,7 @@ def run(self, workdir: str) -> dict:
         meta["seconds_total"] += seconds
         logger.write({
             "round": completed, "train_loss": float(loss),
-            "test_accuracy": result.accuracy if result else None,
-            "test_loss": result.loss if result else None,
-            "site_accuracy_mean": result.site_accuracy_mean if result else None,
-            "site_accuracy_worst10": result.site_accuracy_worst10 if result else None,
+            **evaluation.fields(result, self.task),  # test_accuracy ... or test_rmse, test_r2
             "epsilon": self.epsilon(completed), "seconds": seconds,
             "bytes_communicated": round_bytes, "bytes_total": meta["bytes_total"],
             **({"dp_overflow": int(overflow[i])} if self.privacy else {}),
@@ -163,9 +160,7 @@ def run(self, workdir: str) -> dict:
     raise KeyboardInterrupt(f"stopped at round {completed}; checkpoint saved in {workdir}")
   result = result or self.evaluate(state)
   summary = {
-      "test_accuracy": result.accuracy, "test_loss": result.loss,
-      "site_accuracy_mean": result.site_accuracy_mean,
-      "site_accuracy_worst10": result.site_accuracy_worst10,
+      **evaluation.fields(result, self.task),
       "epsilon": self.epsilon(completed), "rounds_completed": completed,
       "total_seconds": meta["seconds_total"], "bytes_total": meta["bytes_total"],
       "params_sha256": experiment.params_sha256(state.params),
@@ -197,7 +192,8 @@ def run(self, workdir: str) -> dict:
   if cfg.eval.centralized_baseline:
     summary["centralized_test_accuracy"] = self.centralized_accuracy()
   # AUC, macro-F1, bootstrap intervals, per-site metrics, eval.robustness (new keys only).
-  summary.update(evaluation_robustness.final_metrics(self, state))
+  if self.task == "classification":
+    summary.update(evaluation_robustness.final_metrics(self, state))
   if primary:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

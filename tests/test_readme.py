@@ -46,7 +46,8 @@ def test_readme_train_commands_each_end_in_their_own_workdir(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "XLA_FLAGS": ""})
     assert proc.returncode == 0, f"{command}\n{proc.stderr[-2000:]}"
-    final = [l for l in proc.stdout.splitlines() if l.startswith("test_accuracy=")]
+    final = [l for l in proc.stdout.splitlines()
+             if l.startswith(("test_accuracy=", "test_rmse="))]  # regression: test_rmse
     assert final, f"{command}\n{proc.stdout}"
     workdir = final[-1].split("workdir=")[1]
     assert os.path.exists(tmp_path / workdir / "summary.json"), command

@@ -57,6 +57,7 @@ class AlgorithmContext(NamedTuple):
   # secagg.round.SecureSum when secagg.enabled (the algorithm declares SECURE_AGGREGATION =
   # True and passes it to fedavg.make_round), else None.
   secure_sum: Callable | None = None
+  loss: Any = None           # losses.Loss of model.loss (None: cross-entropy)
 
 
 class Algorithm(NamedTuple):

@@ -31,11 +31,12 @@ SiteGradient = Callable  # (params, site_idx [n_max], site_count, rng, step, dat
 
 
 def make_site_gradient(model: Model, batch_size: int, shuffle: bool, l2: float = 0.0,
-                       full_batch: bool = False, dp=None) -> SiteGradient:
+                       full_batch: bool = False, dp=None, loss=None) -> SiteGradient:
   """The minibatch gradient of f_i at local step `step` (or its exact gradient if full_batch):
   client.make_site_gradient (the one place sites touch data; `dp`: DP-SGD steps) for a model
-  without state, as (loss, grads), or (loss, grads, dp_overflow) with `dp`."""
-  grad = client.make_site_gradient(model, batch_size, shuffle, dp, l2, full_batch)
+  without state, as (loss, grads), or (loss, grads, dp_overflow) with `dp`. `loss`: the
+  model.loss (losses.Loss; None: cross-entropy)."""
+  grad = client.make_site_gradient(model, batch_size, shuffle, dp, l2, full_batch, loss)
 
   def site_gradient(params, site_idx, site_count, rng, step, data: FederatedData):
     out = grad(params, {}, site_idx, site_count, rng, step, data)
@@ -149,7 +150,7 @@ def build_per_site(ctx, make_round, *, controls: bool, **kwargs):
   """The Algorithm of a per-site-model method from the config (shared by its build())."""
   cfg = ctx.config
   site_gradient = make_site_gradient(ctx.model, cfg.client.batch_size, cfg.client.shuffle,
-                                     cfg.model.l2, dp=ctx.example_dp)
+                                     cfg.model.l2, dp=ctx.example_dp, loss=ctx.loss)
   round_fn = make_round(site_gradient, schedules.from_config(cfg), lr=cfg.client.lr,
                         mesh=ctx.mesh, **kwargs)
   return Algorithm(

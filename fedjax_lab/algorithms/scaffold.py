@@ -141,7 +141,8 @@ def build(ctx):
   public c: post-processing, accounted like FedAvg's DP-SGD (local_steps steps a round)."""
   cfg = ctx.config
   site_gradient = common.make_site_gradient(ctx.model, cfg.client.batch_size,
-                                            cfg.client.shuffle, cfg.model.l2, dp=ctx.example_dp)
+                                            cfg.client.shuffle, cfg.model.l2, dp=ctx.example_dp,
+                                            loss=ctx.loss)
   round_fn = make_round(site_gradient, ctx.server_tx, cohort_size=cfg.cohort_size,
                         local_steps=cfg.client.local_steps, lr=cfg.client.lr,
                         weighting=cfg.server.weighting, mesh=ctx.mesh,

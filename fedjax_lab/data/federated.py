@@ -19,7 +19,7 @@ import numpy as np
 @flax.struct.dataclass
 class FederatedData:
   x: jax.Array       # [N, ...] float32, all training examples of all sites
-  y: jax.Array       # [N] int32
+  y: jax.Array       # [N] int32 labels, or float32 targets (regression)
   idx: jax.Array     # [sites, n_max] int32 rows into x; padded with 0
   count: jax.Array   # [sites] int32 real examples per site
   num_classes: int = flax.struct.field(pytree_node=False)
@@ -46,7 +46,8 @@ def from_partition(x: np.ndarray, y: np.ndarray, sites: Sequence[np.ndarray],
   idx = np.zeros((len(sites), max(int(counts.max()), 1)), np.int32)
   for s, rows in enumerate(sites):
     idx[s, :len(rows)] = rows
-  return FederatedData(x=jnp.asarray(x, jnp.float32), y=jnp.asarray(y, jnp.int32),
+  y_dtype = jnp.float32 if np.issubdtype(np.asarray(y).dtype, np.floating) else jnp.int32
+  return FederatedData(x=jnp.asarray(x, jnp.float32), y=jnp.asarray(y, y_dtype),
                        idx=jnp.asarray(idx), count=jnp.asarray(counts), num_classes=num_classes,
                        public_x=None if public_x is None else jnp.asarray(public_x, jnp.float32),
                        public_y=None if public_y is None else jnp.asarray(public_y, jnp.int32))

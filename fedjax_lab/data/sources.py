@@ -18,6 +18,9 @@
   are views of it), 4.0 GiB with `data.synthetic.dtype="float16"`.
 - `gse7390`: breast-cancer prognosis, distant metastasis within 5 years (198 tumours, 76
   genes + clinical; `fedjax_lab/data/gse7390.py`: the censoring rule and where the file comes from).
+- `synthetic_regression`: a REGRESSION task, a 1-D function (sine, squared sine) sampled on the
+  host (`fedjax_lab/data/synthetic_regression.py`); y is float32 and num_classes 1. Every
+  other source is a classification task (`task_of`).
 - `tfds:<name>`: a TFDS data set read through `tfds.data_source` (array_record), no TensorFlow.
   `data.path` is the TFDS data_dir. Images (uint8) are scaled to [0, 1].
 - `file`: a user file at `data.path`: `.npz` (arrays x, y; optional x_test, y_test; other
@@ -50,7 +53,9 @@ from fedjax_lab.errors import ConfigError
 
 log = logging.getLogger("fedjax_lab")
 
-NAMES = ("digits", "pbmc68k", "synthetic_expression", "gse7390", "tfds:<name>", "file")
+NAMES = ("digits", "pbmc68k", "synthetic_expression", "gse7390", "synthetic_regression",
+         "tfds:<name>", "file")
+REGRESSION_SOURCES = ("synthetic_regression",)
 FILE_EXTENSIONS = (".npz", ".csv", ".h5ad")
 SYNTHETIC_DTYPES = ("float32", "float16")
 
@@ -70,8 +75,8 @@ class Dataset:
 
   Attributes:
     x: [N, ...] features (float32; float16 only if `data.synthetic.dtype` asks for it).
-    y: [N] int32 labels in [0, num_classes).
-    num_classes: number of classes (some may be absent from a split).
+    y: [N] int32 labels in [0, num_classes); float32 targets for a regression source.
+    num_classes: number of classes (some may be absent from a split); 1 for regression.
     columns: per-example metadata, each [N] int (e.g. "batch", "donor"); may be empty.
     name: the data set, as in `data.name`.
     class_names: names of the classes, index = label; empty if unnamed.
@@ -125,7 +130,16 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.synthetic = ml_collections.ConfigDict(dict(
       num_cells=20000, num_genes=2000, num_cell_types=10, num_batches=10,
       batch_effect=0.5, signal=1.0, dispersion=0.2, seed=0, dtype="float32"))
+  # synthetic_regression (data/synthetic_regression.py): function sine | squared_sine; noise:
+  # std of the Gaussian noise on the training targets (test targets are the function).
+  c.regression = ml_collections.ConfigDict(dict(
+      function="sine", num_examples=2000, noise=0.0, seed=0))
   return c
+
+
+def task_of(name: str) -> str:
+  """'regression' for the sources in REGRESSION_SOURCES, else 'classification'."""
+  return "regression" if name in REGRESSION_SOURCES else "classification"
 
 
 def load_dataset(data_config) -> tuple[Dataset, Dataset]:
@@ -692,3 +706,5 @@ _SOURCES: dict[str, Callable[[Any], tuple[Dataset, Dataset]]] = {
 # GSE7390 breast-cancer prognosis (data/gse7390.py): registered here, loaded there.
 from fedjax_lab.data import gse7390 as _gse7390  # pylint: disable=g-import-not-at-top,wrong-import-position
 _SOURCES["gse7390"] = _gse7390.load
+from fedjax_lab.data import synthetic_regression as _synthetic_regression  # pylint: disable=g-import-not-at-top,wrong-import-position
+_SOURCES["synthetic_regression"] = _synthetic_regression.load

@@ -19,7 +19,7 @@ feature with std 0 is only centred (divided by 1). Modes:
   public    mean/std of the public set `optim.public_data` (public by the user's statement),
             applied to everything; needs optim.public_data. Sound at every dp.level.
   auto      (default) none for the bundled and TFDS sources (digits, pbmc68k,
-            synthetic_expression, tfds:*), whose features are already scaled, so their results
+            synthetic_expression, synthetic_regression, tfds:*), whose features are already scaled, so their results
             do not move; for user files (data.name=file): global without DP; under DP public
             if optim.public_data is set, else per_site (dp.level=site) or none
             (dp.level=example).
@@ -37,7 +37,7 @@ from fedjax_lab.errors import ConfigError
 
 KEY = "data.standardize"
 MODES = ("auto", "none", "global", "per_site", "public")
-_BUNDLED = ("digits", "pbmc68k", "synthetic_expression")
+_BUNDLED = ("digits", "pbmc68k", "synthetic_expression", "synthetic_regression")
 
 
 def resolve(config) -> tuple[str, str]:

@@ -9,7 +9,7 @@ from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import optax
 
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.models import cnn, linear, mlp, resnet
@@ -68,6 +68,10 @@ def make_model(model_config, num_classes: int, sample_x) -> Model:
 
 
 def cross_entropy(logits, labels):
-  """Per-example softmax cross-entropy, [B, C] x [B] -> [B]."""
-  logp = jax.nn.log_softmax(logits)
-  return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+  """Per-example softmax cross-entropy, [B, C] x [B] -> [B] (also [C] x [] -> []).
+
+  optax.losses.softmax_cross_entropy_with_integer_labels: logsumexp(logits) - logits[label],
+  the same function as -log_softmax(logits)[label] (and the same gradient, softmax - onehot)
+  up to float rounding (tests/test_library_reuse.py).
+  """
+  return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
