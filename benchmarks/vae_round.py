@@ -3,7 +3,7 @@ r"""One federated VAE round (digits, sync=decoder, no DP): vmapped over sites vs
   python benchmarks/vae_round.py [--sites 50] [--rounds 10] [--repeats 3]
 
 "vmapped": FederatedVAE.round under one jit (client_update jax.vmap'ped over the sites, then
-aggregate and server_update). "loop": the same client_update jitted for ONE site and called
+aggregate, the lab's aggregator chain, and server_update). "loop": the same client_update jitted for ONE site and called
 in a Python loop over the sites, messages stacked on the host side, then the same aggregate
 and server_update jitted. Both use the same keys, so they must end with the same decoder
 (checked). Times are medians over `repeats` of `rounds` rounds after a warm-up round.
@@ -36,20 +36,18 @@ def build(num_sites: int, model: str):
   return c, data, federated.FederatedVAE(vae, c, None)
 
 
-def make_loop(fed, data, seed):
-  from fedjax_lab.generative import federated
+def make_loop(fed, data, keys):
   client = jax.jit(fed.client_update)
 
   @jax.jit
-  def finish(state, messages, sites, joined_counts):
-    update = fed.aggregate(messages, joined_counts, jax.random.fold_in(
-        jax.random.fold_in(jax.random.key(seed), federated._AGGREGATE), state["round"]))
+  def finish(state, messages, sites):
+    joined = jnp.ones((data.num_sites,), bool)
+    update, _ = fed.aggregate(messages, joined, data.count, state["round"], keys["client"])
     return {"server": fed.server_update(state["server"], update), "sites": sites,
             "round": state["round"] + 1}
 
   def round_fn(state):
-    base = jax.random.fold_in(jax.random.key(seed), federated._CLIENT)
-    base = jax.random.fold_in(base, state["round"])
+    base = jax.random.fold_in(keys["client"], state["round"])
     messages, sites = [], []
     for s in range(data.num_sites):
       site = jax.tree.map(lambda x: x[s], state["sites"])
@@ -58,7 +56,7 @@ def make_loop(fed, data, seed):
       messages.append(m)
       sites.append(new_site)
     stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
-    return finish(state, stack(messages), stack(sites), data.count.astype(jnp.float32))
+    return finish(state, stack(messages), stack(sites))
 
   return round_fn
 
@@ -79,8 +77,10 @@ def main():
   parser.add_argument("--model", default="conv", choices=("conv", "mlp"))
   args = parser.parse_args()
   c, data, fed = build(args.sites, args.model)
-  vmapped_step = jax.jit(lambda s: fed.round(s, data, c.seed)[0])
-  loop_step = make_loop(fed, data, c.seed)
+  from fedjax_lab.generative import federated
+  keys = federated.round_keys(c.seed)
+  vmapped_step = jax.jit(lambda s: fed.round(s, data, keys)[0])
+  loop_step = make_loop(fed, data, keys)
   init = fed.init(c.seed, data.num_sites)
   # Warm-up (compiles) and the equality check after 2 rounds.
   a = vmapped_step(vmapped_step(init))

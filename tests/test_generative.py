@@ -1,5 +1,6 @@
 """DPD-fVAE (fedjax_lab/generative): losses against closed forms, synthetic sets, the round's
-seams under sync=decoder, what epsilon covers, and one end-to-end run on digits."""
+seams under sync=decoder (the lab's aggregator chain), what epsilon covers, and one
+end-to-end run on digits."""
 
 import json
 import math
@@ -134,17 +135,19 @@ def test_sync_decoder_encoders_stay_at_sites_and_never_enter_the_aggregate():
   vae, fed = make(c, data)
   state = fed.init(0, data.num_sites)
   enc0 = state["sites"]["encoder"]
-  outputs = jax.jit(lambda s, d: fed.round_outputs(s, d, 0))
+  keys = federated.round_keys(0)
+  outputs = jax.jit(fed.round_outputs)
   for _ in range(2):
-    state, metrics, messages, weights = outputs(state, data)
+    state, metrics, messages, joined = outputs(state, data, keys)
   dec_structure = jax.tree.structure(vae.init(jax.random.key(0))["decoder"])
   # What leaves a site, what the server aggregates and keeps: the decoder only.
   assert set(messages) == {"decoder"}
   assert jax.tree.structure(messages["decoder"]) == dec_structure
   assert set(state["server"]["params"]) == {"decoder"}
-  update = fed.aggregate(messages, weights, jax.random.key(1))
+  update, _ = fed.aggregate(messages, joined, data.count, 1, keys["client"])
   assert jax.tree.structure(update) == jax.tree.structure(messages)
-  expected = jax.tree.map(lambda m: jnp.tensordot(weights / weights.sum(), m, axes=1),
+  weights = np.asarray(data.count, np.float64)  # the mean weighted by site size
+  expected = jax.tree.map(lambda m: np.tensordot(weights / weights.sum(), m, axes=1),
                           messages)
   for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -160,7 +163,7 @@ def test_sync_all_shares_encoder_and_decoder():
   c, data = tiny_config("all", kind="mlp"), tiny_data()
   _, fed = make(c, data)
   state = fed.init(0, data.num_sites)
-  state, _, messages, _ = jax.jit(lambda s, d: fed.round_outputs(s, d, 0))(state, data)
+  state, _, messages, _ = jax.jit(fed.round_outputs)(state, data, federated.round_keys(0))
   assert set(messages) == {"encoder", "decoder"}
   assert "encoder" not in state["sites"]
 
@@ -191,10 +194,27 @@ def test_site_dp_clips_each_released_update():
   data = tiny_data()
   _, fed = make(c, data)
   messages = {"decoder": {"w": jnp.stack([jnp.full((3,), 10.0), jnp.full((3,), 0.01),
-                                          jnp.zeros(3), jnp.zeros(3)])}}
-  update = fed.aggregate(messages, jnp.array([1.0, 1.0, 1.0, 0.0]), jax.random.key(0))
+                                          jnp.zeros(3), jnp.full((3,), jnp.nan)])}}
+  joined = jnp.array([True, True, True, False])
+  update, metrics = fed.aggregate(messages, joined, data.count, 0, jax.random.key(0))
   clipped = 0.5 / math.sqrt(3) * 1 + 0.01  # per coordinate: site 0 clipped, site 1 not
   np.testing.assert_allclose(update["decoder"]["w"], np.full(3, clipped / 4), rtol=1e-5)
+  assert int(metrics["nonfinite_updates"]) == 0  # site 3 sat out: its NaN is never sent
+
+
+@pytest.mark.parametrize("joined", [[True, True, True, False], [False] * 4])
+def test_site_dp_noise_on_the_mean_is_sigma_clip_over_expected_sites(joined):
+  """dp.level=site through aggregators.site_dp: the released mean carries N(0, (sigma C /
+  (participation x sites))^2) per coordinate, whoever joined (an empty round too)."""
+  c = tiny_config("decoder", "site")
+  c.dp.noise_multiplier, c.dp.clip_norm = 2.0, 0.5
+  c.client.participation = 0.5
+  data = tiny_data()
+  _, fed = make(c, data)
+  messages = {"decoder": {"w": jnp.zeros((4, 20000))}}
+  update, _ = fed.aggregate(messages, jnp.array(joined), data.count, 3, jax.random.key(7))
+  std = float(np.std(np.asarray(update["decoder"]["w"])))
+  assert std == pytest.approx(2.0 * 0.5 / (0.5 * 4), rel=0.03)
 
 
 @pytest.mark.parametrize("encoder", ["private", "paper"])

@@ -6,15 +6,24 @@
       under "all". `site` is what stays at the site between rounds: its encoder and the
       encoder's optimizer state (sync="decoder" only) and `dp_steps`, the number of noisy
       DP-SGD steps it has taken. `message` is the site's update of `shared` (new - old): the
-      ONLY thing that leaves the site; under sync="decoder" it has no encoder leaves.
-  aggregate(messages, weights, rng) -> update
-      what the server makes of the stacked messages: their weighted mean (dp.level none or
-      example), or DP-FedAvg (dp.level site: each message clipped to dp.clip_norm, the sum
-      noised with std noise_multiplier * clip_norm, divided by the expected cohort size).
+      ONLY thing that leaves the site; under sync="decoder" it has no encoder leaves. The
+      lab's client seam (client.make_local_update) does not fit it: docs/design.md says why.
+  aggregate(messages, joined, counts, t, client_key) -> (update, metrics)
+      the lab's aggregator chain (fedjax_lab/aggregators.py) on the released messages:
+      `aggregators.weighted()` (the mean weighted by site size; dp.level none or example) or
+      `aggregators.site_dp(...)` (dp.level site, DP-FedAvg: each message clipped to
+      dp.clip_norm, coordinated Gaussian noise shares so the sum carries std
+      noise_multiplier * clip_norm, / the expected number of participants).
   server_update(server, update) -> server'
       the server optimizer (SGD with momentum, paper: lr 1, momentum 0.5) on -update.
 
-Every random draw is keyed by (seed, purpose, round, site), so a resumed run is identical.
+Keys: `round_keys(seed, secret)`, the scheme of fedjax_lab/experiment.py (Experiment.
+set_secret): one root per purpose, folded from jax.random.key(seed); under
+dp.randomness=secret the DP mechanism's purposes (local training: minibatches, Poisson
+samples, DP-SGD noise, the reparameterisation noise; participation; the site-level noise,
+which hangs off the client key as in aggregators.py) fold from the secret instead, and only
+the initialisation stays seeded. The round folds in the round index (from the state) and the
+site id, so a resumed run with the same keys is identical.
 Example-level DP-SGD is in `_dp_gradients` (dp.encoder decides what is clipped and noised;
 fedjax_lab/generative/privacy.py).
 """
@@ -23,15 +32,31 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from fedjax_lab import aggregators
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.privacy import clipping, sampling
 
 PyTree = Any
 SYNCS = ("decoder", "all")
-# Purposes of the keys derived from the seed.
+# Purposes of the keys derived from the seed (or the secret); fixed numbers, so adding one
+# never shifts the others. _AGGREGATE is reserved: the site noise hangs off the client key.
 _INIT, _CLIENT, _PARTICIPATION, _AGGREGATE = 0, 1, 2, 3
+# The purposes of the DP mechanism's draws: from the secret under dp.randomness=secret.
+_SECRET_PURPOSES = (("client", _CLIENT), ("participation", _PARTICIPATION))
+
+
+def round_keys(seed: int, secret: list[int] | None = None) -> dict:
+  """{"client", "participation"}: the round's roots, as experiment.Experiment.set_secret
+  derives the lab's: fold_in(root, purpose) with root = jax.random.key(seed), or with a
+  secret (experiment.draw_secret(), dp.randomness=secret) root = the secret's key. The
+  initialisation (FederatedVAE.init) always folds from the seed: it depends on no data."""
+  root = jax.random.key(seed)
+  if secret is not None:
+    root = jax.random.wrap_key_data(np.asarray(secret, np.uint32))
+  return {name: jax.random.fold_in(root, i) for name, i in _SECRET_PURPOSES}
 
 
 class RoundMetrics(NamedTuple):
@@ -40,6 +65,7 @@ class RoundMetrics(NamedTuple):
   kl: jax.Array
   participants: jax.Array  # sites that took part this round
   overflow: jax.Array      # Poisson-sampled examples dropped for want of slots (almost 0)
+  nonfinite_updates: jax.Array  # site DP: released updates that were not finite (sent as 0)
 
 
 def shared_keys(sync: str) -> tuple[str, ...]:
@@ -84,7 +110,8 @@ class FederatedVAE:
   # --------------------------------------------------------------------------- state
 
   def init(self, seed: int, num_sites: int) -> dict:
-    """{"server": {"params", "opt"}, "sites": {...stacked over sites}, "round": 0}."""
+    """{"server": {"params", "opt"}, "sites": {...stacked over sites}, "round": 0}; from the
+    seed under every dp.randomness (the initialisation depends on no data)."""
     base = jax.random.fold_in(jax.random.key(seed), _INIT)
     params = self.vae.init(jax.random.fold_in(base, num_sites + 1))
     shared = {k: params[k] for k in self.keys}
@@ -179,19 +206,38 @@ class FederatedVAE:
     metrics = jnp.concatenate([stats[:, :3].mean(0), stats[:, 3:].sum(0)])
     return message, new_site, metrics
 
-  def aggregate(self, messages, weights, rng):
-    """The update the server applies, from the stacked messages ([sites, ...] leaves)."""
-    if self.site_dp:
-      clip = self.plan.clip_norm
-      norms = jax.vmap(tree_norm)(messages)
-      factors = clipping.clip_factors(norms, clip, weights)  # weights: 0/1 participation
-      total = jax.tree.map(lambda m: jnp.tensordot(factors, m, axes=1), messages)
-      noisy = clipping.privatize(total, clip, self.plan.noise_multiplier, rng)
-      expected = self.participation * weights.shape[0]
-      return jax.tree.map(lambda x: x / expected, noisy)
+  def aggregator(self, num_sites: int) -> aggregators.Aggregator:
+    """The lab's chain on the released messages: weighted mean, or site-level DP-FedAvg."""
+    if not self.site_dp:
+      return aggregators.weighted()
+    # Coordinated shares: the sum carries exactly N(0, (sigma C)^2), the noise the
+    # accountant composes (and an empty round gets it from the server).
+    return aggregators.site_dp(self.plan.clip_norm, self.plan.noise_multiplier,
+                               coordinated=True,
+                               expected_cohort=self.participation * num_sites)
+
+  def aggregate(self, messages, joined, counts, t, client_key):
+    """(update the server applies, chain metrics) from the stacked messages ([sites, ...]
+    leaves) of the sites that `joined` ([sites] bool); `counts` [sites] weight the mean
+    without site DP; `t` the round; `client_key` the run's client root (round_keys)."""
+    num_sites = joined.shape[0]
+    chain = self.aggregator(num_sites)
+    present = joined.astype(jnp.float32)
+    num_in = jnp.sum(present)
+    weights = present * counts.astype(jnp.float32)
     total = jnp.sum(weights)
-    scale = jnp.where(total > 0, 1.0 / jnp.maximum(total, 1e-12), 0.0)
-    return jax.tree.map(lambda m: jnp.tensordot(weights * scale, m, axes=1), messages)
+    weights = weights * jnp.where(total > 0, 1.0 / jnp.maximum(total, 1e-12), 0.0)
+    sites = jnp.arange(num_sites, dtype=jnp.int32)
+    rnd = aggregators.RoundInfo(t=t, client_rng=client_key, cohort=sites, in_cohort=present,
+                                num_in=num_in)
+    shared = chain.broadcast(chain.init(), rnd, {})
+    # What each site does to its message before it leaves (clip, its noise share, / K).
+    sent, stats = jax.vmap(lambda m, s, w, p: chain.site(
+        m, aggregators.SiteInfo(site=s, weight=w, present=p), shared))(
+            messages, sites, weights, present)
+    total_update = jax.tree.map(lambda a: jnp.sum(a, axis=0), sent)
+    update, _, metrics = chain.server(total_update, chain.init(), rnd, shared, stats)
+    return update, metrics
 
   def server_update(self, server, update):
     neg = jax.tree.map(jnp.negative, update)  # the pseudo-gradient
@@ -200,21 +246,20 @@ class FederatedVAE:
 
   # --------------------------------------------------------------------------- the round
 
-  def round_outputs(self, state, data: FederatedData, seed: int):
-    """The round, returning also the stacked messages and their weights (for tests)."""
-    base = jax.random.key(seed)
+  def round_outputs(self, state, data: FederatedData, keys: dict):
+    """The round, returning also the stacked messages and who joined (for tests).
+    `keys`: round_keys(seed, secret)."""
     r = state["round"]
     num_sites = data.idx.shape[0]
     site_ids = jnp.arange(num_sites)
-    client_keys = jax.vmap(lambda s: jax.random.fold_in(
-        jax.random.fold_in(jax.random.fold_in(base, _CLIENT), r), s))(site_ids)
+    round_key = jax.random.fold_in(keys["client"], r)
+    client_keys = jax.vmap(lambda s: jax.random.fold_in(round_key, s))(site_ids)
     shared = state["server"]["params"]
     messages, sites, metrics = jax.vmap(
         self.client_update, in_axes=(None, 0, 0, 0, 0, None))(
             shared, state["sites"], data.idx, data.count, client_keys, data)
     if self.participation < 1.0:
-      coins = jax.random.uniform(jax.random.fold_in(
-          jax.random.fold_in(base, _PARTICIPATION), r), (num_sites,))
+      coins = jax.random.uniform(jax.random.fold_in(keys["participation"], r), (num_sites,))
       joined = coins < self.participation
     else:
       joined = jnp.ones((num_sites,), bool)
@@ -222,24 +267,20 @@ class FederatedVAE:
     sites = jax.tree.map(
         lambda new, old: jnp.where(joined.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
         sites, state["sites"])
-    if self.site_dp:
-      weights = joined.astype(jnp.float32)
-    else:
-      weights = joined.astype(jnp.float32) * data.count.astype(jnp.float32)
-    update = self.aggregate(messages, weights, jax.random.fold_in(
-        jax.random.fold_in(base, _AGGREGATE), r))
+    update, chain_metrics = self.aggregate(messages, joined, data.count, r, keys["client"])
     server = self.server_update(state["server"], update)
     w = joined.astype(jnp.float32)
     mean = lambda v: jnp.sum(w * v) / jnp.maximum(jnp.sum(w), 1.0)
     round_metrics = RoundMetrics(
         loss=mean(metrics[:, 0]), reconstruction=mean(metrics[:, 1]), kl=mean(metrics[:, 2]),
         participants=jnp.sum(joined).astype(jnp.int32),
-        overflow=jnp.sum(w * metrics[:, 3]).astype(jnp.int32))
+        overflow=jnp.sum(w * metrics[:, 3]).astype(jnp.int32),
+        nonfinite_updates=jnp.asarray(chain_metrics.get("nonfinite_updates", 0), jnp.int32))
     new_state = {"server": server, "sites": sites, "round": r + 1}
-    return new_state, round_metrics, messages, weights
+    return new_state, round_metrics, messages, joined
 
-  def round(self, state, data: FederatedData, seed: int):
-    new_state, metrics, _, _ = self.round_outputs(state, data, seed)
+  def round(self, state, data: FederatedData, keys: dict):
+    new_state, metrics, _, _ = self.round_outputs(state, data, keys)
     return new_state, metrics
 
   def decoder(self, state):

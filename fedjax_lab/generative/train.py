@@ -72,14 +72,15 @@ def run(config, workdir: str, verbose: bool = True) -> dict:
   if latest is not None:
     state, meta = ckpt.restore(latest, state)
     start = latest
-  step = jax.jit(lambda s, d: fed.round(s, d, config.seed))
+  keys = federated.round_keys(config.seed)
+  step = jax.jit(fed.round)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if start == 0 and os.path.exists(metrics_path):
     os.remove(metrics_path)
   seconds = float(meta["seconds"])
   for r in range(start, config.rounds):
     t0 = time.perf_counter()
-    state, m = step(state, data)
+    state, m = step(state, data, keys)
     m = jax.tree.map(float, m._asdict())
     seconds += time.perf_counter() - t0
     done = r + 1
