@@ -51,6 +51,7 @@ def get_config(arg: str = "decoder"):
       delta=1e-5,
       encoder="private",        # example level, sync=decoder: private (sound) | paper
       accountant="rdp",
+      randomness="auto",        # secret | seeded | auto: as the lab's dp.randomness (README)
   ))
   c.eval = ml_collections.ConfigDict(dict(
       every=20,                 # log loss/epsilon every this many rounds

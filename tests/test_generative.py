@@ -1,6 +1,6 @@
 """DPD-fVAE (fedjax_lab/generative): losses against closed forms, synthetic sets, the round's
-seams under sync=decoder (the lab's aggregator chain), what epsilon covers, and one
-end-to-end run on digits."""
+seams under sync=decoder (the lab's aggregator chain), what epsilon covers, secret randomness
+and resume, and one end-to-end run on digits."""
 
 import json
 import math
@@ -217,6 +217,46 @@ def test_site_dp_noise_on_the_mean_is_sigma_clip_over_expected_sites(joined):
   assert std == pytest.approx(2.0 * 0.5 / (0.5 * 4), rel=0.03)
 
 
+def test_secret_randomness_changes_the_noise_and_seeded_does_not():
+  """Two secrets (experiment.draw_secret, OS entropy) train different decoders from the same
+  config; the seed alone trains the same decoder twice. The initialisation is seeded."""
+  from fedjax_lab import experiment
+  c = tiny_config("decoder", "example", kind="mlp")
+  data = tiny_data()
+  _, fed = make(c, data)
+  state = fed.init(0, data.num_sites)
+  step = jax.jit(fed.round)
+  decoder = lambda keys: jax.tree.leaves(step(state, data, keys)[0]["server"]["params"])
+  one, two = experiment.draw_secret(), experiment.draw_secret()
+  assert one != two
+  a, b = decoder(federated.round_keys(0, one)), decoder(federated.round_keys(0, two))
+  assert any(not np.array_equal(x, y) for x, y in zip(a, b))
+  s1, s2 = decoder(federated.round_keys(0)), decoder(federated.round_keys(0))
+  for x, y in zip(s1, s2):
+    np.testing.assert_array_equal(x, y)
+  # The same secret gives the same draws (what a resume relies on).
+  for x, y in zip(a, decoder(federated.round_keys(0, list(one)))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_randomness_resolves_as_in_the_lab():
+  """dp.randomness=auto: seeded on the bundled public data, secret on the user's own, exactly
+  as the lab's privacy plan resolves it for the same data."""
+  from fedjax_lab import config as lab_config
+  from fedjax_lab.privacy.plan import privacy_plan
+  expected = {"digits": "seeded", "pbmc68k": "seeded", "file": "secret", "tfds:mnist": "secret"}
+  for name, want in expected.items():
+    c = tiny_config("decoder", "example")
+    c.data.name = name
+    lab = lab_config.default_config()
+    lab.data.name, lab.dp.level, lab.dp.noise_multiplier = name, "example", 1.0
+    counts = np.full(lab.data.num_sites, 50)
+    assert privacy.make_plan(c, np.full(4, 12)).randomness == want
+    assert privacy_plan(lab, counts).randomness == want
+    c.dp.randomness = "seeded"
+    assert privacy.make_plan(c, np.full(4, 12)).randomness == "seeded"
+
+
 @pytest.mark.parametrize("encoder", ["private", "paper"])
 def test_epsilon_covers_exactly_the_decoders_noisy_steps(tmp_path, encoder):
   from fedjax_lab.generative import train
@@ -237,22 +277,37 @@ def test_epsilon_covers_exactly_the_decoders_noisy_steps(tmp_path, encoder):
   assert site.steps == 3 and site.encoder == "none" and site.sound
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly_with_its_secret(tmp_path, monkeypatch):
+  """dp.randomness=secret: the secret is written in the checkpoint meta only, and a resume
+  continues with it (not with the fresh one it draws), ending bit-identical to an
+  uninterrupted run with that secret; site encoders are checkpointed too."""
+  from fedjax_lab import checkpoint, experiment
   from fedjax_lab.generative import train
-  c = tiny_config("decoder", kind="mlp")
-  c.checkpoint.every = 1
-  c.data.num_sites = 10
-  straight = train.run(c, str(tmp_path / "a"), verbose=False)
-  c2 = tiny_config("decoder", kind="mlp")
-  c2.checkpoint.every, c2.data.num_sites, c2.rounds = 1, 10, 2
-  train.run(c2, str(tmp_path / "b"), verbose=False)
-  c2.rounds = 3
-  train.run(c2, str(tmp_path / "b"), verbose=False)
-  from fedjax_lab import checkpoint
+  first, fresh = [11, 22], [33, 44]
+  draws = iter([first, first, fresh])  # run a; run b; b's resume
+  monkeypatch.setattr(experiment, "draw_secret", lambda: list(next(draws)))
+
+  def config(rounds):
+    c = tiny_config("decoder", "example", kind="mlp")
+    c.checkpoint.every, c.data.num_sites, c.rounds = 1, 10, rounds
+    c.dp.randomness = "secret"
+    return c
+
+  straight = train.run(config(2), str(tmp_path / "a"), verbose=False)
+  train.run(config(1), str(tmp_path / "b"), verbose=False)
+  resumed = train.run(config(2), str(tmp_path / "b"), verbose=False)
   a, b = checkpoint.read_state(str(tmp_path / "a")), checkpoint.read_state(str(tmp_path / "b"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   assert "encoder" in a["sites"]  # site encoders are checkpointed too
+  assert straight["privacy"]["randomness"] == resumed["privacy"]["randomness"] == "secret"
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "b"))
+  _, meta = ckpt.restore(2, checkpoint.read_state(str(tmp_path / "b")))
+  ckpt.close()
+  assert meta["dp_secret"] == first
+  for name in ("run.json", "summary.json", "metrics.jsonl"):
+    with open(tmp_path / "b" / name) as f:
+      assert "dp_secret" not in f.read()
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -22,6 +22,12 @@ Levels (`dp.level`):
 The accountant is fedjax_lab.privacy.accounting (add/remove-one, Poisson sampling). As in
 fedjax_lab/experiment.py, Poisson samples are truncated to fixed slots and the truncation is
 paid for in delta: the accountant composes at delta * (1 - 1e-3).
+
+Randomness (`dp.randomness`, as in the lab, privacy/guarantees.resolve_randomness): "secret"
+draws the mechanism's randomness (batches, participation, noise) from OS entropy kept only
+in the checkpoints; "seeded" from config.seed, which summary.json publishes, so the epsilon
+holds against no one who knows the seed; "auto" is secret for data.name=file and tfds:*,
+seeded for the bundled public data sets.
 """
 
 import dataclasses
@@ -29,11 +35,12 @@ import math
 
 import numpy as np
 
-from fedjax_lab.privacy import accounting, sampling
+from fedjax_lab.privacy import accounting, guarantees, sampling
 
 TRUNCATION_SHARE = 1e-3
 LEVELS = ("none", "example", "site")
 ENCODER_MODES = ("private", "paper")
+RANDOMNESS = ("secret", "seeded", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +57,7 @@ class Plan:
   slots: int               # Poisson batch slots (example level); 0 for site level
   encoder: str             # "private" | "paper" | "none" (site level: never noised)
   sound: bool              # whether epsilon is a proven (epsilon, delta) guarantee
+  randomness: str = "seeded"  # "secret" (OS entropy, in the checkpoint) or "seeded"
 
   def epsilon_after(self, steps: int) -> float:
     return accounting.epsilon(self.noise_multiplier, self.sampling_prob, int(steps),
@@ -67,9 +75,14 @@ class Plan:
     what = ("the whole VAE's per-example gradients clipped and noised at every step; only "
             "the decoder released" if self.level == "example" else
             "every site's released update clipped and noised; encoders never released")
+    if self.randomness == "secret":
+      noise = ("the noise and sampling come from OS entropy kept only in the run's "
+               "checkpoints (dp.randomness=secret), which the adversary cannot read")
+    else:
+      noise = ("the noise and sampling are derived from config.seed (dp.randomness=seeded), "
+               "which summary.json publishes: none against anyone who knows it")
     return (f"({epsilon:.3f}, {self.delta:g})-DP for {unit}, add/remove-one, against anyone "
-            f"who sees {released} after every round ({what}); the noise is derived from "
-            "config.seed: none against anyone who knows it")
+            f"who sees {released} after every round ({what}); {noise}")
 
 
 def make_plan(config, site_counts: np.ndarray) -> Plan | None:
@@ -80,6 +93,9 @@ def make_plan(config, site_counts: np.ndarray) -> Plan | None:
     return None
   if dp.encoder not in ENCODER_MODES:
     raise ValueError(f"dp.encoder: unknown {dp.encoder!r}; allowed: {', '.join(ENCODER_MODES)}")
+  if dp.get("randomness", "auto") not in RANDOMNESS:
+    raise ValueError(f"dp.randomness: unknown {dp.randomness!r}; allowed: "
+                     f"{', '.join(RANDOMNESS)}")
   if dp.level == "example":
     q = min(1.0, config.client.batch_size / int(site_counts.min()))
     steps_per_round = config.client.local_steps
@@ -106,4 +122,6 @@ def make_plan(config, site_counts: np.ndarray) -> Plan | None:
   return Plan(level=dp.level, noise_multiplier=sigma, clip_norm=float(dp.clip_norm),
               sampling_prob=q, steps=steps, steps_per_round=steps_per_round, delta=dp.delta,
               accountant_delta=accountant_delta, accountant=dp.accountant, slots=slots,
-              encoder=encoder, sound=encoder != "paper")
+              encoder=encoder, sound=encoder != "paper",
+              randomness=guarantees.resolve_randomness(dp.get("randomness", "auto"),
+                                                       config.data.name))

@@ -8,6 +8,12 @@ fedjax_lab.checkpoint.Checkpointer): the server's decoder (and encoder under syn
 optimizer state AND every site's encoder and encoder optimizer state, which stay at the site
 in a real deployment and are checkpointed here so that a run resumes exactly. Running the
 same command again resumes from the last checkpoint.
+
+Randomness as in the lab (fedjax_lab/run_loop.py): under dp.randomness=secret (resolved by
+privacy.make_plan; `auto` is secret for the user's own data) the DP mechanism's randomness
+comes from experiment.draw_secret(), OS entropy written ONLY in the checkpoint meta
+("dp_secret") and restored on resume, so a resumed run continues with the same noise; a
+checkpoint of the other mode is refused. The initialisation stays seeded.
 """
 
 import json
@@ -49,7 +55,8 @@ def run(config, workdir: str, verbose: bool = True) -> dict:
   """Trains (or resumes) in workdir; returns the summary dict (also in summary.json)."""
   import jax
   import numpy as np
-  from fedjax_lab import checkpoint, runs
+  from fedjax_lab import checkpoint, experiment, runs
+  from fedjax_lab.errors import ConfigError
   from fedjax_lab.generative import evaluate, federated, models, privacy
 
   os.makedirs(workdir, exist_ok=True)
@@ -66,13 +73,24 @@ def run(config, workdir: str, verbose: bool = True) -> dict:
                "num_classes": int(train.num_classes), "input_shape": list(train.x.shape[1:]),
                "class_names": list(train.class_names), "data": config.data.name}, f, indent=1)
 
+  # Under dp.randomness=secret a fresh secret per run; a resume keeps the checkpoint's.
+  secret = experiment.draw_secret() if plan is not None and plan.randomness == "secret" \
+      else None
   ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep)
   start, meta = 0, {"seconds": 0.0}
+  if secret is not None:  # the checkpoint is the one place the secret is written
+    meta["dp_secret"] = secret
   latest = ckpt.latest_round()
   if latest is not None:
     state, meta = ckpt.restore(latest, state)
     start = latest
-  keys = federated.round_keys(config.seed)
+    if (secret is None) != (meta.get("dp_secret") is None):
+      ckpt.close()
+      raise ConfigError("dp.randomness", f"the checkpoint in {workdir} was trained with "
+                        f"{'seeded' if secret is not None else 'secret'} DP randomness; "
+                        "use the same dp.randomness or a new workdir")
+    secret = meta.get("dp_secret")
+  keys = federated.round_keys(config.seed, secret)
   step = jax.jit(fed.round)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if start == 0 and os.path.exists(metrics_path):
@@ -94,7 +112,8 @@ def run(config, workdir: str, verbose: bool = True) -> dict:
               f"kl {m['kl']:.3f}" + (f" epsilon {eps:.3f}" if eps is not None else ""),
               file=sys.stderr)
     if done % config.checkpoint.every == 0 or done == config.rounds:
-      ckpt.save(done, state, {"seconds": seconds})
+      ckpt.save(done, state, {"seconds": seconds,
+                              **({"dp_secret": secret} if secret is not None else {})})
   ckpt.close()
 
   summary = {"rounds_completed": config.rounds, "total_seconds": seconds,
@@ -114,7 +133,8 @@ def run(config, workdir: str, verbose: bool = True) -> dict:
         "steps": plan.steps, "site_dp_steps_max": int(dp_steps.max()),
         "accountant": plan.accountant, "accountant_delta": plan.accountant_delta,
         "delta": plan.delta, "slots": plan.slots, "encoder": plan.encoder,
-        "sound": plan.sound, "guarantee": plan.guarantee(eps)}
+        "sound": plan.sound, "randomness": plan.randomness,
+        "guarantee": plan.guarantee(eps)}
   if config.eval.at_end:
     summary["eval"] = evaluate.evaluate(vae, fed.decoder(state), train, test, config.eval,
                                         config.seed)
@@ -138,7 +158,8 @@ def main(argv):
     cli.fail(str(e))
   line = f"rounds={summary['rounds_completed']} sync={summary['sync']}"
   if summary["epsilon"] is not None:
-    line += f" epsilon={summary['epsilon']:.3f} delta={summary['privacy']['delta']:g}"
+    line += (f" epsilon={summary['epsilon']:.3f} delta={summary['privacy']['delta']:g}"
+             f" randomness={summary['privacy']['randomness']}")
     if not summary["privacy"]["sound"]:
       line += " (NOT a proven bound: dp.encoder=paper)"
   else:
