@@ -47,17 +47,23 @@ def fields(result, task: str) -> dict:
   return dict.fromkeys(cls(*[None] * len(cls._fields)).fields())
 
 
-def make_class_evaluator(model: Model, x: np.ndarray, y: np.ndarray, num_classes: int,
-                         batch_size: int):
-  """Returns jitted fn(params, model_state) -> (correct [C], loss_sum) over the test set."""
+def _test_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
+  """The test set as (x, y, valid) chunks [batches, batch_size, ...], zero-padded to a whole
+  number of batches (`valid` marks the real examples), for a lax.map over batches."""
   n = len(y)
   batch_size = min(batch_size, n)
   pad = (-n) % batch_size
   xs = jnp.asarray(np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]))
   ys = jnp.asarray(np.concatenate([y, np.zeros(pad, y.dtype)]))
   valid = jnp.arange(n + pad) < n
-  chunks = (xs.reshape(-1, batch_size, *x.shape[1:]), ys.reshape(-1, batch_size),
-            valid.reshape(-1, batch_size))
+  return (xs.reshape(-1, batch_size, *x.shape[1:]), ys.reshape(-1, batch_size),
+          valid.reshape(-1, batch_size))
+
+
+def make_class_evaluator(model: Model, x: np.ndarray, y: np.ndarray, num_classes: int,
+                         batch_size: int):
+  """Returns jitted fn(params, model_state) -> (correct [C], loss_sum) over the test set."""
+  chunks = _test_batches(x, y, batch_size)
 
   def evaluate(params, model_state):
     def one(chunk):
@@ -91,14 +97,7 @@ def summarize(correct, loss_sum, y_test, site_hist) -> EvalResult:
 
 def make_regression_evaluator(model: Model, x: np.ndarray, y: np.ndarray, batch_size: int):
   """Returns jitted fn(params, model_state) -> sum of squared errors over the test set."""
-  n = len(y)
-  batch_size = min(batch_size, n)
-  pad = (-n) % batch_size
-  xs = jnp.asarray(np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]))
-  ys = jnp.asarray(np.concatenate([y, np.zeros(pad, y.dtype)]), jnp.float32)
-  valid = jnp.arange(n + pad) < n
-  chunks = (xs.reshape(-1, batch_size, *x.shape[1:]), ys.reshape(-1, batch_size),
-            valid.reshape(-1, batch_size))
+  chunks = _test_batches(x, np.asarray(y, np.float32), batch_size)
 
   def evaluate(params, model_state):
     def one(chunk):
