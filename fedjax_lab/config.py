@@ -45,7 +45,13 @@ def default_config() -> ml_collections.ConfigDict:
   # (algorithms/topology.py), with Metropolis-Hastings weights.
   c.algorithm = ml_collections.ConfigDict(dict(
       name="fedavg", batch_stats="average", comm_schedule="bernoulli", comm_prob=1.0,
-      comm_every=1, topology="ring", erdos_renyi_p=0.3))
+      comm_every=1, topology="ring", erdos_renyi_p=0.3,
+      # Parameters that stay at their site (personalisation): every parameter whose path
+      # ('Dense_1/kernel', 'BatchNorm_0/scale') contains one of these strings. Each site
+      # trains with its own copies, which never leave it; ("BatchNorm",) with
+      # batch_stats="local" is FedBN as Li et al. 2021 define it; ("Dense_1",) on the mlp
+      # keeps the output layer local (FedPer, Arivazhagan et al. 2019).
+      local_params=()))
   # dp.level: "example" = DP-SGD at every site (unit: one example), "site" = DP-FedAvg (unit:
   # one site). noise_multiplier 0 with target_epsilon set: calibrate sigma for the planned
   # rounds; both set: target_epsilon is a budget and training stops before exceeding it.
@@ -264,6 +270,27 @@ def _validate_secagg(config):
   check_secagg(config, secagg_max_cohort(config))
 
 
+def _validate_local_params(config):
+  from fedjax_lab import algorithms
+  local = config.algorithm.local_params
+  if not local:
+    return
+  if not all(isinstance(p, str) and p for p in local):
+    raise ConfigError("algorithm.local_params", f"must be non-empty strings (parts of parameter "
+                      f"paths such as 'Dense_1'), got {tuple(local)}")
+  name = config.algorithm.name
+  if not getattr(algorithms.module(name), "LOCAL_PARAMS", False):
+    raise ConfigError("algorithm.local_params", f"algorithm '{name}' keeps no per-site "
+                      "parameters; allowed with: fedavg, fedprox")
+  if config.dp.level != "none":
+    raise ConfigError("algorithm.local_params", "per-site parameters are trained without "
+                      "clipping or noise at site level, and the lab reports each site's model's "
+                      "accuracy, which no epsilon covers; use dp.level=none")
+  if config.attack.record_sites:
+    raise ConfigError("attack.record_sites", "recording replays the global model at a site; "
+                      "with algorithm.local_params the site trains its own copy")
+
+
 def _validate_algorithm(config):
   """The algorithm's own keys and constraints: its module's validate (algorithms/*.py)."""
   from fedjax_lab import algorithms
@@ -273,6 +300,7 @@ def _validate_algorithm(config):
     raise ConfigError("client.local_epochs", f"must be >= 0 (0: client.local_steps at every "
                       f"site), got {config.client.local_epochs}")
   algorithms.validate(config)
+  _validate_local_params(config)
 
 
 def check_sites(config):

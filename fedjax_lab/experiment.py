@@ -73,6 +73,15 @@ def centralized_config(config):
   return c
 
 
+def _flat_params(params) -> dict:
+  return {fedavg.param_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def state_local(state) -> dict:
+  """The parameters the sites keep ({path: [sites, ...]}), or {} (algorithms without them)."""
+  return getattr(state, "site_params", None) or {}
+
+
 def draw_secret() -> list[int]:
   """64 bits of OS entropy (threefry key data), the same on every process of a run."""
   words = np.frombuffer(os.urandom(8), np.uint32).copy()
@@ -166,9 +175,18 @@ class Experiment:
     # Gathered whole: the host reads every site's counts (on every process of a multi-host run).
     self.evaluate_sites = jax.jit(jax.vmap(class_eval, in_axes=(None, 0)),
                                   out_shardings=sharding.replicated(self.mesh))
+    # Each site's own model: the global parameters with its kept ones (algorithm.local_params).
+    self.evaluate_personal = jax.jit(
+        jax.vmap(lambda p, local, ms: class_eval(fedavg.merge_local(p, local), ms),
+                 in_axes=(None, 0, 0 if self.fedbn else None)),
+        out_shardings=sharding.replicated(self.mesh))
     state = self.init_state()
-    # One message: the model, plus the BatchNorm statistics when they are averaged.
-    self.message_bytes = tree_bytes((state.params, {} if self.fedbn else state.model_state))
+    self._check_local_params(state.params)
+    # One message: the model (without the parameters sites keep), plus the BatchNorm
+    # statistics when they are averaged.
+    self.message_bytes = tree_bytes(({k: v for k, v in _flat_params(state.params).items()
+                                      if k not in state_local(state)},
+                                     {} if self.fedbn else state.model_state))
 
   def _example_dp(self):
     if self.privacy is None or self.config.dp.level != "example":
@@ -300,8 +318,23 @@ class Experiment:
     params, model_state = self.model.init(self.keys["init"], self.train.x[:2])
     return place_state(self.algorithm.init(params, model_state), self.mesh)
 
+  def _check_local_params(self, params) -> None:
+    patterns = tuple(self.config.algorithm.local_params)
+    paths = list(_flat_params(params))
+    for pattern in patterns:
+      if not any(pattern in p for p in paths):
+        raise ConfigError("algorithm.local_params", f"'{pattern}' matches no parameter of "
+                          f"model.name={self.config.model.name}; its parameters: "
+                          f"{', '.join(paths)}")
+    if patterns and len(fedavg.local_param_paths(params, patterns)) == len(paths):
+      raise ConfigError("algorithm.local_params", f"{patterns} keeps every parameter at the "
+                        "sites: nothing would be federated")
+
   def evaluate(self, state) -> evaluation.EvalResult | evaluation.RegressionResult:
-    if self.fedbn and state.model_state:
+    if state_local(state):
+      out = self.evaluate_personal(state.params, state.site_params,
+                                   state.site_model_state if self.fedbn else state.model_state)
+    elif self.fedbn and state.model_state:
       out = self.evaluate_sites(state.params, state.site_model_state)
     else:
       out = self.evaluate_global(state.params, state.model_state)

@@ -50,6 +50,8 @@ class ServerState(NamedTuple):
   # The aggregator chain's state (aggregators.chain): adaptive clipping's C_t, the next
   # round's clip norm (float32), the one stateful aggregator today; else {}.
   clip_norm: Any
+  # The parameters each site keeps (algorithm.local_params): {path: [sites, ...]}; else {}.
+  site_params: Any = {}
 
 
 class SiteDP(NamedTuple):
@@ -95,20 +97,43 @@ def sample_cohort(rng, num_sites: int, cohort_size: int) -> jax.Array:
   return jax.random.choice(rng, num_sites, (cohort_size,), replace=False).astype(jnp.int32)
 
 
+def param_path(path) -> str:
+  """A parameter's name as algorithm.local_params matches it: 'Dense_1/kernel'."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def local_param_paths(params, patterns) -> tuple[str, ...]:
+  """The paths of the parameters that stay at their site: those containing any pattern."""
+  paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  return tuple(p for p in paths if any(pat in p for pat in patterns))
+
+
+def merge_local(params, local: dict):
+  """The global parameters with the leaves named in `local` replaced by its values."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: local.get(param_path(path), leaf), params)
+
+
 def init_server_state(params, model_state, server_tx, num_sites: int, fedbn: bool,
                       clip_norm: float | None = None,
-                      aggregator: aggregators.Aggregator | None = None) -> ServerState:
+                      aggregator: aggregators.Aggregator | None = None,
+                      local_params: tuple[str, ...] = ()) -> ServerState:
   """`clip_norm`: C_0 under adaptive clipping (kept in the state, so it is checkpointed);
-  or `aggregator`, whose init() is the state kept there."""
+  or `aggregator`, whose init() is the state kept there. `local_params`: patterns of the
+  parameters each site keeps (every site starts from the initial values)."""
   site_state = {}
   if fedbn and model_state:
     site_state = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_sites, *a.shape)), model_state)
   agg_state = {} if clip_norm is None else jnp.asarray(clip_norm, jnp.float32)
   if aggregator is not None:
     agg_state = aggregator.init()
+  site_params = {
+      param_path(path): jnp.broadcast_to(leaf, (num_sites, *leaf.shape))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+      if param_path(path) in local_param_paths(params, local_params)}
   return ServerState(params=params, model_state=model_state, opt_state=server_tx.init(params),
                      site_model_state=site_state, round=jnp.zeros((), jnp.int32),
-                     clip_norm=agg_state)
+                     clip_norm=agg_state, site_params=site_params)
 
 
 def server_step(server_tx: optax.GradientTransformationExtraArgs, mean_delta, opt_state,
@@ -154,8 +179,14 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
   roots: the round index and site id are folded in here, so a site's randomness never
   depends on the cohort order or the device it ran on. `server_objective`: see server_step.
   `sites_per_chunk`: see sharding.map_sum_sites. `aggregator`: the chain between the sites
-  and the server (default `make_aggregator(site_dp, cohort_size)`). With `fedbn`, each site
-  keeps its model state (BatchNorm statistics) in `site_model_state`.
+  and the server (default `make_aggregator(site_dp, cohort_size)`).
+
+  What a site keeps between rounds, one mechanism: the parameters in `state.site_params`
+  (algorithm.local_params: each site trains the global model with its own copies of those
+  leaves, keeps their new values and sends a zero update for them, so neither the sum nor
+  DP nor secure aggregation ever carries them) and, with `fedbn`, its model state
+  (BatchNorm statistics) in `site_model_state`; both gathered for the cohort before the
+  local steps and written back after them (gather_sites / scatter_sites).
 
   `secure_sum` (a secagg.round.SecureSum): the sites' transformed updates are summed by the
   secure-aggregation protocol on the host instead of on the device. The round is then two
@@ -199,22 +230,29 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
       site_ms, ms_axis = gather_sites(state.site_model_state, cohort), 0
     else:
       site_ms, ms_axis = state.model_state, None
+    site_local = gather_sites(state.site_params, cohort)  # {} without local parameters
 
     rnd = aggregators.RoundInfo(t=t, client_rng=client_rng, cohort=cohort,
                                 in_cohort=in_cohort, num_in=num_in)
     shared = aggregator.broadcast(state.clip_norm, rnd, {})
 
-    def site_fn(params, ms, idx, count, rng, weight, in_k, site, data):
+    def site_fn(params, local, ms, idx, count, rng, weight, in_k, site, data):
       """One site: its update through the chain's site transforms, and its terms of the
       round's sums (sharding.map_sum_sites)."""
-      out = client_update(params, ms, idx, count, rng, data)
+      out = client_update(merge_local(params, local), ms, idx, count, rng, data)
+      delta = out.delta
+      if local:  # kept: the local leaves' new values; sent: zeros in their place
+        flat = {param_path(p): d for p, d in jax.tree_util.tree_flatten_with_path(delta)[0]}
+        local = {k: v + flat[k] for k, v in local.items()}
+        delta = merge_local(delta, {k: jnp.zeros_like(v) for k, v in local.items()})
       info = aggregators.SiteInfo(site=site, weight=weight, present=in_k,
                                   steps=out.num_steps)
-      update, stats = aggregator.site(out.delta, info, shared)
+      update, stats = aggregator.site(delta, info, shared)
       scale = lambda tree, c: jax.tree.map(lambda a: c * a, tree)
       sent = {"delta": update, "model_state": scale(out.model_state, weight)}
       to_sum = {"loss": weight * out.train_loss, "overflow": out.dp_overflow}
-      per_site = {"model_state": out.model_state if fedbn else {}, "stats": stats}
+      per_site = {"model_state": out.model_state if fedbn else {}, "stats": stats,
+                  "local": local}
       if as_rows:  # what the site sends, flat: the secure sum adds these on the host
         per_site["row"] = jax.flatten_util.ravel_pytree(sent)[0].astype(jnp.float32)
       else:
@@ -222,9 +260,9 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
       return to_sum, per_site
 
     sums, per_site = sharding.map_sum_sites(
-        site_fn, (None, ms_axis, 0, 0, 0, 0, 0, 0, None), split, sites_per_chunk)(
-            state.params, site_ms, site_idx, site_count, site_rngs, weights, in_cohort,
-            cohort, data)
+        site_fn, (None, 0, ms_axis, 0, 0, 0, 0, 0, 0, None), split, sites_per_chunk)(
+            state.params, site_local, site_ms, site_idx, site_count, site_rngs, weights,
+            in_cohort, cohort, data)
     return dict(sums=sums, per_site=per_site, rnd=rnd, shared=shared, weights=weights,
                 cohort_overflow=cohort_overflow, round_rng=round_rng)
 
@@ -245,7 +283,9 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
 
     new_state = ServerState(params=params, model_state=model_state, opt_state=opt_state,
                             site_model_state=site_model_state, round=rnd.t + 1,
-                            clip_norm=agg_state)
+                            clip_norm=agg_state,
+                            site_params=scatter_sites(state.site_params, rnd.cohort,
+                                                      per_site["local"]))
     metrics = round_metrics(sums["loss"], 2 * rnd.num_in,
                             dp_overflow=ctx["cohort_overflow"] + sums["overflow"],
                             secagg=secagg_metrics, **agg_metrics)
@@ -304,8 +344,10 @@ def secure_round(sites: Callable, finish: Callable, secure_sum: Callable,
   return round_fn
 
 
-# The round sends one summed update, so secure aggregation can carry it (config.py).
+# The round sends one summed update, so secure aggregation can carry it (config.py); and it
+# keeps algorithm.local_params at the sites (make_round).
 SECURE_AGGREGATION = True
+LOCAL_PARAMS = True
 
 
 def validate(config) -> None:
@@ -329,5 +371,6 @@ def build(ctx):
                         sites_per_chunk=ctx.sites_per_chunk, aggregator=aggregator,
                         secure_sum=ctx.secure_sum)
   init = lambda params, model_state: init_server_state(
-      params, model_state, ctx.server_tx, ctx.num_sites, fedbn, aggregator=aggregator)
+      params, model_state, ctx.server_tx, ctx.num_sites, fedbn, aggregator=aggregator,
+      local_params=tuple(cfg.algorithm.local_params))
   return algorithms.Algorithm(init=init, round=round_fn)
