@@ -17,7 +17,8 @@
   Peak RSS 7.7 GiB with float32 (the 7.45 GiB [N, G] output, filled in place; train and test
   are views of it), 4.0 GiB with `data.synthetic.dtype="float16"`.
 - `gse7390`: breast-cancer prognosis, distant metastasis within 5 years (198 tumours, 76
-  genes + clinical; `fedjax_lab/data/gse7390.py`: the censoring rule and where the file comes from).
+  genes + clinical; `fedjax_lab/data/gse7390.py`: the censoring rule and where the file comes
+  from: data.path = .arff/.csv/GEO series matrix, data.download=True, or scikit-survival's copy).
 - `synthetic_regression`: a REGRESSION task, a 1-D function (sine, squared sine) sampled on the
   host (`fedjax_lab/data/synthetic_regression.py`); y is float32 and num_classes 1. Every
   other source is a classification task (`task_of`).
@@ -114,7 +115,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.label_column = ""           # csv/h5ad label; "" = "bulk_labels" (pbmc68k) or "label"
   c.feature_key = "image"       # tfds feature holding x
   c.label_key = "label"         # tfds feature holding y
-  c.download = False            # tfds:*: download and prepare if absent (needs internet)
+  c.download = False            # tfds:*: download and prepare if absent (needs internet);
+                                # gse7390: fetch GEO's series matrix once (cached, gse7390.py)
   c.test_fraction = 0.2         # sources without a test split: stratified split
   c.split_seed = 0
   c.num_sites = 100
