@@ -1,5 +1,6 @@
 """SecAgg (Bonawitz et al. 2017) with the SecAgg+ neighbour graph (Bell et al. 2020), simulated
-for one cohort: real cryptography on the host, masking on the device.
+for one cohort: real cryptography on the host, quantization on the device, the masks' ChaCha20
+keystreams on the host (OpenSSL) on a CPU backend or on the device on a GPU/TPU (prg="auto").
 
 Rounds (U_1 ⊇ U_2 ⊇ U_3 ⊇ U_4: the sites still in after each one):
   0 AdvertiseKeys  every site sends two X25519 public keys (c: share encryption, s: masks).
@@ -10,7 +11,8 @@ Rounds (U_1 ⊇ U_2 ⊇ U_3 ⊇ U_4: the sites still in after each one):
                    (ChaCha20-Poly1305 under an X25519+HKDF key) through the server. U_2: the
                    senders.
   2 MaskedInput    u ∈ U_2 uploads y_u = q_u + PRG(b_u) + sum_{v ∈ N(u) ∩ U_2} ±PRG(s_uv)
-                   mod 2^b (masking.mask_update, all sites in one jit). U_3: the uploaders.
+                   mod 2^b (masking.mask_update, all sites in one jit; or, prg "host", the
+                   keystreams from OpenSSL site by site). U_3: the uploaders.
   3 Unmasking      the server sends U_3 to the sites still in; each responder v sends, for
                    every u ∈ (N(v) ∪ {v}) ∩ U_2, its share of b_u if u ∈ U_3, else its share
                    of s_u^SK (never both: an honest site refuses a U_3 outside U_2 or smaller
@@ -269,7 +271,11 @@ class SecAggResult(NamedTuple):
   bytes_per_site: dict       # sent/received by one site that takes part in every round
   timings: dict              # seconds: host_sites (all K sites' crypto, simulated in turn),
                              #   host_server, host_crypto (their sum), device_mask (every
-                             #   site's quantize + mask, one jit), device_unmask, total
+                             #   site's quantize + mask: one jit, or with prg "host" the
+                             #   wait for the quantization dispatched at the start and the
+                             #   OpenSSL keystreams), device_unmask (mask removal + decoding),
+                             #   total (the whole call; a warm round: compiles excluded only
+                             #   by calling once first, as the benchmarks do)
   levels: int                # grid steps per site; step = 2 clip_range / levels
   masked: jax.Array | None = None  # [n, d] uint32: the rows the server received (U_3 order),
                                    #   only with secure_sum(..., keep_masked=True)
