@@ -4,8 +4,10 @@ Vectors the size of the digits MLP (64-128-10: 9,610 parameters) at K = 10 and K
 (complete graph, Bonawitz et al.; and SecAgg+ with k = 14 neighbours at K = 100), and ~1M
 parameters at K = 10. Each secure round is split into host crypto (all K sites' key
 agreements, Shamir sharing, share encryption, simulated one after the other, and the
-server's reconstruction) and device work (every site's quantize + ChaCha20 masks in one jit;
-the server's mask removal). Bytes sent per site, and its expansion over sending float32.
+server's reconstruction) and mask work ("dev mask": every site's quantize + ChaCha20 masks;
+"dev unmask": the server's mask removal; with the default prg="auto" the keystreams come from
+OpenSSL on the host on a CPU backend, from the jax.numpy ChaCha20 in one jit on a GPU/TPU;
+--prg device|host forces one). Bytes sent per site, and its expansion over sending float32.
 
 If `flwr` is importable, Flower's SecAgg+ primitives (SECP384R1 ECDH + HKDF, Fernet,
 pycryptodome Shamir, numpy RandomState masks) are timed for the same per-site work at the same
@@ -14,7 +16,7 @@ K and k, as a reference (an assembly of its primitives, not its workflow).
 Last line: `RATIO secagg/plain_S100=<x> device_mask/plain_S100=<y> expansion=<z>` at K = 100,
 complete graph, d = 9,610, bits = 32 (expansion: bytes a site sends / 4 d).
 
-  python benchmarks/secagg_overhead.py [--repeats 3] [--quick]
+  python benchmarks/secagg_overhead.py [--repeats 3] [--quick] [--prg auto|device|host]
 """
 
 import argparse
@@ -91,19 +93,22 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--quick", action="store_true", help="small sizes, for the tests")
+  parser.add_argument("--prg", default="auto", choices=("auto", "device", "host"),
+                      help="where the masks' ChaCha20 keystreams are expanded")
   args = parser.parse_args()
   settings = [("digits MLP", 10, None, MLP), ("digits MLP", 100, None, MLP),
               ("digits MLP, SecAgg+", 100, 14, MLP), ("~1M params", 10, None, 1 << 20)]
   if args.quick:
     settings = [("quick", 10, None, 500), ("quick", 100, None, 500)]
-  print(f"backend {jax.default_backend()}, {os.cpu_count()} CPUs; bits=32; "
+  print(f"backend {jax.default_backend()}, {os.cpu_count()} CPUs; bits=32; prg={args.prg} "
+        f"({secagg.config.resolve_prg(args.prg)}); "
         f"{args.repeats} repeats, medians")
   print(f"{'setting':22s} {'K':>4s} {'k':>3s} {'d':>8s} {'plain ms':>9s} {'secagg ms':>10s} "
         f"{'host sites':>10s} {'host srv':>9s} {'dev mask':>9s} {'dev unmask':>10s} "
         f"{'per-site ms':>11s} {'B sent/site':>11s} {'expansion':>9s}")
   rows = {}
   for name, K, k, d in settings:
-    cfg = secagg.SecAggConfig(neighbours=k, bits=32, clip_range=1.0)
+    cfg = secagg.SecAggConfig(neighbours=k, bits=32, clip_range=1.0, prg=args.prg)
     updates = jax.random.normal(jax.random.key(K), (K, d)) * 0.1
     plain = time_plain(updates, args.repeats)
     t, r = time_secagg(updates, cfg, args.repeats)

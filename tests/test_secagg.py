@@ -106,6 +106,40 @@ def test_device_and_host_masking_agree_bit_for_bit():
   np.testing.assert_array_equal(np.asarray(c1), c2)
 
 
+def test_host_masks_in_chunks_are_the_per_stream_sums(monkeypatch):
+  # a buffer of 3 rows (and then 1): the +1 and -1 keys reduced a few at a time, 0 skipped
+  n, keys = 1000, [os.urandom(32) for _ in range(23)]
+  signs = np.random.default_rng(1).integers(-1, 2, size=len(keys)).tolist()
+  expected = np.zeros(n, np.uint32)
+  for key, sign in zip(keys, signs):
+    if sign:
+      expected += np.uint32(sign % (1 << 32)) * prg.chacha20_words_host(key, n)
+  for budget in (3 * 4 * n, 1):
+    monkeypatch.setattr(prg, "_BUFFER_BYTES", budget)
+    np.testing.assert_array_equal(prg.signed_keystream_sum(keys, signs, n), expected)
+    rows = prg.expand_masks_host([keys, keys[:5], []], [signs, signs[:5], []], n)
+    np.testing.assert_array_equal(rows[0], expected)
+    np.testing.assert_array_equal(rows[2], 0)
+
+
+def test_prg_auto_is_host_on_cpu_and_all_paths_give_the_same_round():
+  backend = jax.default_backend()
+  assert secagg.config.resolve_prg("auto") == ("host" if backend == "cpu" else "device")
+  assert secagg.SecAggConfig().prg == "auto"
+  x, key = _updates(4), jax.random.key(4)
+  dropouts = np.array([0, 2, 0, 3, 0, 0, 2, 0, 0, 0])  # pairwise and self masks removed
+  sums = {}
+  for path in ("auto", "device", "host"):
+    cfg = secagg.SecAggConfig(threshold=6, bits=24, clip_range=2.0, prg=path)
+    r = secagg.secure_sum(x, key, cfg, dropouts=dropouts, keep_masked=True)
+    assert not r.aborted, r.abort_reason
+    assert isinstance(r.masked, jax.Array) and r.masked.shape == (8, D)
+    sums[path] = np.asarray(r.sum_int)
+    np.testing.assert_array_equal(sums[path], _plain_sum(x, key, cfg, r.survivors))
+  with pytest.raises(ValueError, match="prg"):
+    secagg.validate_secagg(K, None, None, 32, 1.0, 0.0, prg="gpu")
+
+
 # ----------------------------------------------------------------------------- the protocol
 @pytest.mark.parametrize("stage,fraction", [(0, 0.0)] + [(s, f) for s in (1, 2, 3)
                                                        for f in (0.1, 0.3, 0.4)])

@@ -29,15 +29,38 @@ class SecAggConfig(NamedTuple):
   clip_range: c, every coordinate is clipped to [-c, c] before quantization (counted).
   dropout_rate: simulated probability that a site still in the protocol drops out at each of
     its three stages (before key sharing, before upload, before unmasking).
-  prg: "device" (ChaCha20 written in jax.numpy, vmapped inside jit) or "host" (ChaCha20 from
-    `cryptography`/OpenSSL). Both give the same keystream, bit for bit (tested).
+  prg: "device" (ChaCha20 written in jax.numpy, vmapped inside jit), "host" (ChaCha20 from
+    `cryptography`/OpenSSL) or "auto" (the default: "host" when JAX's default backend is the
+    CPU, "device" on a GPU/TPU; see resolve_prg). All give the same keystream, bit for bit
+    (tested), so the choice changes only the speed.
   """
   neighbours: int | None = None
   threshold: int | None = None
   bits: int = 32
   clip_range: float = 1.0
   dropout_rate: float = 0.0
-  prg: str = "device"
+  prg: str = "auto"
+
+
+PRG_PATHS = ("auto", "device", "host")
+
+
+def resolve_prg(prg: str) -> str:
+  """"auto" -> "host" on a CPU backend, "device" otherwise; "device"/"host" unchanged.
+
+  Why: on a CPU, XLA runs the jax.numpy ChaCha20 (10 double rounds of 32-bit add/rotate/xor
+  over [rows, blocks] arrays) at ~0.3 GB/s of keystream here, while OpenSSL's ChaCha20
+  (SIMD-vectorised assembly) makes ~3.5 GB/s on one core of the same machine: the host path
+  was ~10x faster for the masks (benchmarks/RESULTS.md, secure-aggregation sections). On a
+  GPU/TPU the jax.numpy version runs across thousands of lanes next to the updates (no
+  device-to-host copy of [K, d]), which is what it was written for.
+  """
+  if prg not in PRG_PATHS:
+    raise ValueError(f"secagg prg={prg!r} must be one of {PRG_PATHS}")
+  if prg != "auto":
+    return prg
+  import jax
+  return "host" if jax.default_backend() == "cpu" else "device"
 
 
 def resolve_neighbours(cohort_size: int, neighbours: int | None) -> int:
@@ -54,7 +77,7 @@ def levels_for(cohort_size: int, bits: int) -> int:
 
 
 def validate_secagg(cohort_size, neighbours, threshold, bits, clip_range, dropout_rate,
-                    prg="device"):
+                    prg="auto"):
   """Raise ValueError (naming the parameter and the fix) for impossible or insecure settings.
 
   Returns (k, t, levels) resolved for this cohort size.
@@ -99,6 +122,7 @@ def validate_secagg(cohort_size, neighbours, threshold, bits, clip_range, dropou
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"secagg.dropout_rate={dropout_rate} must be in [0, 1) (the simulated "
                      f"probability of dropping out at each stage)")
-  if prg not in ("device", "host"):
-    raise ValueError(f"secagg prg={prg!r} must be 'device' or 'host'")
+  if prg not in PRG_PATHS:
+    raise ValueError(f"secagg prg={prg!r} must be one of {PRG_PATHS} ('auto': host ChaCha20 "
+                     f"on a CPU backend, device ChaCha20 on a GPU/TPU)")
   return k, t, levels

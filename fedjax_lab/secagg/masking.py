@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab.secagg import prg
+from fedjax_lab.secagg.config import resolve_prg
 from fedjax_lab.secagg.quantization import modulus_mask, quantize
 
 
@@ -72,18 +73,19 @@ def _unmask(masked, mask_sum, *, bits):
       & modulus_mask(bits)
 
 
-def unmask_sum(masked, remove_keys, remove_signs, bits: int, prg_path: str = "device",
+def unmask_sum(masked, remove_keys, remove_signs, bits: int, prg_path: str = "auto",
                rows: int = 8):
   """Server side: (sum of uploaded rows - sum_j sign_j ChaCha20(key_j)) mod 2^bits.
 
   masked: [n, d] uint32 (what was uploaded); remove_keys: list of 32-byte keys (self masks of
   the uploaders, pairwise masks of uploaders with sites that dropped before uploading);
-  remove_signs: the sign each was added with. Returns the integer sum [d] uint32.
+  remove_signs: the sign each was added with. prg_path: "device", "host" or "auto"
+  (config.resolve_prg). Returns the integer sum [d] uint32.
   """
   d = masked.shape[1]
-  if prg_path == "host":
-    total = prg.expand_masks_host([remove_keys], [remove_signs], d)
-    return jnp.asarray((np.asarray(masked).sum(axis=0, dtype=np.uint32) - total[0])
+  if resolve_prg(prg_path) == "host":
+    total = prg.signed_keystream_sum(remove_keys, remove_signs, d)
+    return jnp.asarray((np.asarray(masked).sum(axis=0, dtype=np.uint32) - total)
                        & np.uint32(int(modulus_mask(bits))))
   words = np.stack([prg.key_words(k) for k in remove_keys]) if remove_keys else \
       np.zeros((0, 8), np.uint32)

@@ -27,11 +27,11 @@ def split(secret: bytes, threshold: int, xs: list[int]) -> list[tuple[int, int]]
   coeffs = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME)
                                               for _ in range(threshold - 1)]
   out = []
-  for x in xs:
+  for x in xs:  # Horner's rule in exact integers, reduced once: the same f(x) mod p
     y = 0
     for c in reversed(coeffs):
-      y = (y * x + c) % PRIME
-    out.append((x, y))
+      y = y * x + c
+    out.append((x, y % PRIME))
   return out
 
 
