@@ -173,7 +173,7 @@ def make_trainer(model, coords, target, name, mode, epochs, batch_size,
   One compiled program per optimizer x activation x mode; the learning rate is
   an argument (the updates of `make_optimizer(name, 1.0)` are multiplied by it).
   """
-  tx = optim.make_optimizer(name, 1.0, key_prefix="study", **hparams)
+  tx = optim.make_optimizer(name, 1.0, **hparams)
   n = coords.shape[0]
   steps_per_epoch = 1 if mode == "full" else n // batch_size
 
@@ -216,7 +216,7 @@ def make_timed_chunk(model, params, coords, target, name, batch_size,
   refreshes, so timed chunks see the steady-state schedule: with chunk = 10,
   exactly one refresh per chunk for the every-10 optimizers.
   """
-  tx = optim.make_optimizer(name, 1.0, key_prefix="study", **hparams)
+  tx = optim.make_optimizer(name, 1.0, **hparams)
   x, y = coords[:batch_size], target[:batch_size]
   obj_fn = lambda p: jnp.mean(jnp.square(model.apply(p, x) - y))
 

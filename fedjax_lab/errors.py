@@ -1,10 +1,16 @@
-"""The one error type raised at the boundary (config, data loading).
+"""The one error type raised at the boundary (config, data loading), and library errors.
 
-`train.py` catches it, prints its message as ONE line and exits with code 2, before
+`train.py` catches ConfigError, prints its message as ONE line and exits with code 2, before
 anything is compiled. Messages name the config key (or file) and the fix, e.g.
 `ConfigError("data.alpha", "must be > 0, got -1.0")` prints
 `config error: data.alpha: must be > 0, got -1.0`.
+
+Library code (models, optimizers, topologies) knows its arguments, not the config: it raises
+ArgumentError (a ValueError) naming the argument, and the config layer, which knows where the
+argument came from, turns it into a ConfigError naming the key (`config_keys`).
 """
+
+import contextlib
 
 
 class ConfigError(ValueError):
@@ -14,3 +20,23 @@ class ConfigError(ValueError):
     self.key = key
     self.problem = problem
     super().__init__(f"{key}: {problem}")
+
+
+class ArgumentError(ValueError):
+  """A bad argument of a library function; `argument` names it (a path inside it for a
+  nested value, e.g. 'optimizer_args.eps')."""
+
+  def __init__(self, argument: str, problem: str):
+    self.argument = argument
+    self.problem = problem
+    super().__init__(f"{argument}: {problem}")
+
+
+@contextlib.contextmanager
+def config_keys(prefix: str):
+  """Re-raises an ArgumentError from inside as ConfigError(f"{prefix}.{argument}"): the
+  call site says which config block the arguments came from."""
+  try:
+    yield
+  except ArgumentError as e:
+    raise ConfigError(f"{prefix}.{e.argument}", e.problem) from None

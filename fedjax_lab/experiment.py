@@ -22,7 +22,7 @@ from fedjax_lab.algorithms import fedavg
 from fedjax_lab.client import (ClientConfig, ExampleDP, make_client_update,
                                make_public_objective)
 from fedjax_lab.data import federated, partition, public, sources, standardize
-from fedjax_lab.errors import ConfigError
+from fedjax_lab.errors import ConfigError, config_keys
 from fedjax_lab.models import make_model
 from fedjax_lab.privacy import clipping
 from fedjax_lab.privacy.plan import (PrivacyPlan, noise_coverage, noise_shares,  # noqa: F401
@@ -125,15 +125,18 @@ class Experiment:
         _round_devices(config, self.privacy))
     self.data = sharding.put_replicated(self.data, self.mesh)
 
-    self.model = make_model(config.model, train.num_classes, train.x[:2])
+    with config_keys("model"):
+      self.model = make_model(config.model, train.num_classes, train.x[:2])
     # Under dp.randomness=secret a fresh secret per run (run() keeps the checkpoint's on resume).
     secret = self.privacy is not None and self.privacy.randomness == "secret"
     self.set_secret(draw_secret() if secret else None)
     # The objective's (l2/2)||w||^2 is in the client's gradient (client.make_site_gradient).
-    self.client_tx = optim.make_optimizer(config.client.optimizer, config.client.lr,
-                                          key_prefix="client", **config.client.optimizer_args)
-    self.server_tx = optim.make_optimizer(config.server.optimizer, config.server.lr,
-                                          key_prefix="server", **config.server.optimizer_args)
+    with config_keys("client"):
+      self.client_tx = optim.make_optimizer(config.client.optimizer, config.client.lr,
+                                            **config.client.optimizer_args)
+    with config_keys("server"):
+      self.server_tx = optim.make_optimizer(config.server.optimizer, config.server.lr,
+                                            **config.server.optimizer_args)
     self.example_dp = example_dp = self._example_dp()
     if example_dp is not None:
       self._check_noise_coverage(example_dp)

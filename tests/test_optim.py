@@ -8,7 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from fedjax_lab import optim
-from fedjax_lab.errors import ConfigError
+from fedjax_lab.errors import ArgumentError, ConfigError, config_keys
 from fedjax_lab.optim import hessian
 from fedjax_lab.optim.adahessian import adahessian
 from fedjax_lab.optim.esgd import esgd
@@ -354,38 +354,38 @@ def test_registry_defaults_and_alias():
 
 
 @pytest.mark.parametrize(
-    "call, key",
+    "call, argument",
     [
-        (lambda: optim.make_optimizer("adamax", 0.1), "client.optimizer"),
-        (lambda: optim.make_optimizer("adamax", 0.1, key_prefix="server"),
-         "server.optimizer"),
-        (lambda: optim.make_optimizer("adam", 0.0), "client.lr"),
-        (lambda: optim.make_optimizer("adam", -1.0, key_prefix="server"),
-         "server.lr"),
-        (lambda: optim.make_optimizer("adam", 0.1, rho=0.1),
-         "client.optimizer_args.rho"),
-        (lambda: optim.make_optimizer("esgd", 0.1, b1=1.5),
-         "client.optimizer_args.b1"),
+        (lambda: optim.make_optimizer("adamax", 0.1), "optimizer"),
+        (lambda: optim.make_optimizer("adam", 0.0), "lr"),
+        (lambda: optim.make_optimizer("adam", -1.0), "lr"),
+        (lambda: optim.make_optimizer("adam", 0.1, rho=0.1), "optimizer_args.rho"),
+        (lambda: optim.make_optimizer("esgd", 0.1, b1=1.5), "optimizer_args.b1"),
         (lambda: optim.make_optimizer("esgd", 0.1, update_interval=0),
-         "client.optimizer_args.update_interval"),
+         "optimizer_args.update_interval"),
         (lambda: optim.make_optimizer("adahessian", 0.1, hessian_power=2.0),
-         "client.optimizer_args.hessian_power"),
-        (lambda: optim.make_optimizer("sam", 0.1, sync_period=1),
-         "client.optimizer_args.sync_period"),
+         "optimizer_args.hessian_power"),
+        (lambda: optim.make_optimizer("sam", 0.1, sync_period=1), "optimizer_args.sync_period"),
         (lambda: optim.make_optimizer("esgd", 0.1, update_interval=2,
                                       hessian_update_every=3),
-         "client.optimizer_args.hessian_update_every"),
+         "optimizer_args.hessian_update_every"),
     ],
 )
-def test_config_errors_name_the_key(call, key):
-  with pytest.raises(ConfigError) as info:
+def test_bad_arguments_name_the_argument_and_the_config_layer_names_the_key(call, argument):
+  """The library names its argument (a ValueError); under errors.config_keys the config
+  layer names the key it came from, e.g. server.optimizer_args.rho."""
+  with pytest.raises(ArgumentError) as info:
     call()
-  assert info.value.key == key
+  assert isinstance(info.value, ValueError) and info.value.argument == argument
   assert "\n" not in str(info.value)
+  with pytest.raises(ConfigError) as info:
+    with config_keys("server"):
+      call()
+  assert info.value.key == f"server.{argument}"
 
 
 def test_unknown_name_lists_allowed():
-  with pytest.raises(ConfigError, match="allowed: sgd, momentum, adam"):
+  with pytest.raises(ArgumentError, match="allowed: sgd, momentum, adam"):
     optim.make_optimizer("adamax", 0.1)
 
 

@@ -4,11 +4,12 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from fedjax_lab.algorithms import topology
-from fedjax_lab.errors import ConfigError
+from fedjax_lab.errors import ArgumentError, ConfigError
 
 GRAPHS = [("ring", 8), ("ring", 2), ("ring", 3), ("torus", 16), ("torus", 12), ("torus", 6),
           ("exponential", 10), ("exponential", 16), ("erdos_renyi", 12), ("complete", 7),
@@ -95,13 +96,18 @@ def test_graph_structure():
   assert abs(edges - mean) < 4 * std
 
 
-def test_bad_graphs_raise_config_errors():
-  with pytest.raises(ConfigError, match="algorithm.topology"):
-    topology.build("torus", 13)
-  with pytest.raises(ConfigError, match="algorithm.erdos_renyi_p"):
-    topology.build("erdos_renyi", 50, erdos_renyi_p=0.01)
-  with pytest.raises(ConfigError, match="algorithm.topology"):
-    topology.build("hypercube", 8)
+def test_bad_graphs_name_the_argument_and_from_a_config_the_key():
+  for args, kw, argument in ((("torus", 13), {}, "topology"),
+                             (("erdos_renyi", 50), {"erdos_renyi_p": 0.01}, "erdos_renyi_p"),
+                             (("hypercube", 8), {}, "topology")):
+    with pytest.raises(ArgumentError) as e:
+      topology.build(*args, **kw)
+    assert e.value.argument == argument
+  config = ml_collections.ConfigDict({"seed": 0, "data": {"num_sites": 13},
+                                      "algorithm": {"topology": "torus", "erdos_renyi_p": 0.3}})
+  with pytest.raises(ConfigError) as e:
+    topology.from_config(config)
+  assert e.value.key == "algorithm.topology"
 
 
 @pytest.mark.parametrize("name,n", [("ring", 8), ("torus", 12), ("exponential", 10),

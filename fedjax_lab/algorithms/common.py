@@ -219,7 +219,7 @@ def check_gossip_sites(config) -> None:
   """Once data.num_sites is known: a torus needs a composite number of sites."""
   from fedjax_lab.algorithms import topology
   if config.algorithm.topology == "torus":
-    topology.build("torus", config.data.num_sites)  # raises if num_sites is prime
+    topology.from_config(config)  # raises if num_sites is prime
 
 
 def _one_of(key, value, allowed):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab.errors import ConfigError
+from fedjax_lab.errors import ArgumentError, ConfigError, config_keys
 
 TOPOLOGIES = ("ring", "torus", "exponential", "erdos_renyi", "complete", "star")
 _DENSE_EIG_MAX_SITES = 2048  # above this the spectral gap comes from sparse Lanczos
@@ -76,9 +76,9 @@ def _edges_torus(n):
   if n == 1:
     return []
   if rows < 2:
-    raise ConfigError("algorithm.topology",
-                      f"torus needs data.num_sites = rows x cols with rows, cols >= 2; {n} is "
-                      "prime; use e.g. 16 (4 x 4) or 12 (3 x 4), or topology 'ring'")
+    raise ArgumentError("topology",
+                        f"torus needs num_sites = rows x cols with rows, cols >= 2; {n} is "
+                        "prime; use e.g. 16 (4 x 4) or 12 (3 x 4), or topology 'ring'")
   site = lambda r, c: (r % rows) * cols + (c % cols)
   return [(site(r, c), other) for r in range(rows) for c in range(cols)
           for other in (site(r + 1, c), site(r, c + 1))]
@@ -119,8 +119,8 @@ def _edges_erdos_renyi(n, p, seed, tries=100):
     pairs = list(zip(upper[0][keep].tolist(), upper[1][keep].tolist()))
     if _connected(n, pairs):
       return pairs
-  raise ConfigError("algorithm.erdos_renyi_p",
-                    f"{p} gave a disconnected graph over {n} sites in {tries} draws; raise it "
+  raise ArgumentError("erdos_renyi_p",
+                      f"{p} gave a disconnected graph over {n} sites in {tries} draws; raise it "
                     f"above ln(S)/S = {np.log(n) / n:.3f}")
 
 
@@ -147,7 +147,7 @@ def metropolis_hastings(num_sites: int, pairs) -> tuple[np.ndarray, ...]:
 def build(name: str, num_sites: int, erdos_renyi_p: float = 0.3, seed: int = 0) -> Topology:
   """The graph `name` (one of TOPOLOGIES) over `num_sites` sites with its MH weights."""
   if name not in TOPOLOGIES:
-    raise ConfigError("algorithm.topology", f"unknown '{name}'; allowed: {', '.join(TOPOLOGIES)}")
+    raise ArgumentError("topology", f"unknown '{name}'; allowed: {', '.join(TOPOLOGIES)}")
   if name == "erdos_renyi":
     pairs = _edges_erdos_renyi(num_sites, erdos_renyi_p, seed)
   else:
@@ -159,7 +159,8 @@ def build(name: str, num_sites: int, erdos_renyi_p: float = 0.3, seed: int = 0) 
 def from_config(config) -> Topology:
   """The graph of `algorithm.topology` over `data.num_sites` (Erdos-Renyi seeded by `seed`)."""
   a = config.algorithm
-  return build(a.topology, config.data.num_sites, a.erdos_renyi_p, config.seed)
+  with config_keys("algorithm"):
+    return build(a.topology, config.data.num_sites, a.erdos_renyi_p, config.seed)
 
 
 def spectral_gap(topology: Topology, lazy: bool = False) -> float:
@@ -231,7 +232,6 @@ def describe(topology: Topology, lazy: bool = False) -> str:
 
 def validate(config) -> None:
   """algorithm.topology and algorithm.erdos_renyi_p (RandCom, D-SGD)."""
-  from fedjax_lab.errors import ConfigError
   a = config.algorithm
   if a.topology not in TOPOLOGIES:
     raise ConfigError("algorithm.topology", f"unknown '{a.topology}'; allowed: "

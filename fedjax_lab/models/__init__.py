@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import optax
 
-from fedjax_lab.errors import ConfigError
+from fedjax_lab.errors import ArgumentError
 from fedjax_lab.models import cnn, linear, mlp, resnet
 
 _MODELS = {
@@ -43,9 +43,9 @@ def make_model(model_config, num_classes: int, sample_x) -> Model:
   """Builds the configured module; `model_config` is the `model` sub-config."""
   name = model_config.name
   if name not in _MODELS:
-    raise ConfigError("model.name", f"unknown '{name}'; allowed: {', '.join(MODEL_NAMES)}")
+    raise ArgumentError("name", f"unknown '{name}'; allowed: {', '.join(MODEL_NAMES)}")
   if model_config.norm not in NORMS:
-    raise ConfigError("model.norm", f"unknown '{model_config.norm}'; allowed: {', '.join(NORMS)}")
+    raise ArgumentError("norm", f"unknown '{model_config.norm}'; allowed: {', '.join(NORMS)}")
   module = _MODELS[name].from_config(model_config, num_classes, tuple(sample_x.shape[1:]))
 
   def init(rng, x):

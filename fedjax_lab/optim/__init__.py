@@ -3,7 +3,7 @@
 * `esgd`, `scale_by_esgd`: equilibrated SGD (Dauphin et al. 2015).
 * `adahessian`, `scale_by_adahessian`: AdaHessian (Yao et al. 2021).
 * `hessian`: matrix-free Hessian-vector products and Hutchinson estimates.
-* `make_optimizer(name, lr, key_prefix=..., **hparams)`: every optimizer a config
+* `make_optimizer(name, lr, **hparams)`: every optimizer a config
   can name (`OPTIMIZERS`), always an `optax.GradientTransformationExtraArgs`
   whose update takes `obj_fn=`; `check_dp_compatible` for curvature under DP,
   `check_server_optimizer` for curvature at the server (needs public data).

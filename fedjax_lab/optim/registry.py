@@ -1,6 +1,6 @@
 """Optimizers by name, for `client.optimizer` and `server.optimizer` in configs.
 
-    tx = make_optimizer("esgd", 0.1, key_prefix="client", update_interval=5)
+    tx = make_optimizer("esgd", 0.1, update_interval=5)
     state = tx.init(params)
     updates, state = tx.update(grads, state, params, obj_fn=obj_fn)
 
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab.errors import ConfigError
+from fedjax_lab.errors import ArgumentError, ConfigError
 # Names, not modules: the package re-exports the functions `esgd` and
 # `adahessian` under the names of their modules.
 from fedjax_lab.optim.adahessian import adahessian
@@ -163,26 +163,24 @@ HYPERPARAMETERS: Mapping[str, Mapping[str, tuple[Any, Callable]]] = {
 }
 
 
-def _resolve_hparams(
-    name: str, key_prefix: str, hparams: Mapping[str, Any]
-) -> dict[str, Any]:
+def _resolve_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
   """Defaults overridden by `hparams`, after aliases and checks."""
   spec = HYPERPARAMETERS[name]
   given = {}
   for key, value in hparams.items():
     canonical = _ALIASES.get(key, key)
     if canonical in given:
-      raise ConfigError(
-          f"{key_prefix}.optimizer_args.{key}",
+      raise ArgumentError(
+          f"optimizer_args.{key}",
           f"given twice (as {key!r} and as {canonical!r}); keep one")
     if canonical not in spec:
       allowed = ", ".join(sorted(spec)) or "none"
-      raise ConfigError(
-          f"{key_prefix}.optimizer_args.{key}",
+      raise ArgumentError(
+          f"optimizer_args.{key}",
           f"not a hyperparameter of optimizer {name!r}; allowed: {allowed}")
     problem = spec[canonical][1](value)
     if problem:
-      raise ConfigError(f"{key_prefix}.optimizer_args.{key}", problem)
+      raise ArgumentError(f"optimizer_args.{key}", problem)
     given[canonical] = value
   return {k: given.get(k, default) for k, (default, _) in spec.items()}
 
@@ -260,8 +258,6 @@ def _build(name: str, lr: float, h: dict[str, Any]):
 def make_optimizer(
     name: str,
     learning_rate: float,
-    *,
-    key_prefix: str = "client",
     **hparams,
 ) -> optax.GradientTransformationExtraArgs:
   """The optimizer called `name`, ready for `update(..., obj_fn=obj_fn)`.
@@ -271,10 +267,6 @@ def make_optimizer(
     learning_rate: step size, a number > 0. (To sweep it inside jit, build with
       1.0 and multiply the updates: every optimizer here applies the learning
       rate as its last, linear stage.)
-    key_prefix: config section the values came from ("client" or "server");
-      errors name f"{key_prefix}.optimizer", f"{key_prefix}.lr" and
-      f"{key_prefix}.optimizer_args.<hyperparameter>" (the config keeps the
-      hyperparameters in `client.optimizer_args` / `server.optimizer_args`).
     **hparams: overrides of `HYPERPARAMETERS[name]`; `hessian_update_every` is
       another name for `update_interval`.
 
@@ -284,17 +276,16 @@ def make_optimizer(
     esgd and adahessian, `obj_fn` by sophia, esgd and adahessian.
 
   Raises:
-    ConfigError: unknown name, learning rate <= 0, unknown or invalid
-      hyperparameter.
+    errors.ArgumentError naming "optimizer", "lr" or "optimizer_args.<name>":
+      unknown name, learning rate <= 0, unknown or invalid hyperparameter (the
+      config layer, `errors.config_keys("client")`, names the config key).
   """
   if name not in OPTIMIZERS:
-    raise ConfigError(f"{key_prefix}.optimizer",
-                      f"unknown {name!r}; allowed: {', '.join(OPTIMIZERS)}")
+    raise ArgumentError("optimizer", f"unknown {name!r}; allowed: {', '.join(OPTIMIZERS)}")
   if not _is_real(learning_rate) or not (
       learning_rate > 0 and math.isfinite(learning_rate)):
-    raise ConfigError(f"{key_prefix}.lr",
-                      f"must be a number > 0, got {learning_rate!r}")
-  resolved = _resolve_hparams(name, key_prefix, hparams)
+    raise ArgumentError("lr", f"must be a number > 0, got {learning_rate!r}")
+  resolved = _resolve_hparams(name, hparams)
   tx = _build(name, float(learning_rate), resolved)
   if name in CURVATURE_OPTIMIZERS:
     return tx  # Their chains forward obj_fn to the curvature estimate.
