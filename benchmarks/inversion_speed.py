@@ -1,13 +1,14 @@
 r"""Gradient-inversion speed: 16 restarts as one vmapped program vs a loop over restarts.
 
-  python benchmarks/inversion_speed.py [--restarts 16] [--iterations 100]
+  python benchmarks/inversion_speed.py [--restarts 16] [--iterations 100] [--conv matmul|xla]
 
 One digits site (1 image, batch 1, 1 local step; CNN 16/32 channels, 64 hidden, BatchNorm),
 the attack of fedjax_lab/attacks/inversion.py. "loop": the same jitted single-restart attack
 (its lax.scan of Adam iterations compiled once) called once per restart; "vmapped": one call
 attacking all restarts. Compilation is excluded (each is run once first); the best of 3
 timings. Prints attack iterations per second (restarts x iterations / seconds) for both, and
-last `RATIO vmapped/loop=<x>`.
+last `RATIO vmapped/loop=<x>`. `--conv` is the attack's `conv` setting, the same for both arms
+(default matmul, the attack's default; xla: XLA's convolutions, as before issue 16's rework).
 """
 
 import argparse
@@ -33,6 +34,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--restarts", type=int, default=16)
   ap.add_argument("--iterations", type=int, default=100)
+  ap.add_argument("--conv", default="matmul", choices=("matmul", "xla"))
   args = ap.parse_args()
   d = load_digits()
   x = (d.data[:1] / 16.0).astype(np.float32)
@@ -48,7 +50,7 @@ def main():
   target = inv.make_target(params, ms, out.delta, out.model_state, rng, 1, 1, 1)
   local = inv.Local(tx=optax.sgd(0.1), lr=0.1, local_steps=1, num_images=1,
                     image_shape=(8, 8, 1), data_shape=(64,), num_classes=10)
-  cfg = inv.attack_config(dict(iterations=args.iterations))
+  cfg = inv.attack_config(dict(iterations=args.iterations, conv=args.conv))
   attack = inv.make_attack(model, local, cfg)
   single = jax.jit(attack)
   batched = jax.jit(jax.vmap(attack, in_axes=(None, 0)))
@@ -71,7 +73,8 @@ def main():
 
   work = args.restarts * args.iterations
   t_loop, t_vmap = best_of(loop), best_of(vmapped)
-  print(f"devices={jax.devices()} restarts={args.restarts} iterations={args.iterations}")
+  print(f"devices={jax.devices()} restarts={args.restarts} iterations={args.iterations} "
+        f"conv={args.conv}")
   print(f"loop:    {work / t_loop:9.1f} attack iterations/s ({t_loop:.2f} s)")
   print(f"vmapped: {work / t_vmap:9.1f} attack iterations/s ({t_vmap:.2f} s)")
   print(f"RATIO vmapped/loop={t_loop / t_vmap:.2f}")

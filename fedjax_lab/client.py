@@ -108,6 +108,34 @@ def minibatch_positions(rng, step, count, n_max, batch_size, shuffle):
   return perms[(epoch - first) % 2, offset]
 
 
+def minibatch_schedule(rng, num_steps: int, count, n_max: int, batch_size: int, shuffle: bool):
+  """[num_steps, batch_size] positions: `minibatch_positions` of steps 0 .. num_steps - 1,
+  equal to them bit for bit, with each epoch's order drawn once instead of twice per step.
+
+  Steps 0 .. T-1 read epochs 0 .. ((T-1) B) // count + 1 (a step's first epoch and the one
+  after), i.e. at most (T-1) B + 2 count <= (T-1) B + 2 n_max keys laid end to end: key
+  f is uniform(fold_in(fold_in(rng, f // count), f % count)), exactly the key
+  `_epoch_permutation` gives position f % count of epoch f // count. One sort by (epoch, key),
+  stable, so ties go to the lower position as in the stable argsort, orders every epoch at
+  once; epoch e's order is then entries e count .. (e + 1) count - 1. (A trailing epoch cut
+  short by the static length is never read.) Cost: O(T B + n_max) hashes and one sort, where
+  `minibatch_positions` at every step costs 2 n_max of each.
+  """
+  steps = jnp.arange(num_steps)
+  if not shuffle:
+    return jax.vmap(lambda t: minibatch_positions(rng, t, count, n_max, batch_size, False))(steps)
+  length = (num_steps - 1) * batch_size + 2 * n_max
+  flat = jnp.arange(length)
+  epoch, pos = flat // count, flat % count
+  keys = jax.vmap(lambda e, i: jax.random.uniform(jax.random.fold_in(jax.random.fold_in(rng, e),
+                                                                     i)))(epoch, pos)
+  _, _, order = jax.lax.sort((epoch, keys, pos), num_keys=2, is_stable=True)
+  stream = steps[:, None] * batch_size + jnp.arange(batch_size)
+  epoch, offset = stream // count, stream % count
+  first = epoch[:, :1]
+  return order[(first + (epoch - first) % 2) * count + offset]
+
+
 def public_minibatch_rows(rng, num_public: int, batch_size: int):
   """[min(batch_size, num_public)] distinct rows of the public calibration set, uniformly."""
   size = min(batch_size, num_public)
@@ -170,7 +198,7 @@ def make_site_gradient(model: Model, batch_size: int, shuffle: bool,
     outputs, new_state = model.apply(params, ms, x, True, rng)
     return loss.batch(outputs, y, weights), new_state
 
-  def plain(params, ms, site_idx, site_count, batch_rng, rng_t, t, data):
+  def plain(params, ms, site_idx, site_count, batch_rng, rng_t, t, data, positions=None):
     n_max = site_idx.shape[0]
     if full_batch:
       dtype = data.x.dtype
@@ -179,8 +207,10 @@ def make_site_gradient(model: Model, batch_size: int, shuffle: bool,
       (loss, new_ms), grads = jax.value_and_grad(weighted_loss, has_aux=True)(
           params, ms, x, y, weights, rng_t)
       return StepGrad(loss, grads, new_ms, x, y, jnp.int32(0))
-    pos = minibatch_positions(batch_rng, t, jnp.maximum(site_count, 1), n_max, batch_size,
-                              shuffle)
+    pos = positions
+    if pos is None:
+      pos = minibatch_positions(batch_rng, t, jnp.maximum(site_count, 1), n_max, batch_size,
+                                shuffle)
     rows = site_idx[pos]
     present = site_count > 0
     x = jnp.where(present, data.x[rows], 0).astype(data.x.dtype)
@@ -202,15 +232,27 @@ def make_site_gradient(model: Model, batch_size: int, shuffle: bool,
     loss = (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     return StepGrad(loss, grads, ms, x, y, overflow)
 
-  def grad(params, ms, site_idx, site_count, rng, t, data: FederatedData) -> StepGrad:
+  def grad(params, ms, site_idx, site_count, rng, t, data: FederatedData,
+           positions=None) -> StepGrad:
     batch_rng, step_rng = site_step_keys(rng)
     rng_t = jax.random.fold_in(step_rng, t)
-    out = (plain if dp is None else private)(params, ms, site_idx, site_count, batch_rng,
-                                             rng_t, t, data)
+    if positions is None:
+      out = (plain if dp is None else private)(params, ms, site_idx, site_count, batch_rng,
+                                               rng_t, t, data)
+    else:
+      out = plain(params, ms, site_idx, site_count, batch_rng, rng_t, t, data, positions)
     if l2:
       out = out._replace(grads=jax.tree.map(lambda g, w: g + l2 * w, out.grads, params))
     return out
 
+  def schedule(site_idx, site_count, rng, num_steps: int):
+    """[num_steps, batch_size] positions of steps 0 .. num_steps - 1, all drawn at once
+    (`minibatch_schedule`); `grad(..., positions=schedule(...)[t])` is `grad(...)`."""
+    return minibatch_schedule(site_step_keys(rng)[0], num_steps, jnp.maximum(site_count, 1),
+                              site_idx.shape[0], batch_size, shuffle)
+
+  if dp is None and shuffle and not full_batch:  # the one case a step's draw is costly
+    grad.minibatch_schedule = schedule
   return grad
 
 
@@ -223,9 +265,12 @@ def from_site_gradient(site_gradient: Callable) -> Callable:
   """A grad of make_site_gradient's signature from a site_gradient(params, site_idx,
   site_count, rng, step, data) -> (loss, grads[, overflow]) (algorithms/common.py; tests use
   exact gradients of a quadratic)."""
-  def grad(params, ms, site_idx, site_count, rng, t, data) -> StepGrad:
-    out = site_gradient(params, site_idx, site_count, rng, t, data)
+  def grad(params, ms, site_idx, site_count, rng, t, data, positions=None) -> StepGrad:
+    kw = {} if positions is None else {"positions": positions}
+    out = site_gradient(params, site_idx, site_count, rng, t, data, **kw)
     return StepGrad(out[0], out[1], ms, None, None, out[2] if len(out) == 3 else jnp.int32(0))
+  if hasattr(site_gradient, "minibatch_schedule"):
+    grad.minibatch_schedule = site_gradient.minibatch_schedule
   return grad
 
 
@@ -292,15 +337,22 @@ def make_local_update(site_gradient: Callable, client_tx: optax.GradientTransfor
   FedNova's tau_i; the scan runs local_steps and a site's later steps keep the carry).
   """
 
+  schedule = getattr(site_gradient, "minibatch_schedule", None)
+
   def client_update(global_params, model_state, site_idx, site_count, rng, data: FederatedData,
                     extra=None):
     step_rng = site_step_keys(rng)[1]
     public_rng = jax.random.fold_in(rng, _PUBLIC_STREAM)
     num_steps = site_num_steps(site_count, local_steps, local_epochs, batch_size)
+    # Every step's minibatch positions drawn once before the scan where drawing them per step
+    # costs (shuffled epochs): the same positions, see minibatch_schedule.
+    positions = None if schedule is None else schedule(site_idx, site_count, rng, local_steps)
 
-    def step(carry, t):
+    def step(carry, xs):
+      t, pos = xs
       params, opt_state, ms = carry
-      g = site_gradient(params, ms, site_idx, site_count, rng, t, data)
+      kw = {} if pos is None else {"positions": pos}
+      g = site_gradient(params, ms, site_idx, site_count, rng, t, data, **kw)
       grads = g.grads
       if correction is not None:
         grads = correction(grads, params, global_params, extra)
@@ -320,7 +372,7 @@ def make_local_update(site_gradient: Callable, client_tx: optax.GradientTransfor
                                     jax.random.fold_in(rng, _PROBE_STREAM))
     init = (global_params, opt_state, model_state)
     (params, _, model_state), (losses, overflow) = jax.lax.scan(
-        step, init, jnp.arange(local_steps))
+        step, init, (jnp.arange(local_steps), positions))
     delta = jax.tree.map(jnp.subtract, params, global_params)
     if local_epochs:
       active = jnp.arange(local_steps) < num_steps

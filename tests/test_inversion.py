@@ -74,6 +74,38 @@ def test_replay_is_the_lab_client_update():
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-3)
 
 
+def test_conv_as_matmul_is_the_models_convolution():
+  """The attack's im2col convolutions (conv="matmul") compute the model's nn.Conv: outputs,
+  BN statistics and the second-order gradient the attack takes, to float rounding; ResNet's
+  strided convolutions fall back to XLA's, its stride-1 ones (no bias) are converted."""
+  model = _model(features=(4, 8), hidden=(16,))
+  params, ms = model.init(jax.random.key(0), X[:2])
+  x = jnp.asarray(X[:3])
+
+  def weight_grad_norm(x):  # the shape of the attack's objective: d/dx of a weight gradient
+    def loss(p):
+      logits, _ = model.apply(p, ms, x, True)
+      return inv.soft_cross_entropy(logits, jax.nn.one_hot(Y[:3], 10)).mean()
+    return inv._flat(jax.grad(loss)(params)).sum()
+
+  ref_out, ref_ms = model.apply(params, ms, x, True)
+  ref_dx = jax.grad(weight_grad_norm)(x)
+  with inv.conv_as_matmul():
+    out, new_ms = model.apply(params, ms, x, True)
+    dx = jax.grad(weight_grad_norm)(x)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(jax.grad(weight_grad_norm))(x))
+  assert "conv_general_dilated" in str(jax.make_jaxpr(jax.grad(weight_grad_norm))(x))
+  np.testing.assert_allclose(out, ref_out, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(new_ms), jax.tree.leaves(ref_ms)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  np.testing.assert_allclose(dx, ref_dx, atol=1e-4, rtol=1e-4)
+  resnet = _model(name="resnet", norm="group", features=(4, 8))  # bias-free, strides 1 and 2
+  rp, rms = resnet.init(jax.random.key(0), X[:2])
+  ref = resnet.apply(rp, rms, x, False)[0]
+  with inv.conv_as_matmul():
+    np.testing.assert_allclose(resnet.apply(rp, rms, x, False)[0], ref, atol=1e-5)
+
+
 def test_one_step_update_inversion_equals_gradient_inversion():
   """With local_steps=1 the unrolled-update attack is the gradient attack on -lr * grad."""
   model = _model("mlp", hidden=(16,))

@@ -9,7 +9,8 @@ import pytest
 
 from fedjax_lab import algorithms, sharding
 from fedjax_lab.algorithms import fedavg
-from fedjax_lab.client import ClientConfig, make_client_update, minibatch_positions
+from fedjax_lab.client import (ClientConfig, make_client_update, minibatch_positions,
+                               minibatch_schedule)
 from fedjax_lab.data.federated import from_partition
 from fedjax_lab.models import make_model
 
@@ -124,6 +125,24 @@ def test_shuffled_positions_cover_each_epoch_once():
   for e in range(3):
     assert sorted(pos[e * 7:(e + 1) * 7]) == list(range(7))
   assert not np.array_equal(pos[:7], pos[7:14])  # reshuffled each epoch
+
+
+@pytest.mark.parametrize("steps,n_max,batch", [(1, 1, 1), (7, 20, 3), (5, 6, 8), (20, 15, 5),
+                                              (3, 40, 32)])
+def test_schedule_is_the_per_step_positions_bit_for_bit(steps, n_max, batch):
+  """minibatch_schedule (every epoch's order drawn once, what the client update uses) equals
+  minibatch_positions at each step, for every count up to n_max, batches that span 2+ epochs
+  included, vmapped over sites as the round runs it."""
+  counts = jnp.arange(1, n_max + 1, dtype=jnp.int32)
+  keys = jax.random.split(jax.random.key(steps * 100 + n_max), n_max)
+  per_step = jax.vmap(lambda k, c: jax.vmap(
+      lambda t: minibatch_positions(k, t, c, n_max, batch, True))(jnp.arange(steps)))
+  at_once = jax.vmap(lambda k, c: minibatch_schedule(k, steps, c, n_max, batch, True))
+  np.testing.assert_array_equal(np.asarray(at_once(keys, counts)),
+                                np.asarray(per_step(keys, counts)))
+  np.testing.assert_array_equal(np.asarray(minibatch_schedule(keys[0], steps, 4, n_max, batch,
+                                                              False)),
+                                (np.arange(steps * batch) % 4).reshape(steps, batch))
 
 
 def test_cohort_sampling_is_uniform_without_replacement():

@@ -38,10 +38,13 @@ def make_site_gradient(model: Model, batch_size: int, shuffle: bool, l2: float =
   model.loss (losses.Loss; None: cross-entropy)."""
   grad = client.make_site_gradient(model, batch_size, shuffle, dp, l2, full_batch, loss)
 
-  def site_gradient(params, site_idx, site_count, rng, step, data: FederatedData):
-    out = grad(params, {}, site_idx, site_count, rng, step, data)
+  def site_gradient(params, site_idx, site_count, rng, step, data: FederatedData,
+                    positions=None):
+    out = grad(params, {}, site_idx, site_count, rng, step, data, positions=positions)
     return (out.loss, out.grads) if dp is None else (out.loss, out.grads, out.overflow)
 
+  if hasattr(grad, "minibatch_schedule"):  # shuffled minibatches: drawn once per round
+    site_gradient.minibatch_schedule = grad.minibatch_schedule
   return site_gradient
 
 
@@ -52,14 +55,29 @@ def site_keys(client_rng, round_index, num_sites: int) -> jax.Array:
 
 
 def all_site_gradients(site_gradient: SiteGradient, site_params, site_idx, site_count, keys,
-                       step, data: FederatedData):
+                       step, data: FederatedData, positions=None):
   """(losses [S], grads leaves [S, ...][, overflow [S]]): every site's gradient at its own
   model x_i.
 
-  site_params leaves [S, ...]; site_idx [S, n_max]; site_count [S]; keys [S]; step: int.
+  site_params leaves [S, ...]; site_idx [S, n_max]; site_count [S]; keys [S]; step: int;
+  positions: None, or [S, batch] this step's rows of `site_schedules`.
   """
-  return jax.vmap(site_gradient, in_axes=(0, 0, 0, 0, None, None))(
-      site_params, site_idx, site_count, keys, step, data)
+  if positions is None:
+    return jax.vmap(site_gradient, in_axes=(0, 0, 0, 0, None, None))(
+        site_params, site_idx, site_count, keys, step, data)
+  return jax.vmap(lambda p, i, c, k, pos: site_gradient(p, i, c, k, step, data, positions=pos))(
+      site_params, site_idx, site_count, keys, positions)
+
+
+def site_schedules(site_gradient: SiteGradient, site_idx, site_count, keys, num_steps: int):
+  """[num_steps, S, batch] every site's minibatch positions for the round's steps, drawn
+  once (client.minibatch_schedule), or None where `site_gradient` draws its own each step
+  (no shuffling, example-level DP, or a function without `minibatch_schedule`)."""
+  schedule = getattr(site_gradient, "minibatch_schedule", None)
+  if schedule is None:
+    return None
+  positions = jax.vmap(schedule, in_axes=(0, 0, 0, None))(site_idx, site_count, keys, num_steps)
+  return jnp.moveaxis(positions, 1, 0)
 
 
 def broadcast_to_sites(tree, num_sites: int):
@@ -126,15 +144,17 @@ def make_per_site_round(site_gradient: SiteGradient, schedule, step: Callable,
     site_idx, site_count = sharding.constrain_sites((data.idx, data.count), mesh)
     x, h = place_per_site((state.site_params, state.site_controls), mesh)
 
+    positions = site_schedules(site_gradient, site_idx, site_count, keys, schedule.local_steps)
+
     def local_step(carry, step_and_coin):
       x, h = carry
-      t, coin = step_and_coin
-      out = all_site_gradients(site_gradient, x, site_idx, site_count, keys, t, data)
+      t, coin, pos = step_and_coin
+      out = all_site_gradients(site_gradient, x, site_idx, site_count, keys, t, data, pos)
       overflow = out[2].sum() if len(out) == 3 else jnp.int32(0)  # under example-level DP
       return step(x, h, out[1], coin), (out[0], overflow)
 
-    (x, h), (losses, overflow) = jax.lax.scan(local_step, (x, h),
-                                              (jnp.arange(schedule.local_steps), coins))
+    (x, h), (losses, overflow) = jax.lax.scan(
+        local_step, (x, h), (jnp.arange(schedule.local_steps), coins, positions))
     comm_steps = coins.sum()
     x, h = place_per_site((x, h), mesh)
     new_state = state._replace(params=site_mean(x), site_params=x, site_controls=h,

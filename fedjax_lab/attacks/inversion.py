@@ -25,7 +25,8 @@ r_T = mom^T r0 + (1 - mom^T) stat if the statistics stayed the same:
 statistics of the candidate images at w0. Labels: "analytic" for one image (the label is
 the only coordinate of the last layer's bias update that is positive: Δb = -lr Σ_t (p_t -
 e_y)), "known", or "optimize" (soft labels optimised jointly). Adam with a cosine schedule,
-pixels projected on [0, 1] after every step; restarts and sites are vmapped axes.
+pixels projected on [0, 1] after every step; restarts and sites are vmapped axes; the
+model's convolutions run as im2col matmuls inside the attack (`conv_as_matmul`, attack.conv).
 
 Leakage: SSIM and PSNR (dm_pix; SSIM with a 5x5 window, sigma 1, since digits are 8x8: the
 usual 11x11 window does not fit), and the Relative Data Leakage Value of the paper,
@@ -41,10 +42,12 @@ leakage.json and grid PNGs (originals above reconstructions) to --out (default
 runs/inversion-<config>), and prints one line per site.
 """
 
+import contextlib
 import functools
 import math
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +72,8 @@ DEFAULTS = dict(
     init="uniform",     # "uniform" noise in [0, 1], or "prior" (the prior image + noise)
     ssim_window=5,      # SSIM window (dm_pix filter_size) and its Gaussian sigma
     ssim_sigma=1.0,
+    conv="matmul",      # "matmul": the model's stride-1 convolutions as im2col + one matmul
+                        # inside the attack (conv_as_matmul); "xla": XLA's convolution
 )
 
 
@@ -80,7 +85,7 @@ def attack_config(overrides=None) -> dict:
       from fedjax_lab.errors import ConfigError
       raise ConfigError(f"attack.inversion.{k}", f"unknown key; allowed: {', '.join(DEFAULTS)}")
     out[k] = v
-  for k, allowed in (("replay", ("unrolled", "gradient")),
+  for k, allowed in (("replay", ("unrolled", "gradient")), ("conv", ("matmul", "xla")),
                      ("labels", ("auto", "known", "optimize")), ("init", ("uniform", "prior"))):
     if out[k] not in allowed:
       from fedjax_lab.errors import ConfigError
@@ -219,6 +224,43 @@ def analytic_first_layer(kernel_update, bias_update):
   return kernel_update @ bias_update / jnp.sum(bias_update ** 2)
 
 
+def _conv_matmul(conv: nn.Conv, x):
+  """nn.Conv's output on x [N, H, W, C] as im2col (kh kw shifted slices, concatenated on the
+  channels in the kernel's (kh, kw, c) order) and one matmul; None where the convolution is
+  not a plain one (stride, dilation, groups, mask or padding other than 'SAME')."""
+  def ones(v):
+    return v is None or all(s == 1 for s in (v if isinstance(v, (tuple, list)) else (v,)))
+  if (x.ndim != 4 or conv.padding != "SAME" or not ones(conv.strides)
+      or not ones(conv.input_dilation) or not ones(conv.kernel_dilation)
+      or conv.feature_group_count != 1 or conv.mask is not None):
+    return None
+  kernel = conv.get_variable("params", "kernel")
+  kh, kw, cin, cout = kernel.shape
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
+  cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], -1)
+  y = cols @ kernel.reshape(kh * kw * cin, cout)
+  return y + conv.get_variable("params", "bias") if conv.use_bias else y
+
+
+def _conv_interceptor(next_fun, args, kwargs, context):
+  if context.method_name == "__call__" and isinstance(context.module, nn.Conv) and args:
+    y = _conv_matmul(context.module, args[0])
+    if y is not None:
+      return y
+  return next_fun(*args, **kwargs)
+
+
+def conv_as_matmul():
+  """A context in which the model's stride-1 'SAME' convolutions (flax nn.Conv) run as im2col
+  + one matmul: the same function (up to float rounding), differentiated as slices and
+  matmuls. The attack differentiates through the replay's weight gradient, so a vmapped
+  restart or site axis makes both operands of those convolutions batched, which XLA lowers to
+  grouped convolutions (slow on CPU); as matmuls they become batched matmuls. Also faster for
+  one restart on CPU (benchmarks/RESULTS.md, issue 16)."""
+  return nn.intercept_methods(_conv_interceptor)
+
+
 def make_attack(model: Model, local: Local, cfg: dict, prior_image=None):
   """Returns attack(target, key) -> (x [n, ...], label_probs [n, C], losses [iterations]).
 
@@ -237,6 +279,10 @@ def make_attack(model: Model, local: Local, cfg: dict, prior_image=None):
     return x.reshape((x.shape[0], *local.image_shape))
 
   def objective(variables, target: Target):
+    with conv_as_matmul() if cfg["conv"] == "matmul" else contextlib.nullcontext():
+      return _objective(variables, target)
+
+  def _objective(variables, target: Target):
     x, label_logits = variables
     q = (jax.nn.one_hot(target.labels, C) if labels_mode == "known"
          else jax.nn.softmax(label_logits))
