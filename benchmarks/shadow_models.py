@@ -20,7 +20,9 @@ import os
 import time
 
 
-import fedjax_lab  # noqa: F401  (before jax: the lab's CPU device setup)
+import fedjax_lab
+
+fedjax_lab.setup_cpu_devices()  # before jax: one XLA device per CPU core
 import jax
 import numpy as np
 
