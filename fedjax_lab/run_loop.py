@@ -142,9 +142,11 @@ def run(self, workdir: str) -> dict:
             **({"clip_norm": float(clip_norms[i])} if adaptive else {}),
             # What the secure sum did: sites in it, whether it aborted, coordinates clipped to
             # secagg.clip_range (never silent) and the protocol's host cryptography time.
-            # Under site DP the realised cohort is private: no survivor count.
+            # Under site DP the realised cohort is private: neither the survivor count nor the
+            # host time (which grows with the cohort) is logged.
             **({f"secagg_{k}": (float(v[i]) if k == "host_seconds" else int(v[i]))
-                for k, v in secure.items() if not (site_dp and k == "survivors")}
+                for k, v in secure.items()
+                if not (site_dp and k in ("survivors", "host_seconds"))}
                if secure is not None else {})})
       if _any_process_signalled(stop["signal"] is not None) and stop["signal"] is None:
         stop["signal"] = signal.SIGTERM  # another process was: stop after the same round
