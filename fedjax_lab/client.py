@@ -31,7 +31,7 @@ from fedjax_lab import losses, optim
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.models import Model
 from fedjax_lab.privacy.clipping import privatize
-from fedjax_lab.privacy.sampling import poisson_sample
+from fedjax_lab.privacy.sampling import poisson_sample, site_rate
 
 _PROBE_STREAM = 0x5EED  # fold_in tag of the curvature probes' key (batches use split)
 _PUBLIC_STREAM = 0x9AB1  # fold_in tag of the public calibration batches' key
@@ -49,7 +49,7 @@ class ExampleDP(NamedTuple):
   """DP-SGD at the site (Abadi et al. 2016): Poisson minibatches, clipped sum, Gaussian noise.
 
   Each local step every example of the site joins independently with probability
-  rate = batch_size / count (capped at 1); the sampled examples fill `max_batch` slots
+  rate = privacy.sampling.site_rate(batch_size, count); the sampled examples fill `max_batch` slots
   (privacy/sampling.py); the clipped gradient sum gets N(0, (noise_multiplier * clip_norm)^2)
   and is divided by `example_dp_divisor`: the expected batch size rate * count, or with
   `fixed_divisor` set, that number at every site.
@@ -70,7 +70,8 @@ def example_dp_divisor(dp: ExampleDP, batch_size: int, site_count):
   """What a site divides its noised clipped gradient sum by (jnp or NumPy counts)."""
   if dp.fixed_divisor is not None:
     return dp.fixed_divisor + 0 * site_count
-  return jnp.minimum(1.0, batch_size / site_count) * site_count
+  # float32 for NumPy counts too (noise_coverage): the divisor the client really uses.
+  return jnp.asarray(site_rate(batch_size, site_count)) * site_count
 
 
 class ClientOutput(NamedTuple):
@@ -220,7 +221,7 @@ def make_site_gradient(model: Model, batch_size: int, shuffle: bool,
 
   def private(params, ms, site_idx, site_count, batch_rng, rng_t, t, data):
     """One DP-SGD gradient: Poisson sample, clipped per-example sum, noise, / expected size."""
-    rate = jnp.minimum(1.0, batch_size / site_count)
+    rate = site_rate(batch_size, site_count)
     pos, mask, overflow = poisson_sample(jax.random.fold_in(batch_rng, t), site_count, rate,
                                          site_idx.shape[0], dp.max_batch)
     rows = site_idx[pos]

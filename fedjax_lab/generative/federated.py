@@ -64,7 +64,9 @@ class RoundMetrics(NamedTuple):
   reconstruction: jax.Array
   kl: jax.Array
   participants: jax.Array  # sites that took part this round
-  overflow: jax.Array      # Poisson-sampled examples dropped for want of slots (almost 0)
+  # Poisson-sampled examples dropped for want of slots, at every site (joined or not): the
+  # plan gives any overflow probability <= overflow_bound, so train.py stops on one.
+  overflow: jax.Array
   nonfinite_updates: jax.Array  # site DP: released updates that were not finite (sent as 0)
 
 
@@ -131,11 +133,14 @@ class FederatedVAE:
     """(batch dict, weights [m], normaliser, overflow) for one local step."""
     k_pos, k_eps = jax.random.split(rng)
     if self.example_dp:
+      # The site's own rate, the one its slots were sized for (privacy.make_plan); the
+      # accountant composes the largest, the smallest site's.
+      rate = sampling.site_rate(self.batch_size, site_count)
       positions, weights, overflow = sampling.poisson_sample(
-          k_pos, site_count, self.plan.sampling_prob, site_idx.shape[0], self.plan.slots)
+          k_pos, site_count, rate, site_idx.shape[0], self.plan.slots)
       # DP-SGD divides by the EXPECTED batch size (a public function of the site's size),
       # never by the realised one, which would depend on who was sampled.
-      norm = self.plan.sampling_prob * site_count.astype(jnp.float32)
+      norm = rate * site_count.astype(jnp.float32)
     else:
       positions = jax.random.randint(k_pos, (self.batch_size,), 0, site_count)
       weights = jnp.ones((self.batch_size,), jnp.float32)
@@ -274,7 +279,7 @@ class FederatedVAE:
     round_metrics = RoundMetrics(
         loss=mean(metrics[:, 0]), reconstruction=mean(metrics[:, 1]), kl=mean(metrics[:, 2]),
         participants=jnp.sum(joined).astype(jnp.int32),
-        overflow=jnp.sum(w * metrics[:, 3]).astype(jnp.int32),
+        overflow=jnp.sum(metrics[:, 3]).astype(jnp.int32),
         nonfinite_updates=jnp.asarray(chain_metrics.get("nonfinite_updates", 0), jnp.int32))
     new_state = {"server": server, "sites": sites, "round": r + 1}
     return new_state, round_metrics, messages, joined

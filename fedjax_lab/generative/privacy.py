@@ -1,9 +1,12 @@
 """What the accountant composes for a DPD-fVAE run, and what its epsilon covers.
 
 Levels (`dp.level`):
-  example  DP-SGD at every site: each local step draws a Poisson batch at rate
-           q = batch_size / (smallest site), clips each example's gradient and adds Gaussian
-           noise. WHICH gradient is clipped and noised is `dp.encoder`:
+  example  DP-SGD at every site: each local step a site of n examples draws a Poisson batch
+           at its own rate q_n = min(1, batch_size / n) (privacy.sampling.site_rate, as the
+           lab's FedAvg client; site sizes are public), clips each example's gradient, adds
+           Gaussian noise and divides by the expected batch size q_n n. The accountant
+           composes the largest rate, the smallest site's, which bounds every site's.
+           WHICH gradient is clipped and noised is `dp.encoder`:
              "private" (default, sound): the whole VAE's per-example gradient (encoder and
                decoder together) is clipped to clip_norm and noised; the site keeps its noisy
                encoder, releases only the decoder. The decoder is post-processing of a run of
@@ -20,8 +23,18 @@ Levels (`dp.level`):
            its own data and of released decoders only, and it is never released.
 
 The accountant is fedjax_lab.privacy.accounting (add/remove-one, Poisson sampling). As in
-fedjax_lab/experiment.py, Poisson samples are truncated to fixed slots and the truncation is
-paid for in delta: the accountant composes at delta * (1 - 1e-3).
+fedjax_lab/privacy/plan.py, Poisson samples are truncated to fixed slots and the truncation is
+paid for in delta: the accountant composes at delta * (1 - 1e-3), and the slots
+(privacy.sampling.site_slots) are sized so that P(any draw of the unit's site, or of its
+neighbours' n - 1 and n + 1, overflows during the run) <= overflow_bound, with
+(1 + e^epsilon) overflow_bound <= 1e-3 delta. An overflow is thus so unlikely that seeing one
+means the plan does not match the sampling: generative/train.py stops the run on the first
+(SlotOverflow).
+
+`guarantees` lists one (epsilon, delta) per adversary, in the lab's entry format (privacy/
+guarantees.py), with the noise multiplier, sampling rate and steps that adversary faces, so
+each epsilon can be recomputed with dp-accounting from its entry alone (at its
+accountant_delta).
 
 Randomness (`dp.randomness`, as in the lab, privacy/guarantees.resolve_randomness): "secret"
 draws the mechanism's randomness (batches, participation, noise) from OS entropy kept only
@@ -38,6 +51,7 @@ import numpy as np
 from fedjax_lab.privacy import accounting, guarantees, sampling
 
 TRUNCATION_SHARE = 1e-3
+SEES = ("models", "sum", "updates")
 LEVELS = ("none", "example", "site")
 ENCODER_MODES = ("private", "paper")
 RANDOMNESS = ("secret", "seeded", "auto")
@@ -48,7 +62,9 @@ class Plan:
   level: str
   noise_multiplier: float
   clip_norm: float
-  sampling_prob: float     # per-step example rate (example) or per-round site rate (site)
+  # The accountant's rate: the largest site's example rate (example: the smallest site's,
+  # site_rate) or the per-round site rate client.participation (site).
+  sampling_prob: float
   steps: int               # noisy steps composed: rounds * local_steps, or rounds
   steps_per_round: int
   delta: float             # the run's delta (dp.delta)
@@ -58,6 +74,9 @@ class Plan:
   encoder: str             # "private" | "paper" | "none" (site level: never noised)
   sound: bool              # whether epsilon is a proven (epsilon, delta) guarantee
   randomness: str = "seeded"  # "secret" (OS entropy, in the checkpoint) or "seeded"
+  overflow_bound: float = 0.0  # P(any overflow of the unit's draws in the run), paid in delta
+  num_sites: int = 0
+  released: str = "decoder"    # what the server broadcasts: "decoder" or "encoder and decoder"
 
   def epsilon_after(self, steps: int) -> float:
     return accounting.epsilon(self.noise_multiplier, self.sampling_prob, int(steps),
@@ -97,7 +116,7 @@ def make_plan(config, site_counts: np.ndarray) -> Plan | None:
     raise ValueError(f"dp.randomness: unknown {dp.randomness!r}; allowed: "
                      f"{', '.join(RANDOMNESS)}")
   if dp.level == "example":
-    q = min(1.0, config.client.batch_size / int(site_counts.min()))
+    q = float(sampling.site_rate(config.client.batch_size, int(site_counts.min())))
     steps_per_round = config.client.local_steps
     encoder = "paper" if (dp.encoder == "paper" and config.generative.sync == "decoder") \
         else "private"
@@ -111,17 +130,114 @@ def make_plan(config, site_counts: np.ndarray) -> Plan | None:
   if dp.target_epsilon > 0:
     sigma = accounting.noise_multiplier_for(dp.target_epsilon, q, steps, accountant_delta,
                                             dp.accountant)
-  slots = 0
+  slots, overflow_bound = 0, 0.0
   if dp.level == "example":
+    # A unit (one example) is in one site, whose batch is drawn once per step: steps draws,
+    # each overflowing w.p. <= tail, so the run's overflow probability is <= overflow_bound.
     eps = accounting.epsilon(sigma, q, steps, accountant_delta, dp.accountant)
-    tail = TRUNCATION_SHARE * dp.delta / (1 + math.exp(min(eps, 700.0))) / steps
-    sizes = np.unique(site_counts)
-    slots = sampling.max_sample_size_over(np.concatenate([sizes - 1, sizes, sizes + 1]),
-                                          lambda n: config.client.batch_size / n, tail)
-    slots = max(1, min(slots, int(site_counts.max())))
+    overflow_bound = TRUNCATION_SHARE * dp.delta / (1 + math.exp(min(eps, 700.0)))
+    slots = max(1, sampling.site_slots(site_counts, config.client.batch_size,
+                                       overflow_bound / steps))
   return Plan(level=dp.level, noise_multiplier=sigma, clip_norm=float(dp.clip_norm),
               sampling_prob=q, steps=steps, steps_per_round=steps_per_round, delta=dp.delta,
               accountant_delta=accountant_delta, accountant=dp.accountant, slots=slots,
               encoder=encoder, sound=encoder != "paper",
               randomness=guarantees.resolve_randomness(dp.get("randomness", "auto"),
-                                                       config.data.name))
+                                                       config.data.name),
+              overflow_bound=overflow_bound, num_sites=len(site_counts),
+              released="decoder" if config.generative.sync == "decoder"
+              else "encoder and decoder")
+
+
+class SlotOverflow(RuntimeError):
+  """A Poisson sample did not fit its slots: an event the plan gave probability <=
+  overflow_bound for the whole run, so the slots do not match the sampling."""
+
+  def __init__(self, plan: Plan, round_index: int, dropped: int):
+    super().__init__(
+        f"round {round_index}: {dropped} Poisson-sampled example(s) did not fit the "
+        f"{plan.slots} batch slots, an event the privacy plan gave probability <= "
+        f"{plan.overflow_bound:.3g} over the whole run (paid in dp.delta): the slots do not "
+        "match the sampling, so the (epsilon, delta) does not hold; stopped without saving "
+        "the round (a bug: report it with the config)")
+
+
+def _entry(plan: Plan, adversary: str, sees: str, colluding: int, noise_multiplier: float,
+           sampling_prob: float, steps: int, assumes: str, proven: bool = True) -> dict:
+  assert sees in SEES
+  eps = None
+  if proven:
+    eps = accounting.epsilon(noise_multiplier, sampling_prob, steps, plan.accountant_delta,
+                             plan.accountant)
+  return {"adversary": adversary, "epsilon": eps, "delta": plan.delta, "assumes": assumes,
+          "sees": sees, "colluding_sites": int(colluding),
+          "noise_multiplier": float(noise_multiplier), "sampling_prob": float(sampling_prob),
+          "steps": int(steps), "accountant": plan.accountant,
+          "accountant_delta": plan.accountant_delta}
+
+
+def guarantees_after(plan: Plan, steps: int) -> list[dict]:
+  """One entry per adversary, headline (the released models) first, after `steps` noisy
+  steps; epsilon is dp-accounting's for (noise_multiplier, sampling_prob, steps) at
+  accountant_delta, and the entry holds at delta (the rest pays for truncation)."""
+  sigma, n_sites = plan.noise_multiplier, plan.num_sites
+  if plan.randomness == "secret":
+    secret = ("the noise and sampling come from OS entropy kept only in the run's "
+              "checkpoints (dp.randomness=secret), which the adversary cannot read")
+  else:
+    secret = ("the adversary does not know config.seed (dp.randomness=seeded: every noise "
+              "and sampling draw is derived from it, and summary.json publishes it)")
+  models = f"the released {plan.released} after every round"
+  out = []
+  if plan.level == "example":
+    hidden = ("site sizes are public (a site of n examples samples at min(1, batch_size/n); "
+              f"the accountant composes the largest rate, {plan.sampling_prob:.4g}); each "
+              "site's Poisson minibatch draws stay hidden; no amplification by participation "
+              "is claimed")
+    proven = plan.sound
+    unproven = ("" if proven else "NONE PROVEN (dp.encoder=paper): the encoder trains on the "
+                "same examples without noise and shapes every decoder gradient, so a step's "
+                "sensitivity is not clip_norm; sigma, q and steps are those of the decoder's "
+                "noisy steps alone; ")
+    unit = "unit: one example, add/remove"
+    out.append(_entry(plan, f"anyone who sees {models}", "models", 0, sigma,
+                      plan.sampling_prob, steps, f"{unproven}{unit}; {hidden}; {secret}",
+                      proven))
+    out.append(_entry(plan, "the server: it sees each site's update (and picks who joins), "
+                      "each update carrying the site's full DP-SGD noise", "updates", 0, sigma,
+                      plan.sampling_prob, steps, f"{unproven}{unit}; {hidden}; {secret}",
+                      proven))
+    if n_sites > 1:
+      out.append(_entry(
+          plan, f"the server and all {n_sites - 1} other sites colluding (each site's noise "
+          "is its own; the target's site adds the full sigma)", "updates", n_sites - 1,
+          sigma, plan.sampling_prob, steps,
+          f"{unproven}{unit}; the target's own site is honest and keeps its noise, minibatch "
+          f"draws and encoder; {hidden}; {secret}", proven))
+  else:
+    unit = "unit: one site (all its examples), add/remove"
+    out.append(_entry(plan, f"anyone who sees {models}, not who joined", "models", 0, sigma,
+                      plan.sampling_prob, steps,
+                      f"{unit}; which sites joined each round stays hidden; encoders are "
+                      f"never released; {secret}"))
+    # Coordinated shares: each joined site adds sigma/sqrt(n) for the round's n joined
+    # sites, and the server sees each update; it picks who joins, so at worst all do.
+    out.append(_entry(plan, "the server: it sees each site's update, noised only by its "
+                      f"share sigma/sqrt(n) of the round's n <= {n_sites} sites, and picks "
+                      "who joins", "updates", 0, sigma / math.sqrt(max(n_sites, 1)), 1.0,
+                      steps, f"{unit}; it picks each round's cohort, so no amplification by "
+                      f"sampling; at worst all {n_sites} sites join every round; {secret}"))
+    for k in sorted({k for k in (1, n_sites - 1) if 1 <= k < n_sites}):
+      out.append(_entry(
+          plan, f"{k} colluding site(s), knowing their own noise shares: at worst "
+          f"sigma/sqrt({k + 1}) is left (a round joined by just them and the target)",
+          "models", k, sigma / math.sqrt(k + 1), 1.0, steps,
+          f"{unit}; they see the released models and the round's cohort size (their shares "
+          f"scale with it), so no amplification by sampling; {secret}"))
+  if plan.randomness == "seeded":
+    out.append(_entry(plan, "anyone who knows config.seed (e.g. a reader of summary.json)",
+                      "models", 0, 0.0, 1.0, steps,
+                      "dp.randomness=seeded: the noise and sampling can be regenerated from "
+                      "the seed and subtracted; use dp.randomness=secret for a guarantee",
+                      proven=False))
+  return out

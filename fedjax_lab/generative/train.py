@@ -14,6 +14,11 @@ privacy.make_plan; `auto` is secret for the user's own data) the DP mechanism's 
 comes from experiment.draw_secret(), OS entropy written ONLY in the checkpoint meta
 ("dp_secret") and restored on resume, so a resumed run continues with the same noise; a
 checkpoint of the other mode is refused. The initialisation stays seeded.
+
+Exit codes: 2 and one line `config error: KEY: PROBLEM` for a bad config (fedjax_lab.cli.fail);
+3 and one line `privacy error: ...` when a Poisson sample overflows its slots (privacy.
+SlotOverflow: the plan gave it probability <= overflow_bound, so the plan is wrong), before
+that round is logged or checkpointed.
 """
 
 import json
@@ -102,6 +107,9 @@ def run(config, workdir: str, verbose: bool = True) -> dict:
     m = jax.tree.map(float, m._asdict())
     seconds += time.perf_counter() - t0
     done = r + 1
+    if m["overflow"] > 0:  # outside the plan's (epsilon, delta): nothing of it is saved
+      ckpt.close()
+      raise privacy.SlotOverflow(plan, done, int(m["overflow"]))
     if done % config.eval.every == 0 or done == config.rounds:
       eps = plan.epsilon_after(done * plan.steps_per_round) if plan else None
       row = {"round": done, **m, "epsilon": eps, "seconds": seconds}
@@ -132,9 +140,10 @@ def run(config, workdir: str, verbose: bool = True) -> dict:
         "clip_norm": plan.clip_norm, "sampling_prob": plan.sampling_prob,
         "steps": plan.steps, "site_dp_steps_max": int(dp_steps.max()),
         "accountant": plan.accountant, "accountant_delta": plan.accountant_delta,
-        "delta": plan.delta, "slots": plan.slots, "encoder": plan.encoder,
-        "sound": plan.sound, "randomness": plan.randomness,
-        "guarantee": plan.guarantee(eps)}
+        "delta": plan.delta, "slots": plan.slots, "overflow_bound": plan.overflow_bound,
+        "encoder": plan.encoder, "sound": plan.sound, "randomness": plan.randomness,
+        "guarantee": plan.guarantee(eps),
+        "guarantees": privacy.guarantees_after(plan, plan.steps)}
   if config.eval.at_end:
     summary["eval"] = evaluate.evaluate(vae, fed.decoder(state), train, test, config.eval,
                                         config.seed)
@@ -152,10 +161,14 @@ def main(argv):
     cli.fail("--workdir: required")
   config = _CONFIG.value
   from fedjax_lab.errors import ConfigError
+  from fedjax_lab.generative.privacy import SlotOverflow
   try:
     summary = run(config, _WORKDIR.value)
   except (ConfigError, ValueError) as e:
     cli.fail(str(e))
+  except SlotOverflow as e:  # one line, like a config error, but not the user's to fix
+    print(f"privacy error: {e}", file=sys.stderr)
+    sys.exit(3)
   line = f"rounds={summary['rounds_completed']} sync={summary['sync']}"
   if summary["epsilon"] is not None:
     line += (f" epsilon={summary['epsilon']:.3f} delta={summary['privacy']['delta']:g}"

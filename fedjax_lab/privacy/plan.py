@@ -67,7 +67,7 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
     # Every site runs DP-SGD on its own examples; the smallest site samples at the highest
     # rate, so its epsilon bounds every site's. No amplification by cohort sampling is
     # claimed: a site is accounted as if it took part in every round.
-    q = min(1.0, config.client.batch_size / int(site_counts.min()))
+    q = float(sampling.site_rate(config.client.batch_size, int(site_counts.min())))
     steps_per_round, units = config.client.local_steps, int(site_counts.sum())
     unit = "one example"
     scheme = (f"Poisson minibatches at rate batch_size/site_size (q={q:.4g} at the smallest "
@@ -90,11 +90,7 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
   overflow_bound = _TRUNCATION_SHARE * dp.delta / (1 + math.exp(min(eps, 700.0)))
   tail = overflow_bound / total_steps
   if dp.level == "example":
-    sizes = np.unique(site_counts)
-    slots = sampling.max_sample_size_over(
-        np.concatenate([sizes - 1, sizes, sizes + 1]),
-        lambda n: config.client.batch_size / n, tail)
-    slots = min(slots, int(site_counts.max()))  # a site never has more to sample
+    slots = sampling.site_slots(site_counts, config.client.batch_size, tail)
   else:
     n = config.data.num_sites
     slots = min(n, sampling.max_sample_size_over([n - 1, n, n + 1],

@@ -22,6 +22,26 @@ import numpy as np
 from scipy import stats
 
 
+def site_rate(batch_size: int, count):
+  """Each site's Poisson rate at example level, min(1, batch_size / count): its expected batch
+  is batch_size (its whole data when smaller). The one place the rate is computed (FedAvg's
+  client.py and the VAE sample at it, the plans size slots and the accountant's q with it);
+  count is a public site size. jnp for jax arrays (traced counts), NumPy float64 otherwise."""
+  if isinstance(count, jax.Array):
+    return jnp.minimum(1.0, batch_size / count)
+  return np.minimum(1.0, batch_size / np.asarray(count, np.float64))
+
+
+def site_slots(site_counts, batch_size: int, tail: float) -> int:
+  """Batch slots that hold every site's Poisson sample at its own site_rate, and that of its
+  neighbours (one example added or removed: sizes n - 1 and n + 1 at THEIR rates), each draw
+  overflowing with probability <= tail; never more than the largest site."""
+  sizes = np.unique(np.asarray(site_counts, np.int64))
+  slots = max_sample_size_over(np.concatenate([sizes - 1, sizes, sizes + 1]),
+                               lambda n: float(site_rate(batch_size, n)), tail)
+  return min(slots, int(sizes.max()))
+
+
 def max_sample_size(expected: float, population: int, tail: float = 1e-9) -> int:
   """Slots for a Poisson sample at rate expected/population: the smallest m with
   P(Binomial(population, expected/population) > m) <= tail (all of them if tail <= 0)."""
