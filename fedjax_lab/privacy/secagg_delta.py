@@ -140,7 +140,7 @@ def terms(config, plan, d: int, site_counts) -> Terms:
 
 
 def gate(config, plan, d: int, site_counts) -> Terms:
-  """Refuses (ConfigError on secagg.bits) a run whose quantization costs more than its share
+  """Refuses (ConfigError on secagg.bits, or secagg.clip_range when clipping dominates) a run whose quantization costs more than its share
   SECAGG_SHARE dp.delta: (1 + e^eps) eta, eps the headline epsilon after config.rounds."""
   c = config.client
   if config.dp.level == "example" and (c.local_steps != 1 or c.optimizer != "sgd"):
@@ -152,12 +152,16 @@ def gate(config, plan, d: int, site_counts) -> Terms:
   eps = plan.accountant.epsilon_after(config.rounds * plan.steps_per_round)
   cost = (1 + math.exp(min(eps, 700.0))) * t.eta
   budget = SECAGG_SHARE * config.dp.delta
-  if not cost <= budget:
-    raise ConfigError("secagg.bits", f"{config.secagg.bits} bits give a grid step "
-                      f"{t.step:.3g}: over {t.rounds} rounds the quantization is within "
-                      f"TV {t.eta:.3g} of the Gaussian sum (aliasing {t.aliasing:.3g} + "
-                      f"clipping {t.clipping:.3g} a round, at n={t.worst_n}), which costs "
-                      f"(1 + e^{eps:.3g}) x that = {cost:.3g} > {SECAGG_SHARE:g} dp.delta = "
-                      f"{budget:.3g}; raise secagg.bits or secagg.clip_range (if clipping) "
-                      f"or lower secagg.clip_range (if aliasing)")
-  return t
+  if cost <= budget:
+    return t
+  why = (f"over {t.rounds} rounds the quantization is within TV {t.eta:.3g} of the Gaussian "
+         f"sum (aliasing {t.aliasing:.3g} + clipping {t.clipping:.3g} a round, at n="
+         f"{t.worst_n} sites), which costs (1 + e^{eps:.3g}) x that = {cost:.3g} > "
+         f"{SECAGG_SHARE:g} dp.delta = {budget:.3g}")
+  if t.clipping >= t.aliasing:
+    raise ConfigError("secagg.clip_range", f"{config.secagg.clip_range:g} clips the noised "
+                      f"updates too often: {why}; raise secagg.clip_range (and secagg.bits "
+                      f"with it if the grid then gets too coarse)")
+  raise ConfigError("secagg.bits", f"{config.secagg.bits} bits give a grid step {t.step:.3g} "
+                    f"too coarse for the noise shares: {why}; raise secagg.bits (or lower "
+                    f"secagg.clip_range)")
