@@ -41,9 +41,8 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from scipy.stats import norm
-
 from fedjax_lab.errors import ConfigError
+from fedjax_lab.secagg.noise import clip_probability
 
 # The share of dp.delta reserved for the quantization (next to the truncation's, plan.py).
 SECAGG_SHARE = 1e-3
@@ -56,13 +55,6 @@ def theta_bar(n: int, tau: float) -> float:
     return 0.0
   x = 2.0 * n * math.exp(-a) / -math.expm1(-3.0 * a)
   return math.expm1(x) if x < 700 else math.inf
-
-
-def clip_probability(clip_range: float, bound: float, share_std: float, n: int, d: int):
-  """Union bound 2 n d P(N(0, s^2) > c - b), capped at 1 (1 if c <= b)."""
-  if clip_range <= bound:
-    return 1.0
-  return min(1.0, 2.0 * n * d * float(norm.sf((clip_range - bound) / share_std)))
 
 
 class Row(NamedTuple):
