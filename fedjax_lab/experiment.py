@@ -24,7 +24,7 @@ from fedjax_lab.client import (ClientConfig, ExampleDP, make_client_update,
 from fedjax_lab.data import federated, partition, public, sources, standardize
 from fedjax_lab.errors import ConfigError, config_keys
 from fedjax_lab.models import make_model
-from fedjax_lab.privacy import clipping
+from fedjax_lab.privacy import clipping, secagg_delta
 from fedjax_lab.privacy.plan import (PrivacyPlan, noise_coverage, noise_shares,  # noqa: F401
                                      privacy_plan)
 
@@ -234,7 +234,9 @@ class Experiment:
 
   def _secure_sum(self):
     """secagg.round.SecureSum for secagg.enabled (checked against this run's largest cohort
-    and, under coordinated noise, against the quantization's aliasing term), else None."""
+    and, under DP, against the quantization's delta share: privacy/secagg_delta.py), else
+    None. Under site-level DP the grid is fixed by the slots, a public quantity, so nothing
+    the protocol does reveals the realised cohort's size through its shapes or levels."""
     cfg = self.config
     if not cfg.secagg.enabled:
       return None
@@ -245,44 +247,16 @@ class Experiment:
     s = cfg.secagg
     sa = secagg.SecAggConfig(neighbours=s.neighbours, threshold=s.threshold, bits=s.bits,
                              clip_range=s.clip_range, dropout_rate=s.dropout_rate)
-    if self.privacy is not None and cfg.dp.noise == "coordinated":
-      self._check_aliasing(sa, max_cohort)
-    # What one site that stays sends in a round (its masked vector, shares, unmasking), at the
-    # configured cohort: under site DP the realised one is private, as for bytes_communicated.
     params, model_state = jax.eval_shape(self.model.init, self.keys["init"], self.train.x[:2])
     d = sum(int(np.prod(l.shape)) for l in jax.tree.leaves((params, model_state)))
+    if self.privacy is not None:
+      terms = secagg_delta.gate(cfg, self.privacy, d, np.asarray(self.data.count))
+      self.privacy = self.privacy._replace(secagg_tv=terms.eta)
+    # What one site that stays sends in a round (its masked vector, shares, unmasking), at the
+    # configured cohort: under site DP the realised one is private, as for bytes_communicated.
     self.secagg_bytes_per_site = secagg.bytes_per_site(
         d, s.bits, secagg.resolve_neighbours(cfg.cohort_size, s.neighbours))["sent_total"]
-    return secagg.SecureSum(sa)
-
-  def _check_aliasing(self, sa, max_cohort: int) -> None:
-    """Refuses a grid too coarse for the noise shares: the secure sum of quantized noised
-    updates is a post-processing of the noisy sum only up to a term of order
-    n d exp(-pi^2 (s / step)^2) (README, Secure aggregation (3)); it must stay below
-    1e-3 dp.delta. s: one site's noise std per coordinate in what it sends."""
-    from fedjax_lab import secagg
-    from fedjax_lab.secagg import noise as secagg_noise
-    cfg = self.config
-    d = sum(int(np.prod(l.shape)) for l in jax.tree.leaves(
-        jax.eval_shape(self.model.init, self.keys["init"], self.train.x[:2])[0]))
-    if cfg.dp.level == "site":  # share sigma C / sqrt(n), then / the expected cohort size
-      worst = max(range(2, max_cohort + 1), key=lambda n: n * math.exp(
-          -math.pi ** 2 * (self.privacy.update_noise_multiplier * cfg.dp.clip_norm
-                           / math.sqrt(n) / cfg.cohort_size
-                           / (2 * sa.clip_range / secagg.levels_for(n, sa.bits))) ** 2))
-      n, s = worst, (self.privacy.update_noise_multiplier * cfg.dp.clip_norm
-                     / math.sqrt(worst) / cfg.cohort_size)
-    else:  # one DP-SGD step: lr (sum of clipped grads + N(0, (share C)^2)) / B, weight 1/K
-      n = cfg.cohort_size
-      share = self.privacy.noise_multiplier / math.sqrt(noise_shares(cfg))
-      s = cfg.client.lr * share * cfg.dp.clip_norm / cfg.client.batch_size / n
-    step = 2 * sa.clip_range / secagg.levels_for(n, sa.bits)
-    term = n * d * secagg_noise.aliasing_bound(s, step)
-    if term > 1e-3 * cfg.dp.delta:
-      raise ConfigError("secagg.bits", f"{sa.bits} bits give a grid step {step:.3g} too coarse "
-                        f"for noise shares of std {s:.3g}: the quantization's aliasing term "
-                        f"{term:.3g} is not below 1e-3 dp.delta; raise secagg.bits or lower "
-                        f"secagg.clip_range")
+    return secagg.SecureSum(sa, slots=max_cohort if site_level else None)
 
   def set_secret(self, secret: list[int] | None) -> None:
     """The per-purpose keys: from config.seed, except that with a secret (dp.randomness=secret)

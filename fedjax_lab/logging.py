@@ -73,7 +73,9 @@ class MetricsLogger:
     self._file.flush()
     if self._tb is not None:
       self._add_scalars(row)
-    postfix = {"loss": f"{row['train_loss']:.4f}", "s/round": f"{row['seconds']:.3f}"}
+    postfix = {"loss": f"{row['train_loss']:.4f}"}
+    if row.get("seconds") is not None:  # None where the time is private (run_loop.hide_time)
+      postfix["s/round"] = f"{row['seconds']:.3f}"
     if row.get("test_accuracy") is not None:
       postfix["acc"] = f"{row['test_accuracy']:.4f}"
     if row.get("test_rmse") is not None:

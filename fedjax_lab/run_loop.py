@@ -86,6 +86,14 @@ def run(self, workdir: str) -> dict:
     log.info(guarantees.describe(guarantees.all_guarantees(self.privacy.mechanism(
         cfg, cfg.rounds * self.privacy.steps_per_round))) + f"\n  (after the planned "
         f"{cfg.rounds} rounds; summary.json lists them after the rounds completed)")
+  # Site-level DP with secure aggregation: a round's wall time grows with the realised cohort
+  # (the protocol's host cryptography is quadratic in it), which amplification by sampling
+  # hides; the device work is padded to the slots, the host's cannot be.
+  hide_time = site_dp and cfg.secagg.enabled
+  if hide_time:
+    log.info("seconds are not logged (metrics.jsonl seconds: null, summary total_seconds: "
+             "null): under site-level DP with secure aggregation a round's time grows with "
+             "the realised cohort, which the privacy analysis treats as hidden")
   if self.public is not None:
     log.info("curvature objective: %d public examples of optim.public_data=%s, %d per "
              "estimate (public by assumption: no epsilon covers them)", len(self.public),
@@ -131,6 +139,8 @@ def run(self, workdir: str) -> dict:
                         "is unchanged", completed)
         meta["bytes_total"] += round_bytes
         meta["seconds_total"] += seconds
+        if hide_time:
+          seconds = None
         logger.write({
             "round": completed, "train_loss": float(loss),
             **evaluation.fields(result, self.task),  # test_accuracy ... or test_rmse, test_r2
@@ -164,7 +174,8 @@ def run(self, workdir: str) -> dict:
   summary = {
       **evaluation.fields(result, self.task),
       "epsilon": self.epsilon(completed), "rounds_completed": completed,
-      "total_seconds": meta["seconds_total"], "bytes_total": meta["bytes_total"],
+      "total_seconds": None if hide_time else meta["seconds_total"],
+      "bytes_total": meta["bytes_total"],
       "params_sha256": experiment.params_sha256(state.params),
       "config": json.loads(self.config.to_json_best_effort()),
       "lab_commit": runs.lab_commit(), "versions": runs.versions(),

@@ -66,6 +66,8 @@ class Mechanism(NamedTuple):
   # Coordinated example level: each site adds sigma/sqrt(noise_shares): the cohort K, or with
   # secure aggregation and dropouts its threshold t (experiment.noise_shares).
   noise_shares: int = 0
+  # secagg.enabled: TV between the run as quantized and the Gaussian run (secagg_delta.py).
+  secagg_tv: float = 0.0
 
 
 def resolve_randomness(randomness: str, data_name: str) -> str:
@@ -93,7 +95,7 @@ def amplified_epsilon(m: Mechanism, noise_multiplier: float) -> float | None:
     return 0.0
 
   def at(eps):  # epsilon_dp_accounting at the delta left after paying (1 + e^eps) eta
-    left = m.delta - (1 + math.exp(min(eps, 700.0))) * m.overflow_bound
+    left = m.delta - (1 + math.exp(min(eps, 700.0))) * (m.overflow_bound + m.secagg_tv)
     if left <= 0:
       return None
     return accounting.epsilon(noise_multiplier, m.sampling_prob, m.steps, left, m.accountant)

@@ -2,9 +2,9 @@
 
 `privacy_plan(config, site_counts)` states the unit (one example or one site), the sampling
 (Poisson minibatches or cohorts, truncated to `slots`), sigma (given or calibrated to
-dp.target_epsilon), the accountant, the delta split between the accountant and the
-truncation, the randomness, and the one log line that says all of it; `PrivacyPlan.mechanism`
-is what privacy/guarantees.py turns into an epsilon per adversary. `noise_coverage` checks
+dp.target_epsilon), the accountant, the delta split between the accountant, the truncation
+and (secure aggregation) the quantization (secagg_delta.py), the randomness, and the one log
+line that says all of it; `PrivacyPlan.mechanism` is what privacy/guarantees.py turns into an epsilon per adversary. `noise_coverage` checks
 that the clients' divisors and noise shares give every site's examples at least sigma.
 """
 
@@ -15,7 +15,8 @@ from typing import NamedTuple
 import numpy as np
 
 from fedjax_lab import config as config_lib
-from fedjax_lab.privacy import accounting, adaptive_clipping, guarantees, sampling
+from fedjax_lab.privacy import (accounting, adaptive_clipping, guarantees, sampling,
+                                secagg_delta)
 
 log = logging.getLogger("fedjax_lab")
 
@@ -40,6 +41,10 @@ class PrivacyPlan(NamedTuple):
   # "secret": the DP noise and sampling come from OS entropy kept in the checkpoint; "seeded":
   # from config.seed (reproducible, and no guarantee against anyone who knows the seed).
   randomness: str = "seeded"
+  # secagg.enabled: the TV distance between the run as quantized and the Gaussian run over
+  # all its rounds (privacy/secagg_delta.py), paid from the SECAGG_SHARE of delta; set by
+  # experiment once the model's size is known (0 until then, and without secure aggregation).
+  secagg_tv: float = 0.0
 
   def mechanism(self, config, steps: int) -> guarantees.Mechanism:
     return guarantees.Mechanism(
@@ -49,13 +54,20 @@ class PrivacyPlan(NamedTuple):
         overflow_bound=self.overflow_bound, accountant=config.dp.accountant,
         cohort_size=config.cohort_size, max_cohort=max(self.slots, 1),
         randomness=self.randomness, secure_aggregation=bool(config.secagg.enabled),
-        noise_shares=noise_shares(config))
+        noise_shares=noise_shares(config), secagg_tv=self.secagg_tv)
 
 
 # The share of dp.delta set aside for truncated Poisson samples (sampling.py): the accountant
 # composes at delta (1 - share), and the slots are sized so (1 + e^eps) P(overflow) <= share
 # delta, so (eps, dp.delta) holds for the run as it is really sampled.
 _TRUNCATION_SHARE = 1e-3
+
+
+def accountant_delta(config) -> float:
+  """dp.delta less the truncation's share and, with secure aggregation, the quantization's
+  (secagg_delta.SECAGG_SHARE): what dp-accounting is asked for."""
+  share = _TRUNCATION_SHARE + (secagg_delta.SECAGG_SHARE if config.secagg.enabled else 0.0)
+  return config.dp.delta * (1 - share)
 
 
 def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
@@ -77,13 +89,13 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
     unit = "one site (all its examples)"
     scheme = f"Poisson cohorts at rate cohort_size/num_sites (q={q:.4g}), updates clipped"
   total_steps = config.rounds * steps_per_round
-  accountant_delta = dp.delta * (1 - _TRUNCATION_SHARE)
+  accountant_delta_ = accountant_delta(config)
   sigma, budget, how = dp.noise_multiplier, dp.target_epsilon, "given"
   if sigma == 0:
     sigma = accounting.noise_multiplier_for(dp.target_epsilon, q, total_steps,
-                                            accountant_delta, dp.accountant)
+                                            accountant_delta_, dp.accountant)
     budget, how = None, f"calibrated to epsilon<={dp.target_epsilon} after {config.rounds} rounds"
-  accountant = accounting.Accountant(sigma, q, accountant_delta, dp.accountant)
+  accountant = accounting.Accountant(sigma, q, accountant_delta_, dp.accountant)
   # Every draw that can hold the unit: its site's batch at every step (sizes n and n +- 1 for
   # the neighbours, each at rate batch_size / its size), or the cohort at every round.
   eps = accountant.epsilon_after(total_steps)
@@ -118,7 +130,10 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
                                       dp.clip_norm)
   truncation = (f"samples truncated to {slots} slots, P(any overflow of the unit's draws) <= "
                 f"{overflow_bound:.3g}, covered by delta: the accountant composes at "
-                f"delta={accountant_delta:g}")
+                f"delta={accountant_delta_:g}"
+                + (f" (dp.delta less {secagg_delta.SECAGG_SHARE:g} of it for secure "
+                   "aggregation's rounding, less the truncation's share)"
+                   if config.secagg.enabled else ""))
   description = (f"privacy: unit={unit}; neighbouring relation=add/remove one; sampling="
                  f"{scheme}; {truncation}; accountant={dp.accountant}; delta={dp.delta:g}; "
                  f"noise_multiplier={sigma:.4f} ({how}); {clip}; noise {noise}; "

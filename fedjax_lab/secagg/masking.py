@@ -56,9 +56,10 @@ def mask_update_host(updates, rounding_key, mask_keys, mask_signs, clip_range, *
   return (np.asarray(q) + masks) & np.uint32(int(modulus_mask(bits))), np.asarray(clipped)
 
 
-def _pad_slots(keys: np.ndarray, signs: np.ndarray, rows: int):
-  """Pad m masks to rows x (power of two) slots (sign 0), so shapes, and compiles, repeat."""
-  m = max(len(keys), 1)
+def _pad_slots(keys: np.ndarray, signs: np.ndarray, rows: int, min_total: int = 0):
+  """Pad m masks to rows x (power of two) slots (sign 0), at least min_total of them, so
+  shapes, and compiles, repeat."""
+  m = max(len(keys), min_total, 1)
   per_row = 1 << max(0, (-(-m // rows) - 1).bit_length())
   total = rows * per_row
   k = np.zeros((total, 8), np.uint32)
@@ -68,27 +69,32 @@ def _pad_slots(keys: np.ndarray, signs: np.ndarray, rows: int):
 
 
 @functools.partial(jax.jit, static_argnames=("bits",))
-def _unmask(masked, mask_sum, *, bits):
-  return (masked.sum(axis=0, dtype=jnp.uint32) - mask_sum.sum(axis=0, dtype=jnp.uint32)) \
+def _unmask(masked, keep, mask_sum, *, bits):
+  kept = jnp.where(keep[:, None], masked, jnp.uint32(0))
+  return (kept.sum(axis=0, dtype=jnp.uint32) - mask_sum.sum(axis=0, dtype=jnp.uint32)) \
       & modulus_mask(bits)
 
 
 def unmask_sum(masked, remove_keys, remove_signs, bits: int, prg_path: str = "auto",
-               rows: int = 8):
+               rows: int = 8, keep=None, min_keys: int = 0):
   """Server side: (sum of uploaded rows - sum_j sign_j ChaCha20(key_j)) mod 2^bits.
 
-  masked: [n, d] uint32 (what was uploaded); remove_keys: list of 32-byte keys (self masks of
-  the uploaders, pairwise masks of uploaders with sites that dropped before uploading);
-  remove_signs: the sign each was added with. prg_path: "device", "host" or "auto"
-  (config.resolve_prg). Returns the integer sum [d] uint32.
+  masked: [n, d] uint32 (what was uploaded), or with `keep` ([n] bool) every row of a padded
+  matrix of which only the kept ones were uploaded (fixed shapes: one compile whatever the
+  uploaders); remove_keys: list of 32-byte keys (self masks of the uploaders, pairwise masks
+  of uploaders with sites that dropped before uploading); remove_signs: the sign each was
+  added with; min_keys: pad the keys to at least this many (fixed shapes again). prg_path:
+  "device", "host" or "auto" (config.resolve_prg). Returns the integer sum [d] uint32.
   """
   d = masked.shape[1]
+  if keep is None:
+    keep = np.ones(masked.shape[0], bool)
   if resolve_prg(prg_path) == "host":
     total = prg.signed_keystream_sum(remove_keys, remove_signs, d)
-    return jnp.asarray((np.asarray(masked).sum(axis=0, dtype=np.uint32) - total)
-                       & np.uint32(int(modulus_mask(bits))))
+    return jnp.asarray((np.asarray(masked)[np.asarray(keep)].sum(axis=0, dtype=np.uint32)
+                        - total) & np.uint32(int(modulus_mask(bits))))
   words = np.stack([prg.key_words(k) for k in remove_keys]) if remove_keys else \
       np.zeros((0, 8), np.uint32)
-  keys, signs = _pad_slots(words, np.asarray(remove_signs, np.int32), rows)
+  keys, signs = _pad_slots(words, np.asarray(remove_signs, np.int32), rows, min_keys)
   mask_sum = prg.expand_masks(jnp.asarray(keys), jnp.asarray(signs), n_words=d)
-  return _unmask(jnp.asarray(masked), mask_sum, bits=bits)
+  return _unmask(jnp.asarray(masked), jnp.asarray(keep), mask_sum, bits=bits)

@@ -10,9 +10,8 @@ update (its sensitivity stays C). These helpers size s and c:
 * `clip_probability`: an upper bound on P(any noised coordinate of n sites leaves [-c, c]).
   Coordinates of a clipped update are within [-C, C], so with c >= C only noise is clipped;
   secure_sum counts clipped values (SecAggResult.clipped_count).
-* `aliasing_bound`: the order of the term by which the law of sum_i round(y_i) differs from a
-  post-processing of sum_i y_i (Poisson summation, per coordinate: ~exp(-pi^2 (s / step)^2));
-  an argument, not a proof the lab checks (README).
+The delta the quantization costs (aliasing and clipping, over all rounds) is bounded and
+checked in fedjax_lab/privacy/secagg_delta.py.
 """
 
 import math
@@ -40,7 +39,3 @@ def suggest_clip_range(l2_clip: float, share_std: float, n: int, d: int,
   """The smallest c with clip_probability <= target."""
   return l2_clip + share_std * norm.isf(target / (2.0 * n * d))
 
-
-def aliasing_bound(share_std: float, step: float) -> float:
-  """exp(-pi^2 (s / step)^2): the order of the per-coordinate aliasing term."""
-  return math.exp(-math.pi ** 2 * (share_std / step) ** 2)

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab.secagg import crypto, masking, prg, shamir
-from fedjax_lab.secagg.config import SecAggConfig, resolve_prg, validate_secagg
+from fedjax_lab.secagg.config import (SecAggConfig, levels_for, resolve_neighbours,
+                                      resolve_prg, validate_secagg)
 from fedjax_lab.secagg.quantization import decode_sum, modulus_mask
 
 STAGES = {0: "stays", 1: "before key sharing", 2: "before upload", 3: "before unmasking"}
@@ -334,7 +335,8 @@ def bytes_per_site(d: int, bits: int, k: int) -> dict:
 
 
 def secure_sum(updates, key, config: SecAggConfig = SecAggConfig(), *, dropouts=None,
-               salt: bytes | None = None, keep_masked: bool = False) -> SecAggResult:
+               salt: bytes | None = None, keep_masked: bool = False, present=None,
+               grid_cohort: int | None = None) -> SecAggResult:
   """Securely sum the rows of `updates` ([K, d] float32 device array) for one round.
 
   key: a jax PRNG key: stochastic rounding (first half of jax.random.split) and, when
@@ -344,18 +346,40 @@ def secure_sum(updates, key, config: SecAggConfig = SecAggConfig(), *, dropouts=
   config.dropout_rate. keep_masked: also return the masked rows the server received (to look
   at, e.g. notebooks/secure_aggregation.ipynb). Returns SecAggResult; an aborted round has
   sum None.
+
+  present: optional [P] bool over the rows of a padded `updates` ([P, d]): only those rows'
+  sites take part (the protocol runs among them); the device work runs on all P rows (absent
+  ones are quantized and never sent), so its shapes, and compiles, do not depend on how many
+  are present. grid_cohort: size the grid for this many sites (levels_for(grid_cohort)), not
+  for the sites present: under site-level DP the slots, so the levels, like the shapes,
+  reveal nothing of the realised cohort. With `present`, fewer than 2 present sites run no
+  protocol (the one row is its own sum) but are still quantized on the same grid.
   """
   t0 = time.perf_counter()
   updates = jnp.asarray(updates, jnp.float32)
-  K, d = updates.shape
-  k, t, levels = validate_secagg(K, config.neighbours, config.threshold, config.bits,
-                                 config.clip_range, config.dropout_rate, config.prg)
+  P, d = updates.shape
+  present = np.ones(P, bool) if present is None else np.asarray(present, bool)
+  rows_of = np.flatnonzero(present)  # protocol id u is row rows_of[u]
+  K = len(rows_of)
+  grid = K if grid_cohort is None else int(grid_cohort)
+  if grid < K:
+    raise ValueError(f"grid_cohort={grid} < {K} sites present: their sum would wrap around")
+  if K >= 2 or grid_cohort is None:
+    k, t, _ = validate_secagg(K, config.neighbours, config.threshold, config.bits,
+                              config.clip_range, config.dropout_rate, config.prg)
+  else:
+    k, t = 0, 1
+  _, _, levels = validate_secagg(max(grid, 2), config.neighbours, config.threshold,
+                                 config.bits, config.clip_range, config.dropout_rate,
+                                 config.prg)
+  if grid_cohort is not None:
+    levels = levels_for(grid, config.bits)
   rounding_key, dropout_key = split_key(key)
-  stage = (draw_dropouts(dropout_key, K, config.dropout_rate) if dropouts is None
+  stage = (draw_dropouts(dropout_key, P, config.dropout_rate)[rows_of] if dropouts is None
            else np.asarray(dropouts, np.int64))
   salt = salt or os.urandom(16)
   path = resolve_prg(config.prg)
-  if path == "host":  # asynchronous: the device rounds while the host does the key exchange
+  if path == "host" or K < 2:  # asynchronous: the device rounds while the host does the keys
     quantized, clipped = masking.quantize_sites(updates, rounding_key, config.clip_range,
                                                 levels=levels)
   timings = {"host_sites": 0.0, "host_server": 0.0}
@@ -369,6 +393,13 @@ def secure_sum(updates, key, config: SecAggConfig = SecAggConfig(), *, dropouts=
     return SecAggResult(total, total_int, survivors, stage, int(clipped), bool(reason), reason,
                         bytes_per_site(d, config.bits, k), timings, levels,
                         rows if keep_masked else None)
+
+  if K < 2:  # nothing to hide: the server sees the one row (or nothing) anyway
+    survivors[:] = True
+    keep = jnp.asarray(present)
+    total_int = _kept_sum(quantized, keep)
+    total = decode_sum(total_int, K, config.clip_range, levels, config.bits)
+    return result(total, total_int, int(np.asarray(clipped)[rows_of].sum()))
 
   try:
     clock = _Clock(timings)
@@ -390,28 +421,29 @@ def secure_sum(updates, key, config: SecAggConfig = SecAggConfig(), *, dropouts=
         sites[u].receive_shares(inbox.get(u, []))
       material = [sites[u].mask_material(u2) for u in u2]
 
-    # Round 2: every site of U_2 quantizes and masks. Device path: the whole cohort's rows at
-    # once in one jit, for fixed shapes (rows of sites outside U_2 get zero masks and are never
-    # uploaded). Host path: the quantization was dispatched to the device before the host
-    # crypto (it needs no key), each site's masks are OpenSSL ChaCha20 keystreams summed row by
-    # row (prg.expand_masks_host), added to its quantized row mod 2^b.
+    # Round 2: every site of U_2 quantizes and masks. Device path: all P rows at once in one
+    # jit, for fixed shapes (rows outside U_2 get zero masks and are never uploaded; the mask
+    # slots are sized for the grid's cohort). Host path: the quantization was dispatched to
+    # the device before the host crypto (it needs no key), each site's masks are OpenSSL
+    # ChaCha20 keystreams summed row by row (prg.expand_masks_host), added to its quantized
+    # row mod 2^b.
     m = time.perf_counter()
     if path == "device":
-      S = k + 1
-      mask_keys = np.zeros((K, S, 8), np.uint32)
-      mask_signs = np.zeros((K, S), np.int32)
+      S = resolve_neighbours(grid, config.neighbours) + 1
+      mask_keys = np.zeros((P, S, 8), np.uint32)
+      mask_signs = np.zeros((P, S), np.int32)
       for u, (keys, signs) in zip(u2, material):
-        mask_keys[u, :len(keys)] = [prg.key_words(kk) for kk in keys]
-        mask_signs[u, :len(signs)] = signs
+        mask_keys[rows_of[u], :len(keys)] = [prg.key_words(kk) for kk in keys]
+        mask_signs[rows_of[u], :len(signs)] = signs
       masked, clipped = masking.mask_update(
           updates, rounding_key, jnp.asarray(mask_keys), jnp.asarray(mask_signs),
           config.clip_range, levels=levels, bits=config.bits)
       masked.block_until_ready()
     else:
-      host_keys = [[] for _ in range(K)]
-      host_signs = [[] for _ in range(K)]
+      host_keys = [[] for _ in range(P)]
+      host_signs = [[] for _ in range(P)]
       for u, (keys, signs) in zip(u2, material):
-        host_keys[u], host_signs[u] = keys, signs
+        host_keys[rows_of[u]], host_signs[rows_of[u]] = keys, signs
       masks = prg.expand_masks_host(host_keys, host_signs, d)
       masks += np.asarray(quantized)
       masks &= np.uint32(int(modulus_mask(config.bits)))
@@ -421,20 +453,28 @@ def secure_sum(updates, key, config: SecAggConfig = SecAggConfig(), *, dropouts=
     survivors[uploaded] = True
     with clock("host_server"):
       server.collect_uploads(uploaded)
-    rows = masked[np.asarray(server.u3)]  # exactly what the server received
+    u3_rows = rows_of[np.asarray(server.u3)]
+    keep = np.zeros(P, bool)
+    keep[u3_rows] = True  # exactly what the server received: the rows of U_3
     responders = [u for u in server.u3 if stage[u] != 3]
     with clock("host_sites"):
       responses = [sites[u].unmask(u2, server.u3) for u in responders]
     with clock("host_server"):
       keys, signs = server.removal_keys(responses)
     m = time.perf_counter()
-    total_int = masking.unmask_sum(rows, keys, signs, config.bits, path)
+    total_int = masking.unmask_sum(masked, keys, signs, config.bits, path, keep=keep,
+                                   min_keys=0 if grid_cohort is None else grid)
     total = decode_sum(total_int, len(server.u3), config.clip_range, levels, config.bits)
     total.block_until_ready()
     timings["device_unmask"] = time.perf_counter() - m
-    clipped_total = int(np.asarray(clipped)[np.asarray(server.u3)].sum())
+    clipped_total = int(np.asarray(clipped)[u3_rows].sum())
     return result(total, total_int, clipped_total,
-                  rows=jnp.asarray(rows) if keep_masked else None)
+                  rows=jnp.asarray(np.asarray(masked)[u3_rows]) if keep_masked else None)
   except Abort as e:
     survivors[:] = False
     return result(reason=str(e))
+
+
+@jax.jit
+def _kept_sum(q, keep):
+  return jnp.where(keep[:, None], q, jnp.uint32(0)).sum(axis=0, dtype=jnp.uint32)

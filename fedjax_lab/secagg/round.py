@@ -11,6 +11,12 @@ server optimizer (algorithms/fedavg.py make_round). The server-side code sees th
 
 Cohorts of 0 or 1 site need no protocol: nothing is sent (0), or the one row is its own sum
 (1: a Poisson cohort under site-level DP, whose single update carries the whole noise).
+
+Under site-level DP (`slots` given: the privacy plan's slots, a public number) the realised
+cohort is what amplification by sampling hides, so nothing observable may depend on it: the
+grid is sized for the slots (levels_for(slots)), every device array keeps the [slots, d]
+shape with a validity mask (one compile whatever the cohort), and a cohort of one is rounded
+onto the same grid (a raw float row would tell the server it was alone).
 """
 
 from typing import NamedTuple
@@ -46,20 +52,26 @@ class RoundSum(NamedTuple):
 
 
 class SecureSum:
-  """Sums the rows of the sites present in a round through the SecAgg(+) protocol."""
+  """Sums the rows of the sites present in a round through the SecAgg(+) protocol.
 
-  def __init__(self, config: SecAggConfig):
-    self.config = config
+  slots: None (the grid sized for the sites present), or the most sites a round can hold,
+  which then fixes the grid and the shapes (site-level DP: see the module docstring)."""
+
+  def __init__(self, config: SecAggConfig, slots: int | None = None):
+    self.config, self.slots = config, slots
 
   def __call__(self, rows: jax.Array, present: np.ndarray, key: jax.Array) -> RoundSum:
     slots, d = rows.shape
     idx = np.flatnonzero(present)
     survived = np.zeros(slots, bool)
-    if len(idx) < 2:  # nothing to hide: no site, or one whose row is the sum
+    if self.slots is not None:
+      result = secure_sum(rows, key, self.config, present=present, grid_cohort=self.slots)
+    elif len(idx) < 2:  # nothing to hide: no site, or one whose row is the sum
       survived[idx] = True
       total = rows[idx].sum(0) if len(idx) else jnp.zeros((d,), jnp.float32)
       return RoundSum(total, survived, False, "", 0, 0.0)
-    result = secure_sum(jnp.take(rows, jnp.asarray(idx), axis=0), key, self.config)
+    else:
+      result = secure_sum(jnp.take(rows, jnp.asarray(idx), axis=0), key, self.config)
     if result.aborted:
       return RoundSum(jnp.zeros((d,), jnp.float32), survived, True, result.abort_reason, 0,
                       result.timings["host_crypto"])
