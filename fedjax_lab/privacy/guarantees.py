@@ -16,11 +16,18 @@ dp-accounting for the mechanism THAT adversary faces:
   k colluding sites, coordinated     sigma sqrt(1 - k/K) (example level, K fixed)    q
                                      sigma / sqrt(k + 1) (site level: a Poisson cohort can
                                      hold just the k sites and the target)           none
+  server + k sites, secagg,          example: sigma sqrt(1 - k/n), n = K, or t with  q
+  coordinated (k = 1, t - 1)         dropouts; site: the least over realised cohorts none
+                                     (server_colluding_noise)
 
 (sigma: the accountant's noise multiplier, with adaptive clipping the combined z of the
 update and the count, Andrew et al. 2021 Thm 1; every party's view is a post-processing of
 per-site Gaussian releases, so the same split applies.) An entry whose epsilon would need a
 secret the run does not keep (noise regenerated from a published seed) has epsilon None.
+Secure aggregation hides the masks from fewer than t colluding sites, not the noise shares
+they added: hence the server + k rows. Under SecAgg+ with dropouts the server learns the sum
+of each connected component of the surviving graph; each holds >= t sites (server_colluding_noise).
+Each entry carries the mechanism it was computed for (Guarantee), so a reader can recompute it.
 
 Every entry is reported at the run's delta (dp.delta). Truncated Poisson samples
 (privacy/sampling.py) are paid for in delta: a run whose Poisson mechanism is (eps, d)-DP is
