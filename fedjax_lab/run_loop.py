@@ -35,6 +35,26 @@ def _any_process_signalled(signalled_here: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.int32(signalled_here))))
 
 
+def _released_without_dp(self, meta: dict) -> dict:
+  """What the run publishes that no epsilon covers: the sites' sizes (public by assumption:
+  the sampling rates are built from them) and the statistics of private data it logs."""
+  cfg = self.config
+  fields = {
+      "train_loss": "metrics.jsonl: the sites' mean training loss, on private examples",
+      "dp_overflow": "metrics.jsonl: Poisson draws beyond their slots",
+      "site_metrics": "summary.json: each site's training label counts weight its accuracy"}
+  if cfg.dp.level == "site":
+    fields["nonfinite_updates"] = "metrics.jsonl: site updates that were NaN/inf"
+  out = {"site_examples": [int(n) for n in np.asarray(self.data.count)]}
+  if cfg.secagg.enabled:  # a function of each site's noised update, coordinate by coordinate
+    fields["secagg_clipped"] = ("metrics.jsonl and summary.json secagg.clipped_values: "
+                                "coordinates of the sites' noised updates outside "
+                                "secagg.clip_range, which tells how large their norms are")
+    out["secagg_clipped"] = meta.get("secagg_clipped", 0)
+  out["fields"] = fields
+  return out
+
+
 def run(self, workdir: str) -> dict:
   """Trains `self` (an Experiment) to `config.rounds`, resuming from the last checkpoint in
   `workdir`; writes metrics.jsonl, summary.json, TensorBoard and checkpoints."""
@@ -193,7 +213,8 @@ def run(self, workdir: str) -> dict:
         "overflow_bound": self.privacy.overflow_bound,
         "randomness": self.privacy.randomness,
         "guarantees": guarantees.all_guarantees(self.privacy.mechanism(
-            cfg, completed * self.privacy.steps_per_round))}
+            cfg, completed * self.privacy.steps_per_round)),
+        "released_without_dp": _released_without_dp(self, meta)}
     if adaptive:  # how noise_multiplier was split, and the clip norm the next round would use
       summary["privacy"].update(
           update_noise_multiplier=self.privacy.update_noise_multiplier,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from dp_accounting import rdp
+from dp_accounting import pld, rdp
 
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.client import ClientConfig, example_dp_divisor, make_client_update
@@ -24,7 +24,7 @@ from fedjax_lab.errors import ConfigError
 from fedjax_lab.experiment import Experiment, draw_secret, noise_coverage
 from fedjax_lab.privacy.sampling import max_sample_size, poisson_sample
 from test_dp_round import _moved, _round_with
-from test_experiment import tiny_config
+from test_experiment import set_keys, tiny_config
 
 
 def _empty_cohort_keys(site_dp, cohort, sites, wanted):
@@ -276,3 +276,215 @@ def test_site_level_clipping_is_nan_safe_and_padding_trains_no_site():
   out = jax.jit(exp.client_update)(params, ms, data.idx[0], jnp.int32(0), jax.random.key(1),
                                    data)
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(out.delta))
+
+
+# --- Every guarantee entry, recomputed from the entry alone -----------------------------------
+
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _config(name, arg=None, **overrides):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(_CONFIGS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg) if arg is not None else module.get_config()
+  if name == "mia_audit":
+    c = c.target
+  return set_keys(c, overrides)
+
+
+def _plan(c):
+  """The config's privacy plan from its real partition, built as Experiment builds it (no
+  model, no training)."""
+  from fedjax_lab.data import partition, public, sources
+  from fedjax_lab.evaluation_robustness import hold_out_classes
+  from fedjax_lab.privacy.plan import privacy_plan
+  validate(c)
+  train, test = sources.load_dataset(c.data)
+  train, _, _ = hold_out_classes(c, train, test)
+  train, _ = public.load(c.optim.public_data, c.data, train)
+  partition.resolve_num_sites(train, c)
+  sites = partition.partition(train, c.data, c.seed)
+  return privacy_plan(c, np.array([len(s) for s in sites]))
+
+
+_SECURE_SITE = {"secagg.enabled": True, "dp.noise": "coordinated"}
+_DP_CONFIGS = [
+    ("digits_dp", "example", {}), ("digits_dp", "site", {}), ("digits_dp", "site_adaptive", {}),
+    ("digits_dp", "example_esgd_public", {}), ("digits_dp", "site", _SECURE_SITE),
+    ("digits_dp", "example", {"dp.accountant": "pld"}),
+    ("dopamine_digits", "central", {}), ("dopamine_digits", "parallel", {}),
+    ("dopamine_digits", "coordinated", {}), ("dopamine_digits", "secure", {}),
+    ("dopamine_digits", "secure", {"secagg.dropout_rate": 0.1}),
+    ("dopamine_digits", "secure", {"secagg.dropout_rate": 0.1, "secagg.neighbours": 4}),
+    ("dopamine_digits", "secure", {"dp.randomness": "secret"}),
+    ("dopamine_pbmc", "central", {}), ("dopamine_pbmc", "parallel", {}),
+    ("dopamine_pbmc", "coordinated", {}),
+    ("mia_audit", "example", {}), ("mia_audit", "site", {}),
+]
+
+
+def _recompute(entry):
+  g = dp_accounting.GaussianDpEvent(entry["noise_multiplier"])
+  if entry["sampling_prob"] < 1:
+    g = dp_accounting.PoissonSampledDpEvent(entry["sampling_prob"], g)
+  acc = (rdp.RdpAccountant() if entry["accountant"] == "rdp" else
+         pld.PLDAccountant())
+  return acc.compose(dp_accounting.SelfComposedDpEvent(g, entry["steps"])).get_epsilon(
+      entry["accountant_delta"])
+
+
+@pytest.mark.parametrize("name, arg, overrides", _DP_CONFIGS)
+def test_every_guarantee_of_every_dp_config_is_recomputable_from_its_entry(name, arg, overrides):
+  """dp-accounting called on the entry's own noise_multiplier, sampling_prob, steps and
+  accountant_delta gives its epsilon (reported >= recomputed, within 1e-4); an amplified
+  entry's truncation cost fits in the delta left over."""
+  from fedjax_lab.privacy import guarantees
+  c = _config(name, arg, **overrides)
+  plan = _plan(c)
+  steps = c.rounds * plan.steps_per_round
+  entries = guarantees.all_guarantees(plan.mechanism(c, steps))
+  assert entries[0]["sees"] == "models" and entries[0]["colluding_sites"] == 0
+  assert entries[0]["noise_multiplier"] == plan.noise_multiplier
+  for e in entries:
+    assert e["sees"] in ("models", "sum", "updates"), e["adversary"]
+    assert isinstance(e["colluding_sites"], int) and e["steps"] == steps
+    assert e["accountant"] == c.dp.accountant and e["delta"] == c.dp.delta
+    if e["epsilon"] is None:  # no noise is left to it
+      assert e["noise_multiplier"] == 0.0, e["adversary"]
+      continue
+    want = _recompute(e)
+    assert want <= e["epsilon"] <= want * (1 + 1e-4), e["adversary"]
+    assert e["sampling_prob"] in (1.0, plan.sampling_prob), e["adversary"]
+    assert e["accountant_delta"] + (1 + np.exp(min(e["epsilon"], 700))) * (
+        plan.overflow_bound if e["sampling_prob"] < 1 else 0.0) <= c.dp.delta * (1 + 1e-12)
+
+
+def _server_rows(entries):
+  return {e["colluding_sites"]: e for e in entries
+          if e["sees"] == "sum" and e["adversary"].startswith("the server")}
+
+
+@pytest.mark.parametrize("overrides, shares, t", [
+    ({}, 10, 6),                                               # complete graph: t = 10 // 2 + 1
+    ({"secagg.dropout_rate": 0.1}, 6, 6),                      # shares sized for t
+    ({"secagg.dropout_rate": 0.1, "secagg.neighbours": 4}, 3, 3),  # SecAgg+: t = 5 // 2 + 1
+])
+def test_secure_dopamine_reports_the_server_colluding_with_one_and_t_minus_1_sites(
+    overrides, shares, t):
+  """The server with k colluding sites faces sigma sqrt((n - k) / n), n the uploads a finished
+  round is sure to hold (the cohort, or t with dropouts); its epsilon from dp-accounting on
+  that noise, amplified by the minibatches it does not see; the no-collusion row stays."""
+  from fedjax_lab.privacy import guarantees
+  c = _config("dopamine_digits", "secure", **overrides)
+  plan = _plan(c)
+  entries = guarantees.all_guarantees(plan.mechanism(c, 600))
+  rows = _server_rows(entries)
+  assert sorted(rows) == [0, 1, t - 1]
+  assert "no site colludes with the server" in rows[0]["assumes"]
+  assert rows[0]["epsilon"] == entries[0]["epsilon"]
+  sigma = plan.noise_multiplier
+  for k in (1, t - 1):
+    assert rows[k]["noise_multiplier"] == pytest.approx(sigma * np.sqrt((shares - k) / shares),
+                                                        rel=1e-12)
+    assert rows[k]["sampling_prob"] == 0.1
+    left = c.dp.delta - (1 + np.exp(rows[k]["epsilon"])) * plan.overflow_bound
+    assert rows[k]["epsilon"] >= _eps(_gauss(sigma * np.sqrt((shares - k) / shares), 600, 0.1),
+                                      left)
+  assert rows[1]["epsilon"] > entries[0]["epsilon"]
+  if "secagg.neighbours" in overrides:  # item 5: the server's view is the components' sums
+    assert "connected component" in rows[0]["adversary"] + rows[0]["assumes"]
+
+
+def test_site_level_server_colluding_rows_take_the_worst_realised_cohort():
+  """Site level (digits_dp:site with coordinated noise and secure aggregation): each of a
+  round's n sites adds sigma/sqrt(n); against the server and k colluders the worst round is
+  found by enumerating every cohort size n <= slots and every number j <= k of colluders in
+  it (j >= t(n) = n // 2 + 1 of them rebuild the target's masks: only its share is left)."""
+  from fedjax_lab.privacy import guarantees
+  c = _config("digits_dp", "site", **_SECURE_SITE)
+  plan = _plan(c)
+  entries = guarantees.all_guarantees(plan.mechanism(c, 200))
+  rows = _server_rows(entries)
+  assert sorted(rows) == [0, 1, 25]  # t = 50 // 2 + 1 = 26 at the expected cohort
+  sigma = plan.noise_multiplier
+  for k in (1, 25):
+    worst = min(np.sqrt(1 / n) if j >= n // 2 + 1 else np.sqrt((n - j) / n)
+                for n in range(2, plan.slots + 1) for j in range(0, min(k, n - 1) + 1))
+    assert rows[k]["noise_multiplier"] == pytest.approx(sigma * worst, rel=1e-12)
+    assert rows[k]["sampling_prob"] == 1.0
+    assert rows[k]["epsilon"] == pytest.approx(
+        _eps(_gauss(sigma * worst, 200), rows[k]["accountant_delta"]), rel=1e-9)
+  assert rows[1]["noise_multiplier"] == pytest.approx(sigma / np.sqrt(2), rel=1e-12)
+  assert rows[25]["noise_multiplier"] == pytest.approx(sigma / 7, rel=1e-12)  # n = 49, j = 25
+
+
+def _components(graph, up):
+  """Connected components (sizes) of the graph restricted to `up`, by breadth-first search."""
+  sizes, seen = [], set()
+  for start in sorted(up):
+    if start in seen:
+      continue
+    todo, comp = [start], set()
+    while todo:
+      u = todo.pop()
+      if u not in comp:
+        comp.add(u)
+        todo += [v for v in graph[u] if v in up and v not in comp]
+    seen |= comp
+    sizes.append(len(comp))
+  return sizes
+
+
+def test_secagg_plus_components_of_a_finished_round_hold_at_least_t_sites(monkeypatch):
+  """The bound the server's SecAgg+ rows rest on: the uploaders' graph may split into
+  components (the server learns each one's sum), but every component of a finished round
+  holds >= t sites, and a round that would leave a site alone aborts. Checked on the graph
+  the server drew, by breadth-first search, with dropouts set by hand on a ring in id order
+  and drawn at random on the server's own random ring."""
+  from fedjax_lab.secagg import SecAggConfig, protocol, secure_sum
+  graphs, in_order = [], {"on": True}
+  draw = protocol.neighbour_graph
+
+  class Keep:  # the ring in id order, so that the dropouts below cut it where intended
+    shuffle = staticmethod(lambda order: None)
+
+  monkeypatch.setattr(protocol, "neighbour_graph", lambda sites, k, rng: graphs.append(
+      draw(sites, k, Keep() if in_order["on"] else rng)) or graphs[-1])
+  K, t = 16, 3
+  cfg = SecAggConfig(neighbours=4, threshold=t, bits=16, clip_range=1.0, prg="host")
+  x = jnp.zeros((K, 3))
+  cut = np.zeros(K, int)
+  cut[[4, 5, 12, 13]] = 2  # two gaps of two on a ring of 2 neighbours a side: it splits
+  result = secure_sum(x, jax.random.key(0), cfg, dropouts=cut)
+  assert not result.aborted
+  assert sorted(_components(graphs[-1], set(np.flatnonzero(result.survivors)))) == [6, 6]
+  alone = np.zeros(K, int)
+  alone[[1, 2, 4, 5]] = 2  # site 3 would upload with none of its neighbours
+  assert secure_sum(x, jax.random.key(1), cfg, dropouts=alone).aborted
+  in_order["on"] = False
+  rng, finished = np.random.default_rng(0), 0
+  for i in range(30):
+    stages = np.where(rng.random(K) < 0.3, rng.integers(1, 4, K), 0)
+    result = secure_sum(x, jax.random.key(i), cfg, dropouts=stages)
+    if not result.aborted:
+      finished += 1
+      assert min(_components(graphs[-1], set(np.flatnonzero(result.survivors)))) >= t
+  assert finished >= 10
+
+
+def test_summary_lists_what_is_released_without_dp(tmp_path):
+  """Per-site example counts (from the partition) and the secure sum's clipped coordinates
+  (summed from metrics.jsonl) are listed under released_without_dp."""
+  c = tiny_config(**{"rounds": 2, "client.local_steps": 1, "server.weighting": "uniform",
+                     "dp.level": "example", "dp.noise": "coordinated",
+                     "dp.noise_multiplier": 1.0, "secagg.enabled": True,
+                     "secagg.clip_range": 1e-5})
+  exp = Experiment(c)
+  summary = exp.run(str(tmp_path))
+  released = summary["privacy"]["released_without_dp"]
+  assert released["site_examples"] == [len(s) for s in exp.sites]
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert released["secagg_clipped"] == sum(r["secagg_clipped"] for r in rows) > 0
+  assert {"train_loss", "secagg_clipped"} <= set(released["fields"])

@@ -54,7 +54,9 @@ class PrivacyPlan(NamedTuple):
         overflow_bound=self.overflow_bound, accountant=config.dp.accountant,
         cohort_size=config.cohort_size, max_cohort=max(self.slots, 1),
         randomness=self.randomness, secure_aggregation=bool(config.secagg.enabled),
-        noise_shares=noise_shares(config), secagg_tv=self.secagg_tv)
+        noise_shares=noise_shares(config), secagg_tv=self.secagg_tv,
+        secagg_neighbours=config.secagg.neighbours, secagg_threshold=config.secagg.threshold,
+        secagg_dropouts=bool(config.secagg.enabled and config.secagg.dropout_rate > 0))
 
 
 # The share of dp.delta set aside for truncated Poisson samples (sampling.py): the accountant
