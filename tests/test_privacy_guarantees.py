@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import shutil
+import types
 
 import dp_accounting
 import jax
@@ -474,9 +475,13 @@ def test_secagg_plus_components_of_a_finished_round_hold_at_least_t_sites(monkey
   assert finished >= 10
 
 
-def test_summary_lists_what_is_released_without_dp(tmp_path):
+def test_summary_lists_what_is_released_without_dp(tmp_path, monkeypatch):
   """Per-site example counts (from the partition) and the secure sum's clipped coordinates
-  (summed from metrics.jsonl) are listed under released_without_dp."""
+  (summed from metrics.jsonl) are listed under released_without_dp. The secure-aggregation
+  gate (privacy/secagg_delta.py) refuses a clip range that clips with more than a delta-sized
+  probability, so this reporting test switches it off to make the tiny clip range clip."""
+  from fedjax_lab.privacy import secagg_delta
+  monkeypatch.setattr(secagg_delta, "gate", lambda *a: types.SimpleNamespace(eta=0.0))
   c = tiny_config(**{"rounds": 2, "client.local_steps": 1, "server.weighting": "uniform",
                      "dp.level": "example", "dp.noise": "coordinated",
                      "dp.noise_multiplier": 1.0, "secagg.enabled": True,
