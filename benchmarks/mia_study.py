@@ -87,10 +87,7 @@ def run(study, quick, out):
         c.target.rounds, c.audit.num_canaries = 5, 50
       summary[level] = audit.canary_audit(c.target, c.audit.num_canaries, c.audit.seed)
       r = summary[level]
-      print(f":{level} claimed eps {r['claimed_epsilon']}, {r['included']} of {r['canaries']} "
-            f"canaries in, test acc {r['test_accuracy']:.3f}")
-      for score in ("white_box", "black_box"):
-        print(f"  {score}: " + ", ".join(f"{k} {v:.2f}" for k, v in r[score].items()))
+      print(f":{level}\n  " + "\n  ".join(audit.format_result(r)))
     return summary
   raise ValueError(study)
 

@@ -7,6 +7,9 @@ r"""Privacy audit in one run (Steinke et al. 2023) of the DP configs, with gradi
 The target is configs/digits_dp.py (:example or :site, claimed epsilon 4 at delta 1e-5) with
 500 canaries added, each with probability 1/2 (fedjax_lab/attacks/audit.py: canary_audit).
 :none is :example without DP: the audit should then find a large epsilon.
+Randomness: dp.randomness=seeded (digits is public): the run, its noise and the audit's
+numbers are reproducible from target.seed and audit.seed. The audit's adversary does not use
+the seed; one who did could subtract the noise (summary.json's guarantees say so).
 """
 
 import importlib.util
@@ -30,6 +33,7 @@ def get_config(level: str = "example"):
   c.target = _digits_dp("example" if level == "none" else level)
   if level == "none":
     c.target.dp.level = "none"
+  c.target.dp.randomness = "seeded"
   c.target.log.progress = False
   c.target.checkpoint.every = 1000
   c.audit = ml_collections.ConfigDict(dict(num_canaries=500, seed=0))
