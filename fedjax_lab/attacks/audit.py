@@ -188,8 +188,21 @@ def main(argv):
   del argv
   import json  # pylint: disable=g-import-not-at-top
   from fedjax_lab import cli  # pylint: disable=g-import-not-at-top
+  from fedjax_lab import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  cli.quiet_logs()  # each of the audit's checkpoints would log at INFO
   config, _ = cli.load_config(_CONFIG)
-  result = canary_audit(config.target, config.audit.num_canaries, config.audit.seed)
+  if not (isinstance(config.audit.num_canaries, int) and config.audit.num_canaries > 0):
+    cli.fail(f"audit.num_canaries: must be a positive integer, got "
+             f"{config.audit.num_canaries}")
+  try:
+    config_lib.validate(config.target)
+  except ConfigError as e:
+    cli.fail(f"target.{e}")
+  try:
+    result = canary_audit(config.target, config.audit.num_canaries, config.audit.seed)
+  except ConfigError as e:
+    cli.fail(str(e))
   print(json.dumps(result, indent=1))
   for name in ("white_box", "black_box"):
     best = max(result[name].values())
