@@ -62,7 +62,8 @@ def test_an_unknown_key_lists_the_keys_of_the_config_file_it_was_given():
      "config error: mia.threat: "),
     (["-m", "fedjax_lab.attacks.audit", "--config.target.cohort_size=0"],
      "config error: target.cohort_size: "),
-    (["-m", "fedjax_lab.attacks.inversion", "--config.rounds=0"], "config error: rounds: ")])
+    (["-m", "fedjax_lab.attacks.inversion", "--config.rounds=0"], "config error: rounds: "),
+    (["-m", "fedjax_lab.flower.run", "--set", "rounds=0"], "config error: rounds: ")])
 def test_attack_commands_validate_before_they_write(args, start, tmp_path):
   line = one_error_line(run(args, env={**os.environ, "PYTHONPATH": ROOT}, cwd=tmp_path))
   assert line.startswith(start), line
