@@ -12,7 +12,6 @@ code 2 and one line.
 
 import json
 import logging
-import os
 import sys
 
 import fedjax_lab
@@ -20,7 +19,6 @@ import fedjax_lab
 fedjax_lab.setup_cpu_devices()  # before anything imports jax: one XLA device per CPU core
 from fedjax_lab import cli  # noqa: E402
 from absl import app, flags
-from absl import logging as absl_logging
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string(
@@ -34,7 +32,7 @@ def main(argv):
   from fedjax_lab import runs, sharding
   from fedjax_lab.errors import ConfigError
   from fedjax_lab.experiment import Experiment
-  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+  cli.quiet_logs()
   try:  # one process per host: every process runs this same command (README, multi-host)
     sharding.initialize_distributed()
   except ValueError as e:
@@ -52,12 +50,7 @@ def main(argv):
         config_spec, config, runs.load_config_file(config_spec))
   except ConfigError as e:
     cli.fail(str(e))
-  try:  # before anything loads or compiles
-    os.makedirs(workdir, exist_ok=True)
-    if not os.access(workdir, os.W_OK):
-      raise PermissionError(13, "not writable")
-  except OSError as e:
-    cli.fail(f"--workdir: cannot write to '{workdir}' ({e.strerror}); give a writable folder")
+  cli.make_workdir(workdir)  # before anything loads or compiles
   try:
     runs.check_resume(workdir, config)  # Experiment.run checks too; here before data loads
     experiment = Experiment(config)
@@ -90,6 +83,7 @@ def main(argv):
           f"epsilon={eps_text} rounds={summary['rounds_completed']} workdir={workdir}")
     print(json.dumps({k: summary[k] for k in ("test_rmse", "test_r2", "epsilon",
                                               "params_sha256")}))
+    _check_aborts(config, summary)
     return
   print(f"test_accuracy={summary['test_accuracy']:.4f} "
         f"epsilon={eps_text} "
@@ -99,6 +93,23 @@ def main(argv):
     print(f"federated test_accuracy={summary['test_accuracy']:.4f} vs centralized (one site "
           f"holding all data) test_accuracy={summary['centralized_test_accuracy']:.4f}")
   print(json.dumps({k: summary[k] for k in ("test_accuracy", "epsilon", "params_sha256")}))
+  _check_aborts(config, summary)
+
+
+def _check_aborts(config, summary):
+  """A secure-aggregation run whose rounds mostly aborted left the model near its
+  initialisation, whatever its accuracy line says: exit 1 unless secagg.allow_aborts."""
+  aborted = summary.get("secagg", {}).get("aborted_rounds", 0)
+  if not aborted:
+    return
+  n = summary["rounds_completed"]
+  line = f"secure aggregation: aborted {aborted} of {n} rounds (too few survivors)"
+  if 2 * aborted <= n or config.secagg.allow_aborts:
+    print(line, file=sys.stderr)
+    return
+  print(f"{line}; lower secagg.dropout_rate or secagg.threshold, or set "
+        "--config.secagg.allow_aborts=True to accept the run", file=sys.stderr)
+  sys.exit(1)
 
 
 if __name__ == "__main__":

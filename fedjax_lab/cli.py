@@ -21,6 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "digits_fedavg.py")
 
 _optimizer_args = []  # (side, name, value) taken out of argv by define_config_flag
+_default_config = [DEFAULT_CONFIG]  # the --config of the command, when argv gives none
+_made_dirs = []  # folders make_workdir created, deepest first: fail removes them if empty
 
 # numexpr (pulled in through pandas) announces its thread count at INFO when it is imported,
 # which absl prints: a config error would no longer be the one line on stderr.
@@ -28,8 +30,62 @@ logging.getLogger("numexpr").setLevel(logging.WARNING)
 
 
 def fail(message: str):
+  """Prints `config error: MESSAGE` and exits 2; a workdir this command created and left
+  empty goes too, so a rejected config leaves nothing behind."""
+  for path in _made_dirs:
+    try:
+      os.rmdir(path)
+    except OSError:  # not empty (a run wrote there) or gone
+      break
   print(f"config error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def quiet_logs():
+  """Keeps a command's output to its own lines: orbax logs every checkpoint save at INFO,
+  and JAX logs at INFO each accelerator backend it tries (`Unable to initialize backend
+  'tpu'`) on a machine without one. Call before anything imports jax."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  for name in ("jax._src.xla_bridge", "orbax", "absl"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def make_workdir(path: str) -> str:
+  """Creates `path` (and missing parents) and checks it is writable, or fails with one line;
+  remembers what it created, for `fail`."""
+  missing, head = [], os.path.abspath(path)
+  while head and not os.path.exists(head):
+    missing.append(head)
+    head = os.path.dirname(head)
+  try:
+    os.makedirs(path, exist_ok=True)
+    if not os.access(path, os.W_OK):
+      raise PermissionError(13, "not writable")
+  except OSError as e:
+    fail(f"--workdir: cannot write to '{path}' ({e.strerror}); give a writable folder")
+  _made_dirs[:] = missing
+  return path
+
+
+def _config_spec(argv) -> str:
+  """The --config value of a command line (or the command's default)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return _default_config[0]
+
+
+def _file_config():
+  """The config file's own config (no overrides), or a one-line failure if it does not load."""
+  from fedjax_lab import runs  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    return runs.load_config_file(_config_spec(sys.argv))
+  except ConfigError as e:
+    fail(str(e))
 
 
 def _unknown_key(error):
@@ -43,7 +99,9 @@ def _unknown_key(error):
   leaf = message.splitlines()[0].strip("\"' ")
   keys = [a.split("=")[0][len("--config."):] for a in sys.argv if a.startswith("--config.")]
   key = next((k for k in keys if k == leaf or k.endswith("." + leaf)), leaf)
-  fail(str(unknown_key(key)))
+  # The keys beside it in the file's own config: an attack config (mia.*, target.*) is not
+  # the lab's default_config.
+  fail(str(unknown_key(key, _file_config())))
 
 
 def _take_optimizer_args(argv):
@@ -75,6 +133,7 @@ def define_config_flag(default: str = DEFAULT_CONFIG):
   """Defines --config (an ml_collections config file, overridable key by key)."""
   sys.argv, taken = _take_optimizer_args(sys.argv)
   _optimizer_args.extend(taken)
+  _default_config[0] = default
   try:
     # config_flags applies --config.<key>=value overrides as soon as the flag is defined.
     holder = config_flags.DEFINE_config_file(
@@ -95,6 +154,10 @@ def parse_flags(argv):
   except (AttributeError, KeyError) as e:
     _unknown_key(e)
   except (flags.Error, ValueError, TypeError) as e:  # a badly typed value
+    if "Error whilst parsing config file" in str(e):
+      # ml_collections puts the config's own message (e.g. the valid `:arguments`) at the
+      # end of a traceback; loading the file again raises it as a ConfigError.
+      _file_config()
     fail(str(e).splitlines()[0])
 
 

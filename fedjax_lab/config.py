@@ -92,10 +92,13 @@ def default_config() -> ml_collections.ConfigDict:
   # the whole cohort, Bonawitz et al.); threshold: Shamir t of k + 1 (unset: a majority);
   # bits: the modulus 2^bits of the masked sum; clip_range: every coordinate of the update a
   # site sends is clipped to [-clip_range, clip_range] (counted, logged); dropout_rate: the
-  # simulated chance a site drops out at each of the protocol's three stages.
+  # simulated fraction of the cohort that drops out over a round (each site with this
+  # probability, at one of the protocol's three stages). allow_aborts: train.py exits 1 when
+  # more than half the rounds aborted (too few survivors), unless this is True.
   c.secagg = ml_collections.ConfigDict(dict(
       enabled=False, neighbours=config_dict.placeholder(int),
-      threshold=config_dict.placeholder(int), bits=32, clip_range=1.0, dropout_rate=0.0))
+      threshold=config_dict.placeholder(int), bits=32, clip_range=1.0, dropout_rate=0.0,
+      allow_aborts=False))
   c.checkpoint = ml_collections.ConfigDict(dict(every=10, keep=2))
   c.rounds_per_step = 1           # >1 fuses that many rounds into one lax.scan dispatch
   # Split a cohort over the devices only above this many each; below it a FedAvg round on a
@@ -125,9 +128,10 @@ def _flatten(cfg, prefix=""):
   return out
 
 
-def unknown_key(key: str) -> ConfigError:
-  """The error for a key default_config() lacks, listing the keys allowed beside it."""
-  known = _flatten(default_config())
+def unknown_key(key: str, config=None) -> ConfigError:
+  """The error for a key `config` (default: default_config()) lacks, listing the keys
+  allowed beside it."""
+  known = _flatten(default_config() if config is None else config)
   parent = key.rsplit(".", 1)[0] if "." in key else ""
   prefix = parent + "." if parent else ""
   siblings = sorted({k[len(prefix):].split(".")[0] for k in known if k.startswith(prefix)})

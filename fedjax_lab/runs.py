@@ -30,10 +30,11 @@ from fedjax_lab.errors import ConfigError
 #   checkpoint.every, checkpoint.keep   when and how many checkpoints are written
 #   eval.every, eval.batch_size         which rounds are evaluated, and in what batches
 #   attack.*          what an attack study records or attacks (never how the run trains)
+#   secagg.allow_aborts  whether train.py exits 0 when most rounds aborted (not how it trains)
 # (A calibrated sigma depends on rounds: Experiment.run refuses a resume whose privacy plan
 # differs, so extending a run calibrated to dp.target_epsilon fails there, by design.)
 RESUMABLE_KEYS = ("rounds", "log.*", "checkpoint.every", "checkpoint.keep", "eval.every",
-                  "eval.batch_size", "attack.*")
+                  "eval.batch_size", "attack.*", "secagg.allow_aborts")
 
 RUN_FILE = "run.json"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,9 +105,23 @@ def spec_parts(config_spec: str) -> list[str]:
   return [os.path.splitext(os.path.basename(path))[0], arg]
 
 
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "digits_fedavg.py")
+
+
 def default_workdir(config_spec: str, config, base, root: str = "runs") -> str:
-  """The workdir train.py uses without --workdir: root/<file>-<arg>-<overrides>-<hash>."""
-  return os.path.join(root, run_name(spec_parts(config_spec) + overrides(config, base), config))
+  """The workdir train.py uses without --workdir: root/<file>-<arg>-<overrides>-<hash>.
+
+  A run on the user's own file (data.name=file) is named after that file instead of
+  data.name=file-data.path=...: root/<data file>-<config file, unless the default>-<arg>-
+  <other overrides>-<hash>."""
+  parts = spec_parts(config_spec) + overrides(config, base)
+  data = config.get("data")
+  if data is not None and data.get("name") == "file" and data.get("path"):
+    path = config_spec.partition(":")[0]
+    own = [] if os.path.abspath(path) == DEFAULT_CONFIG else parts[:1]
+    parts = ([os.path.splitext(os.path.basename(data.path))[0], *own, parts[1]]
+             + [p for p in parts[2:] if not p.startswith(("data.name=", "data.path="))])
+  return os.path.join(root, run_name(parts, config))
 
 
 def load_module(path: str, name: str = "fedjax_lab_config_file"):

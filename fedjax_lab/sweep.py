@@ -213,12 +213,13 @@ def _cell(stat, scale=1.0, digits=4) -> str:
 
 def markdown(rows) -> str:
   keys = _group_keys(rows)
-  lines = ["| " + " | ".join(keys) + " | seeds | test accuracy | epsilon | MB communicated | "
-           "seconds |", "|" + "---|" * len(keys) + "---:|---:|---:|---:|---:|"]
+  row = lambda cells: "| " + " | ".join(cells) + " |"
+  lines = [row([*keys, "seeds", "test accuracy", "epsilon", "MB communicated", "seconds"]),
+           row(["---"] * len(keys) + ["---:"] * 5)]
   for t in table(rows):
-    lines.append("| " + " | ".join(str(t["label"][k]) for k in keys) + f" | {t['seeds']} | "
-                 f"{_cell(t['test_accuracy'])} | {_cell(t['epsilon'], digits=3)} | "
-                 f"{_cell(t['bytes_total'], 1e-6, 2)} | {_cell(t['total_seconds'], digits=1)} |")
+    lines.append(row([str(t["label"][k]) for k in keys] + [
+        str(t["seeds"]), _cell(t["test_accuracy"]), _cell(t["epsilon"], digits=3),
+        _cell(t["bytes_total"], 1e-6, 2), _cell(t["total_seconds"], digits=1)]))
   return "\n".join(lines) + "\n"
 
 

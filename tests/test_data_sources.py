@@ -510,3 +510,57 @@ def test_label_with_one_class_is_a_config_error(tmp_path):
   with pytest.raises(ConfigError) as info:
     sources.load_dataset(_config(name="file", path=str(npz)))
   assert info.value.key == "data.path"
+
+
+def _stray_cell_csv(tmp_path):
+  """40 rows of two numeric features; row 7 of 'f2' holds the typo 'oops'."""
+  frame = pd.DataFrame({"f1": np.arange(40.0), "f2": np.arange(40.0).astype(object),
+                        "label": np.arange(40) % 2})
+  frame.loc[6, "f2"] = "oops"
+  path = tmp_path / "d.csv"
+  frame.to_csv(path, index=False)
+  return path
+
+
+def test_csv_stray_cell_in_a_numeric_column_names_column_and_row(tmp_path):
+  """A typo must not silently move the column out of the features (issue 28)."""
+  path = _stray_cell_csv(tmp_path)
+  with pytest.raises(ConfigError, match=r"data.path: .*column 'f2' is numeric but row 7 "
+                     r"\(line 8 of the file\) holds 'oops'"):
+    sources.load_dataset(_config(name="file", path=str(path)))
+  assert path.read_text().splitlines()[7].split(",")[1] == "oops"  # line 8 is that row
+
+
+def test_csv_column_named_as_the_site_column_may_hold_names(tmp_path):
+  path = _stray_cell_csv(tmp_path)
+  train, _ = sources.load_dataset(_config(name="file", path=str(path), partition="by_column",
+                                          column="f2"))
+  assert train.x.shape[1] == 1 and "f2" in train.columns
+
+
+def test_csv_missing_feature_value_names_its_row(tmp_path):
+  frame = pd.DataFrame({"f1": np.arange(40.0), "f2": np.arange(40.0), "label": np.arange(40) % 2})
+  frame.loc[11, "f2"] = np.nan
+  path = tmp_path / "d.csv"
+  frame.to_csv(path, index=False)
+  with pytest.raises(ConfigError, match=r"column 'f2', row 12 \(line 13 of the file\)"):
+    sources.load_dataset(_config(name="file", path=str(path)))
+
+
+def test_small_csv_over_the_default_sites_warns_with_a_size_that_fits(tmp_path, caplog):
+  """300 rows, test_fraction 0.2: 240 training examples over the default 100 sites is 2.4 a
+  site; the warning names data.num_sites and 240 // 20 = 12 sites."""
+  rng = np.random.default_rng(0)
+  path = tmp_path / "patients.csv"
+  pd.DataFrame({"a": rng.normal(size=300), "b": rng.normal(size=300),
+                "label": np.arange(300) % 2}).to_csv(path, index=False)
+  assert _config(name="file", path=str(path)).num_sites == 100  # the default a user gets
+  with caplog.at_level("WARNING", logger="fedjax_lab"):
+    sources.load_dataset(_config(name="file", path=str(path)))
+  (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert "data.num_sites=100" in warning and "240 training examples" in warning
+  assert "2.4 a site" in warning and "e.g. 12" in warning
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="fedjax_lab"):
+    sources.load_dataset(_config(name="file", path=str(path), num_sites=12))
+  assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -35,6 +35,10 @@ def test_the_readme_has_train_commands():
 @pytest.mark.slow
 def test_readme_train_commands_each_end_in_their_own_workdir(tmp_path):
   os.symlink(os.path.join(ROOT, "configs"), tmp_path / "configs")
+  # The own-CSV example's patients.csv, written by the README's own snippet.
+  text = open(os.path.join(ROOT, "README.md")).read()
+  (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "patients.csv" in b]
+  subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, check=True, timeout=60)
   # Variants a reader is told to run too ("also :central, :parallel"), after :coordinated.
   commands = readme_train_commands()
   commands += [c.replace(":coordinated", ":central") for c in commands if ":coordinated" in c]

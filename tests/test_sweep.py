@@ -102,3 +102,14 @@ def test_compare_makes_the_table_of_existing_workdirs(tmp_path):
   md = open(os.path.join(out, "sweep.md")).read()
   assert f"| lr0.2 | 1 | {summaries[0.2]['test_accuracy']:.4f} | none |" in md
   assert os.path.getsize(os.path.join(out, "curves.png")) > 0
+
+
+def test_sweep_md_without_grid_keys_has_as_many_header_as_separator_cells():
+  """`sweep` without --grid: the table's only columns are the seeds and the metrics."""
+  rows = [{"seed": s, "test_accuracy": 0.5 + s / 10, "epsilon": None, "delta": None,
+           "bytes_total": 2e6, "total_seconds": 3.0, "rounds_completed": 2, "workdir": "w"}
+          for s in range(2)]
+  header, separator, body = sweep.markdown(rows).splitlines()
+  cells = lambda line: line.strip().strip("|").split("|")
+  assert len(cells(header)) == len(cells(separator)) == len(cells(body)) == 5
+  assert body == "| 2 | 0.5500 ± 0.0707 | none | 2.00 ± 0.00 | 3.0 ± 0.0 |"

@@ -519,13 +519,17 @@ def main(argv):
   from fedjax_lab import cli
   from fedjax_lab.attacks import record
   from fedjax_lab.experiment import Experiment
+  from fedjax_lab.errors import ConfigError
   del argv
+  cli.quiet_logs()
   config, path = cli.load_config(_CONFIG)
-  cfg = attack_config(config.attack.inversion)
   name = os.path.splitext(os.path.basename(path))[0]
-  out = flags.FLAGS.out or os.path.join("runs", f"inversion-{name}")
-  os.makedirs(out, exist_ok=True)
-  exp = Experiment(config)
+  try:
+    cfg = attack_config(config.attack.inversion)
+    exp = Experiment(config)  # validates the config and loads the data
+  except ConfigError as e:
+    cli.fail(str(e))
+  out = cli.make_workdir(flags.FLAGS.out or os.path.join("runs", f"inversion-{name}"))
   workdir = flags.FLAGS.workdir
   if workdir:
     recs = [record.load(p) for p in record.list_records(workdir)]

@@ -514,22 +514,39 @@ def site_level(config) -> dict:
 THREATS = {"outsider": outsider, "server": server, "site": site_level}
 
 
+def default_workdir(config_path: str, threat: str) -> str:
+  """runs/mia_<config file>, with the threat appended unless the name already says it:
+  configs/mia_outsider.py -> runs/mia_outsider, configs/x.py (server) -> runs/mia_x_server."""
+  name = os.path.splitext(os.path.basename(config_path))[0]
+  name = name if name.startswith("mia_") else "mia_" + name
+  parts = name.split("_")
+  return os.path.join("runs", name if threat in parts else f"{name}_{threat}")
+
+
 def main(argv):
   del argv
   from fedjax_lab import cli  # pylint: disable=g-import-not-at-top
+  from fedjax_lab import config as config_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  cli.quiet_logs()
   config, path = cli.load_config(_CONFIG)
-  workdir = _WORKDIR.value or os.path.join(
-      "runs", "mia_" + os.path.splitext(os.path.basename(path))[0] + f"_{config.mia.threat}")
-  os.makedirs(workdir, exist_ok=True)
-  if config.mia.threat == "shots":
-    from fedjax_lab.attacks import shots  # pylint: disable=g-import-not-at-top
-    summary = shots.study(config, workdir)
-    print(shots.format_table(summary))
-    return
-  if config.mia.threat not in THREATS:
+  if config.mia.threat not in (*THREATS, "shots"):
     cli.fail(f"mia.threat: unknown '{config.mia.threat}'; allowed: "
              f"{', '.join(THREATS)}, shots")
-  results = THREATS[config.mia.threat](config)
+  try:
+    config_lib.validate(config.target)
+  except ConfigError as e:
+    cli.fail(f"target.{e}")
+  workdir = cli.make_workdir(_WORKDIR.value or default_workdir(path, config.mia.threat))
+  try:
+    if config.mia.threat == "shots":
+      from fedjax_lab.attacks import shots  # pylint: disable=g-import-not-at-top
+      summary = shots.study(config, workdir)
+      print(shots.format_table(summary))
+      return
+    results = THREATS[config.mia.threat](config)
+  except ConfigError as e:  # e.g. the target's data file
+    cli.fail(str(e))
   summary = summarize(results)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(summary, f, indent=1)
@@ -542,5 +559,5 @@ if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from fedjax_lab import cli  # pylint: disable=g-import-not-at-top
   _CONFIG = cli.define_config_flag(os.path.join(cli.ROOT, "configs", "mia_outsider.py"))
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/mia_<config>).")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/mia_<config>[_<threat>]).")
   app.run(main, flags_parser=cli.parse_flags)

@@ -26,7 +26,8 @@
   `data.path` is the TFDS data_dir. Images (uint8) are scaled to [0, 1].
 - `file`: a user file at `data.path`: `.npz` (arrays x, y; optional x_test, y_test; other
   1-D arrays of length N become columns), `.csv` (numeric columns are features, the label
-  column by name, other non-numeric columns become columns) or `.h5ad` (obs label column,
+  column by name, columns of names become site columns; a stray non-number in a numeric
+  column is an error naming its row) or `.h5ad` (obs label column,
   X dense or sparse, obs categoricals become columns). The `data.column` of a by_column
   partition is a column even when numeric (a site id), never a feature.
 
@@ -383,10 +384,13 @@ def _load_file(data_config) -> tuple[Dataset, Dataset]:
                       f"{'/'.join(FILE_EXTENSIONS)} file")
   label_column = data_config.label_column or _DEFAULT_LABEL_COLUMN
   if suffix == ".npz":
-    return _load_npz(path, data_config)
-  if suffix == ".csv":
-    return _load_csv(path, label_column, data_config)
-  return _from_anndata(path, label_column, "file", data_config)
+    train, test = _load_npz(path, data_config)
+  elif suffix == ".csv":
+    train, test = _load_csv(path, label_column, data_config)
+  else:
+    train, test = _from_anndata(path, label_column, "file", data_config)
+  _warn_small_sites(train, data_config, path)
+  return train, test
 
 
 def _load_npz(path: pathlib.Path, data_config) -> tuple[Dataset, Dataset]:
@@ -438,6 +442,8 @@ def _load_csv(path: pathlib.Path, label_column: str, data_config) -> tuple[Datas
   for key in frame.columns:
     if key == label_column:
       continue
+    if key != _split_column(data_config):
+      _check_numeric_cells(frame[key], path)
     if _is_categorical(frame[key]) or key == _split_column(data_config):
       columns[str(key)] = _categorical_codes(frame[key])[0]
     else:
@@ -445,15 +451,60 @@ def _load_csv(path: pathlib.Path, label_column: str, data_config) -> tuple[Datas
   if not features:
     raise ConfigError("data.path", f"{path} has no numeric feature columns besides the label "
                       f"'{label_column}'")
-  if columns:  # a numeric column with one stray string lands here too: say which is which
+  if columns:  # columns of names are not features: say which is which
     log.info("%s: %d numeric feature columns; site columns (not features): %s", path,
              len(features), ", ".join(columns))
   x = frame[features].to_numpy(dtype=np.float32)
   if not np.all(np.isfinite(x)):
     bad = [str(k) for k in features if not np.all(np.isfinite(frame[k].to_numpy(float)))]
+    row = int(np.flatnonzero(~np.isfinite(frame[bad[0]].to_numpy(float)))[0])
     raise ConfigError("data.path", f"{path}: feature columns {', '.join(bad)} have missing or "
-                      "infinite values; fill or drop them")
+                      f"infinite values (first: column '{bad[0]}', {_row(row)}); fill or "
+                      "drop them")
   return _split(x, y, num_classes, columns, "file", class_names, data_config)
+
+
+def _row(i: int) -> str:
+  """Where the 0-based data row i is in a CSV file with one header line."""
+  return f"row {i + 1} (line {i + 2} of the file)"
+
+
+def _check_numeric_cells(series, path) -> None:
+  """A column whose cells are mostly numbers is a feature column: a cell that is not one
+  (a typo such as 'oops') is an error, not a reason to drop the whole column from the
+  features as a site column. Columns of names (hospital, donor) stay site columns."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  if not pd.api.types.is_object_dtype(series) and not pd.api.types.is_string_dtype(series):
+    return
+  present = series.notna().to_numpy()
+  numbers = pd.to_numeric(series, errors="coerce").notna().to_numpy()
+  bad = np.flatnonzero(present & ~numbers)
+  if len(bad) == 0 or numbers.sum() <= len(bad):
+    return
+  raise ConfigError("data.path", f"{path}: column '{series.name}' is numeric but {_row(bad[0])} "
+                    f"holds {series.iloc[bad[0]]!r} ({len(bad)} non-numeric in all); fix them, "
+                    "or if the column names sites, set data.column to it with "
+                    "data.partition=by_column")
+
+
+# Fewer training examples than this a site, on average, warns (_warn_small_sites).
+_MIN_EXAMPLES_PER_SITE = 20
+
+
+def _warn_small_sites(train: Dataset, data_config, path) -> None:
+  """data.num_sites is 100 unless set; a small file split that way leaves each site a couple
+  of examples (under example-level DP a sampling rate of 1 and a huge noise multiplier).
+  The run goes ahead as configured, with a warning naming the key and a size that fits."""
+  if data_config.partition == "by_column":
+    return
+  n, sites = len(train), data_config.num_sites
+  if sites <= 0 or n / sites >= _MIN_EXAMPLES_PER_SITE:
+    return
+  suggest = max(1, n // _MIN_EXAMPLES_PER_SITE)
+  log.warning("data.num_sites=%d splits the %d training examples of %s into %.1f a site; set "
+              "--config.data.num_sites to the number of sites the data came from, or e.g. %d "
+              "(%d a site; with --config.cohort_size at most that)", sites, n, path, n / sites,
+              suggest, _MIN_EXAMPLES_PER_SITE)
 
 
 # ----------------------------------------------------------------------------- TFDS

@@ -149,8 +149,10 @@ def main(argv=None):
   from fedjax_lab.errors import ConfigError
   from fedjax_lab.flower import task
   overrides = " ".join(a.set)
+  from fedjax_lab import config as config_lib
   try:
     config = task.load_config(os.path.join(ROOT, a.config), overrides)
+    config_lib.validate(config)  # as train.py, before any process starts
     task.check(config, a.supernodes)
   except ConfigError as e:
     cli.fail(str(e))

@@ -30,16 +30,59 @@ import time
 
 from fedjax_lab import cli  # first: sets up the CPU devices before jax
 from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(cli.ROOT, "configs", "dpd_fvae.py"),
-    "Config file (configs/dpd_fvae.py[:decoder|all|pbmc]); override with --config.<key>=.",
-    lock_config=True)
+# configs/dpd_fvae.py[:decoder|all|pbmc]; a bad key, value or file: one line, exit 2.
+_CONFIG = cli.define_config_flag(os.path.join(cli.ROOT, "configs", "dpd_fvae.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (required).")
 
 log = logging.getLogger("fedjax_lab.generative")
+
+
+def validate(config) -> None:
+  """The checks train.py's validate makes for the lab's config, for this file's own keys:
+  a ConfigError naming the key, before a workdir or data exists."""
+  from fedjax_lab.config import ACCOUNTANTS, _one_of, _positive
+  from fedjax_lab.errors import ConfigError
+  from fedjax_lab.generative import federated, models, privacy
+  if config.seed is None or config.seed < 0 or int(config.seed) != config.seed:
+    raise ConfigError("seed", f"must be an integer >= 0, got {config.seed}")
+  for key in ("rounds", "data.num_sites", "generative.latent_dim", "client.local_steps",
+              "client.batch_size", "eval.every", "eval.num_synthetic", "eval.trials",
+              "eval.classifier_steps", "eval.batch_size", "checkpoint.every",
+              "checkpoint.keep"):
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    _positive(key, value, integer=True)
+  if config.data.partition == "dirichlet":
+    _positive("data.alpha", config.data.alpha)
+  _one_of("generative.sync", config.generative.sync, federated.SYNCS)
+  _one_of("generative.model", config.generative.model, models.KINDS)
+  _one_of("generative.likelihood", config.generative.likelihood, models.LIKELIHOODS)
+  if config.generative.beta < 0:
+    raise ConfigError("generative.beta", f"must be >= 0, got {config.generative.beta}")
+  _one_of("client.optimizer", config.client.optimizer, ("adam", "sgd"))
+  _positive("client.lr", config.client.lr)
+  if not 0 < config.client.participation <= 1:
+    raise ConfigError("client.participation", f"must be in (0, 1], got "
+                      f"{config.client.participation}")
+  _positive("server.lr", config.server.lr)
+  if not 0 <= config.server.momentum < 1:
+    raise ConfigError("server.momentum", f"must be in [0, 1), got {config.server.momentum}")
+  dp = config.dp
+  _one_of("dp.level", dp.level, privacy.LEVELS)
+  _one_of("dp.encoder", dp.encoder, privacy.ENCODER_MODES)
+  _one_of("dp.randomness", dp.randomness, privacy.RANDOMNESS)
+  _one_of("dp.accountant", dp.accountant, ACCOUNTANTS)
+  if not 0 < dp.delta < 1:
+    raise ConfigError("dp.delta", f"must be in (0, 1), got {dp.delta}")
+  _positive("dp.clip_norm", dp.clip_norm)
+  for key in ("target_epsilon", "noise_multiplier"):
+    if dp[key] < 0:
+      raise ConfigError(f"dp.{key}", f"must be >= 0, got {dp[key]}")
+  if dp.level != "none" and dp.target_epsilon == 0 and dp.noise_multiplier == 0:
+    raise ConfigError("dp.noise_multiplier", f"must be > 0 with dp.level={dp.level}, or set "
+                      "dp.target_epsilon to calibrate it")
 
 
 def load_data(config):
@@ -64,6 +107,7 @@ def run(config, workdir: str, verbose: bool = True) -> dict:
   from fedjax_lab.errors import ConfigError
   from fedjax_lab.generative import evaluate, federated, models, privacy
 
+  validate(config)
   os.makedirs(workdir, exist_ok=True)
   runs.check_resume(workdir, config)
   data, train, test = load_data(config)
@@ -156,13 +200,15 @@ def run(config, workdir: str, verbose: bool = True) -> dict:
 
 def main(argv):
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  cli.quiet_logs()
   if not _WORKDIR.value:
     cli.fail("--workdir: required")
-  config = _CONFIG.value
+  config, _ = cli.load_config(_CONFIG)
   from fedjax_lab.errors import ConfigError
   from fedjax_lab.generative.privacy import SlotOverflow
   try:
+    validate(config)
+    cli.make_workdir(_WORKDIR.value)
     summary = run(config, _WORKDIR.value)
   except (ConfigError, ValueError) as e:
     cli.fail(str(e))
@@ -185,4 +231,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

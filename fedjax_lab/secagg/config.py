@@ -27,8 +27,9 @@ class SecAggConfig(NamedTuple):
     floor((k + 1) / 2) + 1. A round with fewer than t survivors aborts.
   bits: b, the modulus 2^b of the masked sum (<= 32).
   clip_range: c, every coordinate is clipped to [-c, c] before quantization (counted).
-  dropout_rate: simulated probability that a site still in the protocol drops out at each of
-    its three stages (before key sharing, before upload, before unmasking).
+  dropout_rate: simulated probability that a site drops out during a round (the expected
+    fraction of the cohort that drops), at one of its three stages chosen uniformly (before
+    key sharing, before upload, before unmasking).
   prg: "device" (ChaCha20 written in jax.numpy, vmapped inside jit), "host" (ChaCha20 from
     `cryptography`/OpenSSL) or "auto" (the default: "host" when JAX's default backend is the
     CPU, "device" on a GPU/TPU; see resolve_prg). All give the same keystream, bit for bit
@@ -121,7 +122,7 @@ def validate_secagg(cohort_size, neighbours, threshold, bits, clip_range, dropou
                      f"the DP clip norm plus a few noise standard deviations")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"secagg.dropout_rate={dropout_rate} must be in [0, 1) (the simulated "
-                     f"probability of dropping out at each stage)")
+                     f"fraction of the cohort that drops out over a round)")
   if prg not in PRG_PATHS:
     raise ValueError(f"secagg prg={prg!r} must be one of {PRG_PATHS} ('auto': host ChaCha20 "
                      f"on a CPU backend, device ChaCha20 on a GPU/TPU)")

@@ -312,13 +312,12 @@ def split_key(key: jax.Array):
 
 
 def draw_dropouts(key: jax.Array, cohort: int, rate: float) -> np.ndarray:
-  """Stage of each site's dropout (0: none): at each of the 3 stages, each site still in
-  drops with probability `rate`."""
-  u = np.asarray(jax.random.uniform(key, (3, cohort)))
-  stage = np.zeros(cohort, np.int64)
-  for s in range(3):
-    stage[(stage == 0) & (u[s] < rate)] = s + 1
-  return stage
+  """Stage of each site's dropout (0: none): each site drops out during the round with
+  probability `rate`, at one of the 3 stages chosen uniformly. So `rate` is the expected
+  fraction of the cohort that drops over a round, as Bonawitz et al. 2017 and Bell et al.
+  2020 count dropouts (not a per-stage chance, which would compound to 1 - (1 - rate)^3)."""
+  u = np.asarray(jax.random.uniform(key, (2, cohort)))
+  return np.where(u[0] < rate, 1 + np.minimum((u[1] * 3).astype(np.int64), 2), 0)
 
 
 def bytes_per_site(d: int, bits: int, k: int) -> dict:
