@@ -95,7 +95,7 @@ def test_the_audit_prints_no_backend_or_orbax_info_lines():
               "--config.target.rounds=1", "--config.audit.num_canaries=10"], env=env,
              timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert '"claimed_epsilon"' in proc.stdout
+  assert "claimed epsilon 4.000" in proc.stdout
   assert proc.stderr.strip() == "", proc.stderr[-2000:]
 
 

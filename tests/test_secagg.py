@@ -2,6 +2,7 @@
 unmasking under dropouts at every stage, clean aborts, what the server sees, validation,
 clipping counts, and Dopamine's noise through the protocol."""
 
+import math
 import os
 
 import jax
