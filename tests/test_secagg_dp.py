@@ -328,6 +328,7 @@ def test_site_secure_run_reports_every_guarantee_at_z_eff(tmp_path, clip_range, 
   summary = exp.run(str(tmp_path))
   entries = summary["privacy"]["guarantees"]
   assert summary["privacy"]["noise_multiplier"] == pytest.approx(z_eff, rel=1e-12)
+  assert summary["privacy"]["update_noise_multiplier"] == 1.0
   assert entries[0]["noise_multiplier"] == pytest.approx(z_eff, rel=1e-12)
   server = [e for e in entries if e["adversary"].startswith("the server")
             and e["colluding_sites"] == 0]

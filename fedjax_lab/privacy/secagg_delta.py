@@ -50,7 +50,8 @@ others' sample, the pair (N(A), (1 - q) N(A) + q that mixture), then the mixture
 others' samples. The hockey-stick divergences (PLD) are jointly convex, and exp((a - 1) D_a)
 (Renyi, RDP) jointly convex too, so each pair is dominated by the worst of its components:
 the (subsampled) Gaussian pair with shift norm C + h sqrt(d), whose divergences grow with the
-shift. So at site level the accountant composes
+shift (d = 1 checked against the Gaussian closed form, tests/test_secagg_dp.py). So at site
+level the accountant composes
   z_eff = z C / (C + h sqrt(d))            (site_sensitivity_factor),
 z the noise multiplier the sites add, C = dp.clip_norm / cohort_size (the update is divided by
 the expected cohort before it is quantized: aggregators.site_dp, site_row), h the grid step
@@ -58,8 +59,11 @@ and d the number of summed coordinates: privacy/plan.py calibrates z_eff to dp.t
 and has the sites add z = z_eff (1 + h sqrt(d) / C), and every guarantee entry (the server's
 and the colluders', who see n, included: the target still changes n) uses z_eff. The same holds
 for the colluders' rows: they subtract their own rows, leaving K_{n-k} of the honest sum. A
-round whose cohort is empty releases the server's noise rounded onto the same grid
-(aggregators.gaussian_noise): that is K_1 with a zero update, the m = 0 case above.
+round whose cohort is empty releases the server's noise N(0, sigma^2 I) rounded onto the same
+grid (aggregators.gaussian_noise): K_1 of a zero update, so at m = 0 the pair is K_1(N(0)) vs
+K_1(N(x)), the common channel "+ B_1, round" and shift norm <= C. (The divergences of the
+subsampled Gaussian growing with the shift norm is what dp-accounting's sensitivity-1 events
+assume for any shift of norm <= 1.)
 The theta_bar term above still holds for every n and is paid as before.
 
 The grid (step h = 2c / levels_for(slots, bits)) and every number here depend on public
