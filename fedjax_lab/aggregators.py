@@ -230,13 +230,16 @@ def site_noise(noise_rng, site, like, share):
 
 
 def gaussian_noise(noise_multiplier: float, coordinated: bool,
-                   empty_round_divisor: float) -> Aggregator:
+                   empty_round_divisor: float,
+                   grid: tuple[float, int] | None = None) -> Aggregator:
   """Every site adds its share of N(0, (z C)^2), C = shared['clip_norm'] (a clip member
   before it): the full z C ("parallel"), or z C / sqrt(n) for the n sites of the round
   ("coordinated", Dopamine: the sum carries exactly (z C)^2). A round whose Poisson cohort
   is empty sends nothing; the server then adds N(0, (z C)^2) itself, divided by
   `empty_round_divisor` like the sum it stands for (the accountant composes that release
-  every round)."""
+  every round). `grid` (secure aggregation's (clip_range, levels)): that noise is clipped and
+  stochastically rounded onto the grid as one site's row would be, since every other round's
+  sum lies on it (privacy/secagg_delta.py: K_1 of a zero update)."""
 
   def broadcast(state, rnd, shared):
     share = noise_multiplier * shared["clip_norm"]
@@ -252,12 +255,28 @@ def gaussian_noise(noise_multiplier: float, coordinated: bool,
   def server(total, state, rnd, shared, stats):
     server_rng = jax.random.fold_in(jax.random.fold_in(rnd.client_rng, SERVER_NOISE), rnd.t)
     noise = site_noise(server_rng, 0, total, noise_multiplier * shared["clip_norm"])
+    if grid is not None:
+      noise = on_grid(jax.tree.map(lambda z: z / empty_round_divisor, noise),
+                      jax.random.fold_in(server_rng, 2), *grid)
+      divisor = 1.0
+    else:
+      divisor = empty_round_divisor
     empty = rnd.num_in == 0
-    total = jax.tree.map(lambda d, z: d + jnp.where(empty, z / empty_round_divisor, 0.0),
-                         total, noise)
+    total = jax.tree.map(lambda d, z: d + jnp.where(empty, z / divisor, 0.0), total, noise)
     return total, state, {}
 
   return make(broadcast=broadcast, site=site, server=server)
+
+
+def on_grid(tree, key, clip_range: float, levels: int):
+  """Each value clipped to [-clip_range, clip_range] and stochastically rounded onto secure
+  aggregation's grid (step 2 clip_range / levels), as the secure sum encodes one site's row."""
+  from fedjax_lab.secagg.quantization import decode_sum, quantize
+  leaves = jax.tree.leaves(tree)
+  keys = jax.random.split(key, len(leaves))
+  out = [decode_sum(quantize(l.reshape(-1), k, clip_range, levels)[0], 1, clip_range, levels,
+                    32).reshape(l.shape).astype(l.dtype) for l, k in zip(leaves, keys)]
+  return jax.tree.unflatten(jax.tree.structure(tree), out)
 
 
 def expected_mean(expected_cohort: float) -> Aggregator:
@@ -268,10 +287,11 @@ def expected_mean(expected_cohort: float) -> Aggregator:
 
 
 def site_dp(clip_norm: float, noise_multiplier: float, coordinated: bool,
-            expected_cohort: float, adaptive: AdaptiveClip | None = None) -> Aggregator:
+            expected_cohort: float, adaptive: AdaptiveClip | None = None,
+            grid: tuple[float, int] | None = None) -> Aggregator:
   """Site-level DP-FedAvg's chain (McMahan et al. 2018): clip (fixed C, or adaptive C_t),
-  Gaussian noise shares, / the expected cohort size."""
+  Gaussian noise shares, / the expected cohort size; `grid`: gaussian_noise's."""
   clipping = (clip(clip_norm) if adaptive is None
               else adaptive_clip(clip_norm, adaptive, coordinated, expected_cohort))
-  return chain(clipping, gaussian_noise(noise_multiplier, coordinated, expected_cohort),
+  return chain(clipping, gaussian_noise(noise_multiplier, coordinated, expected_cohort, grid),
                expected_mean(expected_cohort))

@@ -271,6 +271,11 @@ def _validate_secagg(config):
     raise ConfigError("secagg.threshold", "a Poisson cohort (site-level DP) can be smaller than "
                       "a fixed threshold, and aborting then would depend on who took part; "
                       "leave it unset (a majority of each round's cohort)")
+  if dp.level == "site" and dp.noise != "coordinated":
+    raise ConfigError("dp.noise", "with site-level DP and secure aggregation the grid lets the "
+                      "private cohort size move the sum, which privacy/secagg_delta.py bounds "
+                      "only when the sum's noise does not grow with the cohort; use "
+                      "dp.noise=coordinated")
   check_secagg(config, secagg_max_cohort(config))
 
 

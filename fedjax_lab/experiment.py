@@ -46,6 +46,13 @@ def tree_bytes(tree) -> int:
   return sum(int(np.prod(l.shape)) * 4 for l in jax.tree.leaves(tree))  # sent as float32
 
 
+def summed_coordinates(model, x) -> int:
+  """The length of a site's row in the secure sum: the model's parameters and state (shapes
+  only, so any key)."""
+  params, model_state = jax.eval_shape(model.init, jax.random.key(0), x)
+  return sum(int(np.prod(l.shape)) for l in jax.tree.leaves((params, model_state)))
+
+
 def _round_devices(config, privacy: PrivacyPlan | None) -> list:
   """Every device, or one CPU device for a round too small to split (see
   sharding.round_devices); algorithms with per-site state always shard it."""
@@ -120,13 +127,14 @@ class Experiment:
     self.task, self.loss = sources.task_of(config.data.name), losses.from_config(config.model)
     self.site_hist = (federated.site_label_histogram(self.data)
                       if self.task == "classification" else None)
-    self.privacy = privacy_plan(config, np.asarray(self.data.count))
+    with config_keys("model"):
+      self.model = make_model(config.model, train.num_classes, train.x[:2])
+    # The secure sum's row length: at site level its grid enters the accountant's sigma.
+    self.summed_coordinates = summed_coordinates(self.model, train.x[:2])
+    self.privacy = privacy_plan(config, np.asarray(self.data.count), self.summed_coordinates)
     self.mesh = mesh if mesh is not None else sharding.make_mesh(
         _round_devices(config, self.privacy))
     self.data = sharding.put_replicated(self.data, self.mesh)
-
-    with config_keys("model"):
-      self.model = make_model(config.model, train.num_classes, train.x[:2])
     # Under dp.randomness=secret a fresh secret per run (run() keeps the checkpoint's on resume).
     secret = self.privacy is not None and self.privacy.randomness == "secret"
     self.set_secret(draw_secret() if secret else None)
@@ -247,8 +255,7 @@ class Experiment:
     s = cfg.secagg
     sa = secagg.SecAggConfig(neighbours=s.neighbours, threshold=s.threshold, bits=s.bits,
                              clip_range=s.clip_range, dropout_rate=s.dropout_rate)
-    params, model_state = jax.eval_shape(self.model.init, self.keys["init"], self.train.x[:2])
-    d = sum(int(np.prod(l.shape)) for l in jax.tree.leaves((params, model_state)))
+    d = self.summed_coordinates
     if self.privacy is not None:
       terms = secagg_delta.gate(cfg, self.privacy, d, np.asarray(self.data.count))
       self.privacy = self.privacy._replace(secagg_tv=terms.eta)
@@ -284,7 +291,9 @@ class Experiment:
                          noise_multiplier=self.privacy.update_noise_multiplier,
                          coordinated=cfg.dp.noise == "coordinated",
                          max_cohort=self.privacy.slots,
-                         adaptive=adaptive)
+                         adaptive=adaptive,
+                         grid=(secagg_delta.grid(cfg, self.privacy.slots)
+                               if cfg.secagg.enabled else None))
 
   def epsilon(self, rounds: int) -> float | None:
     if self.privacy is None:

@@ -220,6 +220,8 @@ def run(self, workdir: str) -> dict:
           update_noise_multiplier=self.privacy.update_noise_multiplier,
           count_noise_multiplier=self.privacy.count_noise_multiplier,
           final_clip_norm=float(state.clip_norm))
+    elif site_dp and cfg.secagg.enabled:  # the sites add more than the accountant composes
+      summary["privacy"]["update_noise_multiplier"] = self.privacy.update_noise_multiplier
   if cfg.secagg.enabled:
     summary["secagg"] = {"aborted_rounds": meta.get("secagg_aborted", 0),
                          "clipped_values": meta.get("secagg_clipped", 0)}

@@ -307,7 +307,12 @@ def _plan(c):
   train, _ = public.load(c.optim.public_data, c.data, train)
   partition.resolve_num_sites(train, c)
   sites = partition.partition(train, c.data, c.seed)
-  return privacy_plan(c, np.array([len(s) for s in sites]))
+  d = None
+  if c.secagg.enabled and c.dp.level == "site":  # the grid enters sigma: the row length
+    from fedjax_lab.experiment import summed_coordinates
+    from fedjax_lab.models import make_model
+    d = summed_coordinates(make_model(c.model, train.num_classes, train.x[:2]), train.x[:2])
+  return privacy_plan(c, np.array([len(s) for s in sites]), d)
 
 
 _SECURE_SITE = {"secagg.enabled": True, "dp.noise": "coordinated"}

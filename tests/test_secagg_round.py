@@ -98,6 +98,7 @@ def test_dopamine_end_to_end_the_server_sees_only_the_sum():
      "secagg.dropout_rate"),
     ({"dp.level": "site", "dp.noise_multiplier": 1.0, "secagg.threshold": 3},
      "secagg.threshold"),
+    ({"dp.level": "site", "dp.noise_multiplier": 1.0}, "dp.noise"),  # parallel: grows with n
     ({"secagg.bits": 3}, "secagg.bits"),
     ({"secagg.threshold": 2}, "secagg.threshold"),
     ({"secagg.neighbours": 3}, "secagg.neighbours"),

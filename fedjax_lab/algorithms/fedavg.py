@@ -74,6 +74,9 @@ class SiteDP(NamedTuple):
   coordinated: bool
   max_cohort: int
   adaptive: AdaptiveClip | None = None
+  # Secure aggregation's grid (clip_range, levels; privacy/secagg_delta.grid): an empty
+  # round's server noise is rounded onto it, or it would tell the server the cohort was empty.
+  grid: tuple[float, int] | None = None
 
 
 def count_noise(count_rng, cohort, in_cohort, num_in, site_dp: SiteDP):
@@ -87,7 +90,7 @@ def make_aggregator(site_dp: SiteDP | None, cohort_size: int) -> aggregators.Agg
   if site_dp is None:
     return aggregators.weighted()
   return aggregators.site_dp(site_dp.clip_norm, site_dp.noise_multiplier, site_dp.coordinated,
-                             cohort_size, site_dp.adaptive)
+                             cohort_size, site_dp.adaptive, site_dp.grid)
 
 
 def sample_cohort(rng, num_sites: int, cohort_size: int) -> jax.Array:

@@ -72,8 +72,14 @@ def accountant_delta(config) -> float:
   return config.dp.delta * (1 - share)
 
 
-def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
-  """What the accountant composes, from the config; sigma calibrated if asked."""
+def privacy_plan(config, site_counts: np.ndarray,
+                 summed_coordinates: int | None = None) -> PrivacyPlan | None:
+  """What the accountant composes, from the config; sigma calibrated if asked.
+
+  summed_coordinates: the length d of the rows secure aggregation sums; needed (and used) only
+  at site level with secagg.enabled, where the accountant composes z_eff = z C / (C + h sqrt(d))
+  while the sites add z (secagg_delta.py: the grid lets the private cohort size move the sum
+  by up to h sqrt(d))."""
   dp = config.dp
   if dp.level == "none":
     return None
@@ -90,6 +96,10 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
     q, steps_per_round, units = config.cohort_size / config.data.num_sites, 1, config.data.num_sites
     unit = "one site (all its examples)"
     scheme = f"Poisson cohorts at rate cohort_size/num_sites (q={q:.4g}), updates clipped"
+  site_grid = dp.level == "site" and bool(config.secagg.enabled)
+  if site_grid and summed_coordinates is None:
+    raise ValueError("privacy_plan needs summed_coordinates (the secure sum's row length) at "
+                     "site level with secure aggregation")
   total_steps = config.rounds * steps_per_round
   accountant_delta_ = accountant_delta(config)
   sigma, budget, how = dp.noise_multiplier, dp.target_epsilon, "given"
@@ -97,18 +107,47 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
     sigma = accounting.noise_multiplier_for(dp.target_epsilon, q, total_steps,
                                             accountant_delta_, dp.accountant)
     budget, how = None, f"calibrated to epsilon<={dp.target_epsilon} after {config.rounds} rounds"
-  accountant = accounting.Accountant(sigma, q, accountant_delta_, dp.accountant)
-  # Every draw that can hold the unit: its site's batch at every step (sizes n and n +- 1 for
-  # the neighbours, each at rate batch_size / its size), or the cohort at every round.
+
+  def sized(z):
+    """The accountant for noise multiplier z, and the slots its epsilon needs (every draw that
+    can hold the unit: its site's batch at every step, sizes n and n +- 1 for the neighbours,
+    each at rate batch_size / its size; or the cohort at every round)."""
+    accountant = accounting.Accountant(z, q, accountant_delta_, dp.accountant)
+    eps = accountant.epsilon_after(total_steps)
+    overflow_bound = _TRUNCATION_SHARE * dp.delta / (1 + math.exp(min(eps, 700.0)))
+    tail = overflow_bound / total_steps
+    if dp.level == "example":
+      slots = sampling.site_slots(site_counts, config.client.batch_size, tail)
+    else:
+      n = config.data.num_sites
+      slots = min(n, sampling.max_sample_size_over([n - 1, n, n + 1], lambda _: q, tail))
+    return accountant, overflow_bound, slots
+
+  added = sigma  # the noise multiplier the sites add (the accountant's, but for site_grid)
+  accountant, overflow_bound, slots = sized(sigma)
+  grid_note = ""
+  if site_grid:
+    # The grid step depends on the slots, which depend on epsilon: calibrated, sigma is z_eff
+    # (epsilon at the target whatever the grid) and the sites add more; given, the sites add
+    # sigma and z_eff shrinks as the slots grow, so grow them to a fixed point (monotone).
+    config_lib.check_secagg(config, slots)
+    if how == "given":
+      while True:
+        factor = secagg_delta.site_sensitivity_factor(config, slots, summed_coordinates)
+        accountant, overflow_bound, more = sized(added * factor)
+        if more <= slots:
+          break
+        slots = more
+        config_lib.check_secagg(config, slots)
+      sigma = added * factor
+    else:
+      factor = secagg_delta.site_sensitivity_factor(config, slots, summed_coordinates)
+      added = sigma / factor
+    grid_note = (f"; secure aggregation's grid (step {secagg_delta.grid_step(config, slots):.3g},"
+                 f" d={summed_coordinates}) lets the private cohort size move the sum by up to "
+                 f"step sqrt(d): the sites add noise multiplier {added:.4f}, the accountant "
+                 f"composes {sigma:.4f} = that x C/(C + step sqrt(d)) (privacy/secagg_delta.py)")
   eps = accountant.epsilon_after(total_steps)
-  overflow_bound = _TRUNCATION_SHARE * dp.delta / (1 + math.exp(min(eps, 700.0)))
-  tail = overflow_bound / total_steps
-  if dp.level == "example":
-    slots = sampling.site_slots(site_counts, config.client.batch_size, tail)
-  else:
-    n = config.data.num_sites
-    slots = min(n, sampling.max_sample_size_over([n - 1, n, n + 1],
-                                                 lambda _: q, tail))
   if dp.delta > 1.0 / units:
     log.warning("dp.delta=%g > 1/%d (1/number of protected units): a mechanism that "
                 "publishes one unit's data outright meets this delta", dp.delta, units)
@@ -125,7 +164,7 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
   if dp.level == "site":
     noise += "; a round with an empty cohort gets the noise from the server"
   randomness = guarantees.resolve_randomness(dp.randomness, config.data.name)
-  update_sigma, count_stddev, clip = float(sigma), None, f"clip_norm={dp.clip_norm:g}"
+  update_sigma, count_stddev, clip = float(added), None, f"clip_norm={dp.clip_norm:g}"
   if dp.adaptive_clip:  # the accountant still composes sigma (Andrew et al. 2021, Thm 1)
     update_sigma, count_stddev = config_lib.adaptive_clip_noise(config, sigma)
     clip = adaptive_clipping.describe(sigma, count_stddev, dp.target_quantile, dp.clip_lr,
@@ -138,7 +177,7 @@ def privacy_plan(config, site_counts: np.ndarray) -> PrivacyPlan | None:
                    if config.secagg.enabled else ""))
   description = (f"privacy: unit={unit}; neighbouring relation=add/remove one; sampling="
                  f"{scheme}; {truncation}; accountant={dp.accountant}; delta={dp.delta:g}; "
-                 f"noise_multiplier={sigma:.4f} ({how}); {clip}; noise {noise}; "
+                 f"noise_multiplier={sigma:.4f} ({how}{grid_note}); {clip}; noise {noise}; "
                  f"randomness={randomness} (dp.randomness={dp.randomness})")
   return PrivacyPlan(noise_multiplier=float(sigma), sampling_prob=q,
                      steps_per_round=steps_per_round, accountant=accountant,

@@ -27,11 +27,44 @@ of secagg/noise.py clip_probability. No modular wrap-around: the grid is sized f
 (secagg/config.py levels_for), slots L < 2^bits. With eta the total, a run whose Gaussian
 mechanism is (eps, d)-DP is (eps, d + (1 + e^eps) eta)-DP as quantized.
 
-What is not covered: K_n depends on n, the number of summed rows. At example level n is the
-fixed cohort (or its survivors, whose dropouts do not depend on the data), so K_n is a
-post-processing the accountant allows. At site level n is the realised Poisson cohort, which
-amplification by sampling treats as hidden; K_n moves each coordinate by less than n h, far
-below the noise (README "Sharp edges"), but no bound of that effect is paid here.
+K_n, exactly (per coordinate, in grid units: s' = S/h, h = 1). Given S, Y is uniform on
+{y : sum y = s'} mod L, i.e. y_1 .. y_{n-1} uniform on [0, 1) and y_n = s' - their sum (L has
+the basis e_i - e_n), so each offset O_i = R(y_i) - y_i = B_i - f_i has the triangle law
+Lambda on [-1, 1] (f uniform: O = 1 - f w.p. f, -f w.p. 1 - f), and the n offsets are iid
+Lambda conditioned on s' + sum O_i being an integer: P(K_n = k) = Lambda^{*n}(k - s') (the
+normaliser is 1: any density convolved with box = U[-1/2, 1/2] sums to 1 over a coset of Z).
+As Lambda = box * box, Lambda^{*n}(k - s') = P(|s' + B_n - k| < 1/2) with B_n ~ box^{*(2n-1)}:
+  K_n(S) = h round(S/h + B_n),   B_n independent of S,
+checked against the integral over y for n = 1, 2, 3 (tests/test_secagg_dp.py).
+
+The n-dependence, paid. At example level n is the fixed cohort (or its survivors, whose
+dropouts do not depend on the data), so K_n is a post-processing the accountant allows. At
+site level n is the realised Poisson cohort, which amplification treats as hidden, and the
+target's presence changes it: m rows (the others' sample) without it, m + 1 with it. As
+B_{m+1} = B_m + T, T ~ Lambda independent (support [-1, 1]), and coordinated noise keeps the
+noise on the sum at N(0, sigma^2 I) whatever n, both releases are the common channel
+"y -> h round(y/h + B_m)" (post-processing) applied to N(A, sigma^2 I) (without it) or to the
+mixture over t in [-1, 1]^d of N(A + x + h t, sigma^2 I) (with it: x its update, |x| <= C in
+sent units), whose shifts have norm <= C + h sqrt(d). Poisson sampling gives, for given
+others' sample, the pair (N(A), (1 - q) N(A) + q that mixture), then the mixture over the
+others' samples. The hockey-stick divergences (PLD) are jointly convex, and exp((a - 1) D_a)
+(Renyi, RDP) jointly convex too, so each pair is dominated by the worst of its components:
+the (subsampled) Gaussian pair with shift norm C + h sqrt(d), whose divergences grow with the
+shift (d = 1 checked against the Gaussian closed form, tests/test_secagg_dp.py). So at site
+level the accountant composes
+  z_eff = z C / (C + h sqrt(d))            (site_sensitivity_factor),
+z the noise multiplier the sites add, C = dp.clip_norm / cohort_size (the update is divided by
+the expected cohort before it is quantized: aggregators.site_dp, site_row), h the grid step
+and d the number of summed coordinates: privacy/plan.py calibrates z_eff to dp.target_epsilon
+and has the sites add z = z_eff (1 + h sqrt(d) / C), and every guarantee entry (the server's
+and the colluders', who see n, included: the target still changes n) uses z_eff. The same holds
+for the colluders' rows: they subtract their own rows, leaving K_{n-k} of the honest sum. A
+round whose cohort is empty releases the server's noise N(0, sigma^2 I) rounded onto the same
+grid (aggregators.gaussian_noise): K_1 of a zero update, so at m = 0 the pair is K_1(N(0)) vs
+K_1(N(x)), the common channel "+ B_1, round" and shift norm <= C. (The divergences of the
+subsampled Gaussian growing with the shift norm is what dp-accounting's sensitivity-1 events
+assume for any shift of norm <= 1.)
+The theta_bar term above still holds for every n and is paid as before.
 
 The grid (step h = 2c / levels_for(slots, bits)) and every number here depend on public
 quantities only: the slots, never the realised cohort.
@@ -55,6 +88,25 @@ def theta_bar(n: int, tau: float) -> float:
     return 0.0
   x = 2.0 * n * math.exp(-a) / -math.expm1(-3.0 * a)
   return math.expm1(x) if x < 700 else math.inf
+
+
+def grid(config, grid_cohort: int) -> tuple[float, int]:
+  """(clip_range, levels) of the secure sum's grid for up to `grid_cohort` rows (the slots at
+  site level, the cohort at example level): public numbers only."""
+  from fedjax_lab.secagg.config import levels_for
+  return float(config.secagg.clip_range), levels_for(grid_cohort, config.secagg.bits)
+
+
+def grid_step(config, grid_cohort: int) -> float:
+  c, levels = grid(config, grid_cohort)
+  return 2.0 * c / levels
+
+
+def site_sensitivity_factor(config, slots: int, d: int) -> float:
+  """Site level under secure aggregation: C / (C + h sqrt(d)), C the clip norm in the units the
+  sites send (dp.clip_norm / cohort_size): z_eff = z x this (module docstring)."""
+  c_sent = config.dp.clip_norm / config.cohort_size
+  return c_sent / (c_sent + grid_step(config, slots) * math.sqrt(d))
 
 
 class Row(NamedTuple):
@@ -108,11 +160,9 @@ class Terms(NamedTuple):
 def terms(config, plan, d: int, site_counts) -> Terms:
   """eta for the whole run, over every n the secure sum can hold (1 .. slots at site level,
   the survivors t .. K at example level)."""
-  from fedjax_lab.secagg.config import levels_for
   s = config.secagg
   site = config.dp.level == "site"
-  grid_cohort = plan.slots if site else config.cohort_size
-  h = 2.0 * s.clip_range / levels_for(grid_cohort, s.bits)
+  h = grid_step(config, plan.slots if site else config.cohort_size)
   if site:
     ns, row_of = range(1, plan.slots + 1), lambda n: site_row(
         config, plan.update_noise_multiplier, n)
