@@ -212,12 +212,12 @@ def test_amplified_banded_event(strategies):
   sigma, q, delta = 2.0, 0.1, 1e-6
   eps = dp_accounting.rdp.RdpAccountant().compose(
       mf_noise.amplified_dp_event(s, sigma, q)).get_epsilon(delta)
-  # Choquette-Choo et al. 2023, Thm 4: each group is used every `bands` rounds, so the run
+  # Choquette-Choo et al. 2023: each group is used every `bands` rounds, so the run
   # is accounted as ceil(n / bands) Poisson-sampled Gaussians.
   ref = dp_accounting.rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
       math.ceil(N / 4))).get_epsilon(delta)
-  assert eps == pytest.approx(ref, rel=1e-9)
+  assert eps == pytest.approx(ref, rel=1e-5)
   assert np.linalg.norm(reference_matrix(s), axis=0).max() <= 1 + 1e-6
   with pytest.raises(ArgumentError, match="mechanism"):
     mf_noise.amplified_dp_event(strategies["blt"], sigma, q)

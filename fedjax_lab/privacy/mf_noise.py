@@ -10,7 +10,7 @@ B (C x + w) of ONE Gaussian mechanism x -> C x + w with B = A C^{-1}. Its L2 sen
 clip_norm * sensitivity(strategy, ...) (the largest ||C u|| over the rounds u a record may
 join), so the whole run is one Gaussian mechanism with noise multiplier
 (noise_std / clip_norm) / sensitivity: `dp_event`. Because C is lower-triangular this holds
-for adaptively chosen x_r too (Denisov et al. 2022, Theorem 2.1).
+for adaptively chosen x_r too (Denisov et al. 2022).
 
 Adversary and assumptions of the unamplified guarantee (`dp_event`): it sees every release
 x_r + z_r of the run and may pick which records join which round (the server picking cohorts
@@ -26,8 +26,9 @@ Mechanisms (`strategy(name, ...)`); all strategies are lower-triangular n x n ma
             prefix sum of round t carries the noise of the dyadic intervals of t's binary
             expansion. Round s completes one node, (s - 2^tz(s), s] (tz: trailing zeros), so
             C[s, i] = 1 iff i lies in node s; state: one node per level, O(log n).
-  blt       buffered linear Toeplitz, McMahan et al. 2024, "Efficient and Near-Optimal Noise
-            Generation for Streaming Differential Privacy" (jax_privacy
+  blt       buffered linear Toeplitz, McMahan et al. 2024, "A Hassle-free Algorithm for
+            Private Learning in Practice: Don't Use Tree Aggregation, Use BLTs"
+            (arXiv:2408.08868) and Dvijotham et al. 2024 (arXiv:2404.16706) (jax_privacy
             `buffered_toeplitz.optimize`, mean squared error on prefix sums): O(buffers) state.
   banded    banded Toeplitz with `bands` bands, Choquette-Choo et al. 2023, "(Amplified)
             Banded Matrix Factorization: A unified approach to private training" (jax_privacy
@@ -40,7 +41,6 @@ strategy keeps float32 NumPy parameters, and every derived number (sensitivity, 
 materialized C) is computed in float64 from exactly those float32 values.
 """
 
-import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import dp_accounting
@@ -237,14 +237,17 @@ def amplified_dp_event(s: Strategy, noise_multiplier: float,
   Assumptions: records are split into `bands` fixed groups; round r uses only group
   r mod bands, within which each record joins independently with probability sampling_prob;
   WHICH records join is secret from the adversary (it does not hold against a server that
-  picks the cohort). C's columns have norm <= 1 (coefficients of norm 1), as the event needs.
+  picks the cohort). C's columns have norm 1 (coefficients of norm 1), as the event needs.
   jax_privacy 2.0 has no amplified event for blt (nor tree, dense).
   """
   if s.name != "banded":
     raise ArgumentError("mechanism", f"amplification by sampling is accounted for banded only "
                         f"(jax_privacy 2.0), got {s.name!r}; use dp_event.")
+  # The event assumes columns of norm <= 1; float32 rounding of the coefficients may leave
+  # them a hair above, which this division pays for.
+  column_norm = max(1.0, sensitivity(s))
   return jp_accounting.amplified_bandmf_event(
-      noise_multiplier, s.num_rounds, num_bands=len(s.arrays["coefs"]),
+      noise_multiplier / column_norm, s.num_rounds, num_bands=len(s.arrays["coefs"]),
       sampling_prob=sampling_prob)
 
 
@@ -262,11 +265,13 @@ def _leaf_fns(s: Strategy):
 
     def tree_next(w, nodes, r):
       t = r + 1
-      # Round t completes the node at level tz(t), which absorbs the nodes below it.
+      # Round t completes the node at level tz(t), which replaces the nodes below it in the
+      # prefix; those slots are rewritten before they are read again (bit i of t is set only
+      # after a round completing a level-i node), so they need no clearing.
       level = jnp.sum(t % (2 ** jnp.arange(levels)) == 0) - 1
       below = (jnp.arange(levels) < level).reshape((levels,) + (1,) * w.ndim)
       z = w - jnp.sum(jnp.where(below, nodes, 0), axis=0)
-      return z, jnp.where(below, 0, nodes).at[level].set(w)
+      return z, nodes.at[level].set(w)
     return tree_init, tree_next
   if s.name == "dense":
     inverse = np.linalg.inv(strategy_matrix(s)).astype(np.float32)
