@@ -196,19 +196,23 @@ def count_noise(count_rng, cohort, in_cohort, num_in, count_stddev: float, coord
 
 
 def adaptive_clip(clip_norm: float, params: AdaptiveClip, coordinated: bool,
-                  expected_cohort: float) -> Aggregator:
+                  expected_cohort: float, pad_to: int = 0) -> Aggregator:
   """`clip` to the state's C_t (C_0 = clip_norm), then C_{t+1} from the noised fraction of
   this round's updates with norm <= C_t (privacy/adaptive_clipping.py). An empty cohort's
-  count noise comes from the server, as its update noise does (gaussian_noise)."""
+  count noise comes from the server, as its update noise does (gaussian_noise); `pad_to`:
+  the server tops parallel noise up to that many shares, as gaussian_noise does."""
 
   def server(total, state, rnd, shared, stats):
     count_rng = jax.random.fold_in(jax.random.fold_in(rnd.client_rng, SITE_COUNT_NOISE), rnd.t)
     server_rng = jax.random.fold_in(jax.random.fold_in(rnd.client_rng, SERVER_NOISE), rnd.t)
     server_count_noise = params.count_stddev * jax.random.normal(
         jax.random.fold_in(server_rng, 1))
-    noise = (count_noise(count_rng, rnd.cohort, rnd.in_cohort, rnd.num_in, params.count_stddev,
-                         coordinated)
-             + jnp.where(rnd.num_in == 0, server_count_noise, 0.0))
+    noise = count_noise(count_rng, rnd.cohort, rnd.in_cohort, rnd.num_in, params.count_stddev,
+                        coordinated)
+    if pad_to:
+      noise = noise + jnp.sqrt(jnp.maximum(pad_to - rnd.num_in, 0.0)) * server_count_noise
+    else:
+      noise = noise + jnp.where(rnd.num_in == 0, server_count_noise, 0.0)
     next_clip = adaptive_clipping.next_clip_norm(
         state, stats["norm"], rnd.in_cohort, noise, expected_cohort, params.target_quantile,
         params.clip_lr)
@@ -231,7 +235,7 @@ def site_noise(noise_rng, site, like, share):
 
 def gaussian_noise(noise_multiplier: float, coordinated: bool,
                    empty_round_divisor: float,
-                   grid: tuple[float, int] | None = None) -> Aggregator:
+                   grid: tuple[float, int] | None = None, pad_to: int = 0) -> Aggregator:
   """Every site adds its share of N(0, (z C)^2), C = shared['clip_norm'] (a clip member
   before it): the full z C ("parallel"), or z C / sqrt(n) for the n sites of the round
   ("coordinated", Dopamine: the sum carries exactly (z C)^2). A round whose Poisson cohort
@@ -239,7 +243,13 @@ def gaussian_noise(noise_multiplier: float, coordinated: bool,
   `empty_round_divisor` like the sum it stands for (the accountant composes that release
   every round). `grid` (secure aggregation's (clip_range, levels)): that noise is clipped and
   stochastically rounded onto the grid as one site's row would be, since every other round's
-  sum lies on it (privacy/secagg_delta.py: K_1 of a zero update)."""
+  sum lies on it (privacy/secagg_delta.py: K_1 of a zero update).
+
+  `pad_to` (parallel noise under site-level DP: the cohort's slots): the server adds
+  sqrt(pad_to - n) z C more, so the sum's noise is N(0, pad_to (z C)^2) whatever the round's
+  n. Without it the noise's size tells the realised cohort size (its variance is n (z C)^2,
+  measured to high precision over many coordinates), which amplification by sampling hides
+  and whose change with the target's presence the Gaussian accountant does not cover."""
 
   def broadcast(state, rnd, shared):
     share = noise_multiplier * shared["clip_norm"]
@@ -261,6 +271,10 @@ def gaussian_noise(noise_multiplier: float, coordinated: bool,
       divisor = 1.0
     else:
       divisor = empty_round_divisor
+    if pad_to:  # covers the empty round too (pad_to >= 1 shares then)
+      scale = jnp.sqrt(jnp.maximum(pad_to - rnd.num_in, 0.0)) / divisor
+      total = jax.tree.map(lambda d, z: d + scale * z, total, noise)
+      return total, state, {}
     empty = rnd.num_in == 0
     total = jax.tree.map(lambda d, z: d + jnp.where(empty, z / divisor, 0.0), total, noise)
     return total, state, {}
@@ -288,10 +302,14 @@ def expected_mean(expected_cohort: float) -> Aggregator:
 
 def site_dp(clip_norm: float, noise_multiplier: float, coordinated: bool,
             expected_cohort: float, adaptive: AdaptiveClip | None = None,
-            grid: tuple[float, int] | None = None) -> Aggregator:
+            grid: tuple[float, int] | None = None, max_cohort: int = 0) -> Aggregator:
   """Site-level DP-FedAvg's chain (McMahan et al. 2018): clip (fixed C, or adaptive C_t),
-  Gaussian noise shares, / the expected cohort size; `grid`: gaussian_noise's."""
+  Gaussian noise shares, / the expected cohort size; `grid`: gaussian_noise's. Parallel
+  noise is topped up by the server to `max_cohort` shares (gaussian_noise's pad_to)."""
+  pad_to = 0 if coordinated else int(max_cohort)
+  if not coordinated and pad_to < 1:
+    raise ValueError("site_dp: parallel noise needs max_cohort (the cohort's slots) >= 1")
   clipping = (clip(clip_norm) if adaptive is None
-              else adaptive_clip(clip_norm, adaptive, coordinated, expected_cohort))
-  return chain(clipping, gaussian_noise(noise_multiplier, coordinated, expected_cohort, grid),
-               expected_mean(expected_cohort))
+              else adaptive_clip(clip_norm, adaptive, coordinated, expected_cohort, pad_to))
+  return chain(clipping, gaussian_noise(noise_multiplier, coordinated, expected_cohort, grid,
+                                        pad_to), expected_mean(expected_cohort))

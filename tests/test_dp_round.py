@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from dp_accounting import rdp
+from scipy import stats as scipy_stats
 
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.client import ClientConfig, ExampleDP, make_client_update
@@ -272,3 +273,31 @@ def test_resuming_with_another_privacy_plan_is_refused(tmp_path):
   assert e.value.key == "dp"
   assert f"noise_multiplier={first.privacy.noise_multiplier}" in str(e.value)
   assert (tmp_path / "metrics.jsonl").read_text() == rows
+
+
+@pytest.mark.parametrize("num_in", [0, 1, 3, 7])
+def test_parallel_site_noise_does_not_tell_the_cohort_size(num_in):
+  """Site level, parallel noise: whatever the round's n (0 .. slots), the released mean's noise
+  is N(0, slots (z C / K)^2) per coordinate (the server tops the n sites' full shares up to the
+  slots), so its size does not reveal n. Reference: the closed form, with a chi-square
+  interval on the empirical variance of zero updates over many coordinates."""
+  from fedjax_lab import aggregators
+  clip_norm, z, expected, slots, d = 2.0, 0.7, 4.0, 8, 20_000
+  chain = aggregators.site_dp(clip_norm, z, coordinated=False, expected_cohort=expected,
+                              max_cohort=slots)
+  present = jnp.asarray([1.0] * num_in + [0.0] * (slots - num_in))
+  rnd = aggregators.RoundInfo(t=jnp.int32(3), client_rng=jax.random.key(5),
+                              cohort=jnp.arange(slots, dtype=jnp.int32), in_cohort=present,
+                              num_in=jnp.sum(present))
+  shared = chain.broadcast(chain.init(), rnd, {})
+  zeros = {"w": jnp.zeros((slots, d))}
+  sent, stats = jax.vmap(lambda m, s, p: chain.site(
+      m, aggregators.SiteInfo(site=s, weight=1.0 / slots, present=p), shared))(
+          zeros, jnp.arange(slots), present)
+  sent = jax.tree.map(lambda a: a * present.reshape(-1, 1), sent)  # absent slots send nothing
+  total = jax.tree.map(lambda a: jnp.sum(a, axis=0), sent)
+  out, _, _ = chain.server(total, chain.init(), rnd, shared, stats)
+  var = float(np.var(np.asarray(out["w"])))
+  want = slots * (z * clip_norm / expected) ** 2
+  lo, hi = (scipy_stats.chi2.ppf(q, d) / d for q in (1e-4, 1 - 1e-4))
+  assert lo * want < var < hi * want, (var, want)

@@ -60,9 +60,11 @@ class SiteDP(NamedTuple):
   clipped to clip_norm, Gaussian noise on the sum, divided by the expected cohort size
   (the chain `aggregators.site_dp`).
 
-  noise "parallel": every site adds N(0, (sigma C)^2); "coordinated" (Dopamine): every site
-  adds N(0, (sigma C)^2 / n) for the n sites of the round, so the secure sum carries exactly
-  (sigma C)^2. The accountant uses sigma either way (parallel only adds more noise). A round
+  noise "parallel": every site adds N(0, (sigma C)^2) and the server tops the sum up to
+  max_cohort such shares, so its noise does not tell the round's cohort size;
+  "coordinated" (Dopamine): every site adds N(0, (sigma C)^2 / n) for the n sites of the
+  round, so the secure sum carries exactly (sigma C)^2. The accountant uses sigma either way
+  (parallel only adds more noise). A round
   whose Poisson cohort is empty still releases N(0, (sigma C)^2): the server adds it (and
   the count's noise), because the accountant composes that release every round.
 
@@ -90,7 +92,7 @@ def make_aggregator(site_dp: SiteDP | None, cohort_size: int) -> aggregators.Agg
   if site_dp is None:
     return aggregators.weighted()
   return aggregators.site_dp(site_dp.clip_norm, site_dp.noise_multiplier, site_dp.coordinated,
-                             cohort_size, site_dp.adaptive, site_dp.grid)
+                             cohort_size, site_dp.adaptive, site_dp.grid, site_dp.max_cohort)
 
 
 def sample_cohort(rng, num_sites: int, cohort_size: int) -> jax.Array:

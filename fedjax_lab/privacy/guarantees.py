@@ -46,6 +46,11 @@ from fedjax_lab.privacy import accounting
 from fedjax_lab.secagg import config as secagg_config
 
 RANDOMNESS = ("auto", "secret", "seeded")
+# Site level: the server picks the cohort and sees who uploads, so no epsilon hides whether a
+# site took part; its rows protect what the site's data contributes.
+_PRESENCE = ("it sees which sites take part, so the guarantee is for a site's data (its "
+             "update replaced by zero: the Gaussian's epsilon at sensitivity C is the same), "
+             "not for whether it took part")
 
 
 class Guarantee(NamedTuple):
@@ -269,7 +274,7 @@ def guarantees(m: Mechanism) -> list[Guarantee]:
               "with it")
     alone = "no site colludes with the server (none tells it its update or noise share)"
     if m.level == "site":
-      add(server, sigma, False, f"{alone}; it picks each round's cohort, so no amplification "
+      add(server, sigma, False, f"{alone}; {_PRESENCE}; it picks each round's cohort, so no amplification "
           f"by sampling; {protocol}; {secret}", "sum")
     else:
       add(server, sigma, True, f"{alone}; each site's Poisson minibatch draws stay hidden "
@@ -277,7 +282,7 @@ def guarantees(m: Mechanism) -> list[Guarantee]:
                                      "round is sized for, so sigma" if components else "")
           + f"; {secret}", "sum")
   elif m.level == "site":
-    picks = "it picks each round's cohort, so no amplification by sampling"
+    picks = f"{_PRESENCE}; it picks each round's cohort, so no amplification by sampling"
     if coordinated:
       add("the server, if secure aggregation let it see only the sum (not in this "
           "run: secagg.enabled=False)", sigma, False, f"{picks}; {secret}", "sum")
@@ -345,7 +350,7 @@ def guarantees(m: Mechanism) -> list[Guarantee]:
           f"worst sigma x {left / sigma:.4g} is left (the least over realised cohorts n <= "
           f"{m.max_cohort}: the colluders and the target alone, or a cohort small enough "
           "that they reach its threshold t(n) and unmask the target's share)", left, False,
-          "the target's own site is honest; it picks each round's cohort and knows its size, "
+          f"the target's own site is honest; {_PRESENCE}; it picks each round's cohort and knows its size, "
           f"so no amplification by sampling; {protocol}; {secret}", "sum", k)
   return out
 
