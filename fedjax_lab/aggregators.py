@@ -293,6 +293,28 @@ def on_grid(tree, key, clip_range: float, levels: int):
   return jax.tree.unflatten(jax.tree.structure(tree), out)
 
 
+def correlated_noise(correlated, noise_std: float, like, divisor: float) -> Aggregator:
+  """The server adds round t's matrix-factorization noise z_t = (C^{-1} w)_t, w ~ N(0,
+  noise_std^2) (privacy/mf_noise.py), divided by `divisor` like the sum it joins; the noise
+  state (past draws: as secret as the key) is this member's state, so it is checkpointed."""
+
+  def server(total, state, rnd, shared, stats):
+    key = jax.random.fold_in(jax.random.fold_in(rnd.client_rng, SERVER_NOISE), rnd.t)
+    noise, state = correlated.step(total, state, jax.random.fold_in(key, 4), noise_std)
+    return jax.tree.map(lambda d, z: d + z / divisor, total, noise), state, {}
+
+  return make(init=lambda: correlated.init(like), server=server)
+
+
+def mf_site_dp(clip_norm: float, noise_multiplier: float, correlated, like,
+               expected_cohort: float) -> Aggregator:
+  """DP-FTRL's chain (Kairouz et al. 2021; matrix-factorization noise): clip each site's
+  update to C, the server adds the correlated noise of std z C, / the cohort size."""
+  return chain(clip(clip_norm),
+               correlated_noise(correlated, noise_multiplier * clip_norm, like, expected_cohort),
+               expected_mean(expected_cohort))
+
+
 def expected_mean(expected_cohort: float) -> Aggregator:
   """Divides each update by the EXPECTED cohort size (its sensitivity stays C / K whatever
   the realised cohort); a padded slot's update vanishes (`where`, not a product: even a NaN)."""

@@ -72,7 +72,13 @@ def default_config() -> ml_collections.ConfigDict:
       # config.seed, reproducible but no guarantee against anyone who knows the seed
       # (summary.json publishes it); "auto": secret for data.name=file or tfds:*, seeded for
       # the bundled public data sets.
-      randomness="auto"))
+      randomness="auto",
+      # mechanism (privacy/mechanism.py): gaussian (DP-SGD / DP-FedAvg), or matrix-factorization
+      # noise correlated across rounds (DP-FTRL): tree, blt, banded, dense (site level).
+      # participation: poisson (sampled cohorts, amplified accounting), cyclic (fixed groups
+      # of cohort_size sites in turn: min-separated, unamplified); auto: poisson for gaussian,
+      # cyclic otherwise. bands: banded's band count; max_buffers: the most BLT buffers tried.
+      mechanism="gaussian", participation="auto", bands=16, max_buffers=10))
   # optim.public_data: public calibration set of the curvature optimizers (data/public.py):
   # "holdout:F", a .npz/.csv/.h5ad path or another source's name; public_batch_size examples
   # of it per curvature estimate.
@@ -330,6 +336,45 @@ def check_sites(config):
     check(config)
 
 
+def _validate_mechanism(config):
+  """dp.mechanism / dp.participation: what the matrix-factorization accounting assumes."""
+  from fedjax_lab.privacy import mechanism
+  dp = config.dp
+  _one_of("dp.mechanism", dp.mechanism, mechanism.MECHANISMS)
+  _one_of("dp.participation", dp.participation, mechanism.PARTICIPATION)
+  _positive("dp.bands", dp.bands, integer=True)
+  _positive("dp.max_buffers", dp.max_buffers, integer=True)
+  cyclic = mechanism.participation(config) == "cyclic"
+  if dp.level == "none" or not (cyclic or dp.mechanism != "gaussian"):
+    return
+  if not cyclic:
+    raise ConfigError("dp.participation", f"poisson with dp.mechanism={dp.mechanism}: its "
+                      "accounting needs min-separated participation; use cyclic (or auto)")
+  if dp.level != "site":
+    raise ConfigError("dp.level", f"dp.mechanism={dp.mechanism} / dp.participation=cyclic is "
+                      "built for site level (example-level DP-FTRL would need correlated-noise "
+                      "state per site over its local steps); use dp.level=site")
+  if config.algorithm.name not in ("fedavg", "fedprox"):
+    raise ConfigError("algorithm.name", f"'{config.algorithm.name}' with dp.participation="
+                      "cyclic: the correlated noise is a member of FedAvg's aggregator chain; "
+                      "use fedavg or fedprox")
+  if config.data.num_sites % config.cohort_size:
+    raise ConfigError("cohort_size", f"{config.cohort_size} does not divide data.num_sites="
+                      f"{config.data.num_sites}: cyclic cohorts split the sites into equal "
+                      "groups; pick a divisor")
+  if config.secagg.enabled:
+    raise ConfigError("secagg.enabled", "the correlated noise is added by the server to the "
+                      "sum; secure aggregation with it is not implemented; set it False")
+  if dp.adaptive_clip:
+    raise ConfigError("dp.adaptive_clip", "adaptive clipping's count noise is Poisson-cohort "
+                      "DP-FedAvg's; set it False with dp.participation=cyclic")
+  if dp.mechanism == "dense" and config.rounds > 512:
+    raise ConfigError("dp.mechanism", f"dense keeps every past draw and optimizes an n x n "
+                      f"matrix: rounds={config.rounds} > 512; use blt or banded")
+  if dp.mechanism == "banded" and dp.bands > config.rounds:
+    raise ConfigError("dp.bands", f"{dp.bands} > rounds={config.rounds}; use fewer bands")
+
+
 def _validate_dp(config):
   dp = config.dp
   _one_of("dp.level", dp.level, DP_LEVELS)
@@ -346,6 +391,7 @@ def _validate_dp(config):
   _one_of("dp.clipping", dp.clipping, ("auto", "vmap", "ghost"))
   _one_of("dp.randomness", dp.randomness, ("auto", "secret", "seeded"))
   _validate_adaptive_clip(config)
+  _validate_mechanism(config)
   if dp.level == "none":
     return
   from fedjax_lab import optim

@@ -24,7 +24,7 @@ from fedjax_lab.client import (ClientConfig, ExampleDP, make_client_update,
 from fedjax_lab.data import federated, partition, public, sources, standardize
 from fedjax_lab.errors import ConfigError, config_keys
 from fedjax_lab.models import make_model
-from fedjax_lab.privacy import clipping, secagg_delta
+from fedjax_lab.privacy import clipping, mechanism, secagg_delta
 from fedjax_lab.privacy.plan import (PrivacyPlan, noise_coverage, noise_shares,  # noqa: F401
                                      privacy_plan)
 
@@ -131,7 +131,8 @@ class Experiment:
       self.model = make_model(config.model, train.num_classes, train.x[:2])
     # The secure sum's row length: at site level its grid enters the accountant's sigma.
     self.summed_coordinates = summed_coordinates(self.model, train.x[:2])
-    self.privacy = privacy_plan(config, np.asarray(self.data.count), self.summed_coordinates)
+    self.privacy = mechanism.make_mechanism(config, np.asarray(self.data.count),
+                                            self.summed_coordinates)
     self.mesh = mesh if mesh is not None else sharding.make_mesh(
         _round_devices(config, self.privacy))
     self.data = sharding.put_replicated(self.data, self.mesh)
@@ -287,13 +288,18 @@ class Experiment:
       adaptive = fedavg.AdaptiveClip(target_quantile=cfg.dp.target_quantile,
                                      clip_lr=cfg.dp.clip_lr,
                                      count_stddev=self.privacy.count_noise_multiplier)
+    mf = self.privacy.mf
     return fedavg.SiteDP(clip_norm=cfg.dp.clip_norm,
                          noise_multiplier=self.privacy.update_noise_multiplier,
                          coordinated=cfg.dp.noise == "coordinated",
                          max_cohort=self.privacy.slots,
                          adaptive=adaptive,
                          grid=(secagg_delta.grid(cfg, self.privacy.slots)
-                               if cfg.secagg.enabled else None))
+                               if cfg.secagg.enabled else None),
+                         cohort_groups=0 if mf is None else mf.groups,
+                         correlated=self.privacy.noise,
+                         like=(None if mf is None else jax.eval_shape(
+                             self.model.init, self.keys["init"], self.train.x[:2])[0]))
 
   def epsilon(self, rounds: int) -> float | None:
     if self.privacy is None:

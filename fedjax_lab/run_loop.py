@@ -17,7 +17,7 @@ from fedjax_lab.attacks import record
 from fedjax_lab.checkpoint import Checkpointer
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.logging import MetricsLogger
-from fedjax_lab.privacy import guarantees
+from fedjax_lab.privacy import guarantees, mechanism
 
 log = logging.getLogger("fedjax_lab")
 
@@ -103,8 +103,8 @@ def run(self, workdir: str) -> dict:
     log.info(note)
   if self.privacy is not None:
     log.info(self.privacy.description)
-    log.info(guarantees.describe(guarantees.all_guarantees(self.privacy.mechanism(
-        cfg, cfg.rounds * self.privacy.steps_per_round))) + f"\n  (after the planned "
+    log.info(guarantees.describe(mechanism.guarantee_entries(
+        self.privacy, cfg, cfg.rounds * self.privacy.steps_per_round)) + f"\n  (after the planned "
         f"{cfg.rounds} rounds; summary.json lists them after the rounds completed)")
   # Site-level DP with secure aggregation: a round's wall time grows with the realised cohort
   # (the protocol's host cryptography is quadratic in it), which amplification by sampling
@@ -212,8 +212,9 @@ def run(self, workdir: str) -> dict:
         "accountant_delta": self.privacy.accountant.delta, "slots": self.privacy.slots,
         "overflow_bound": self.privacy.overflow_bound,
         "randomness": self.privacy.randomness,
-        "guarantees": guarantees.all_guarantees(self.privacy.mechanism(
-            cfg, completed * self.privacy.steps_per_round)),
+        "mechanism": self.privacy.mechanism_name,
+        "guarantees": mechanism.guarantee_entries(
+            self.privacy, cfg, completed * self.privacy.steps_per_round),
         "released_without_dp": _released_without_dp(self, meta)}
     if adaptive:  # how noise_multiplier was split, and the clip norm the next round would use
       summary["privacy"].update(

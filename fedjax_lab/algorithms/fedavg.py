@@ -79,6 +79,12 @@ class SiteDP(NamedTuple):
   # Secure aggregation's grid (clip_range, levels; privacy/secagg_delta.grid): an empty
   # round's server noise is rounded onto it, or it would tell the server the cohort was empty.
   grid: tuple[float, int] | None = None
+  # Matrix-factorization noise (dp.mechanism tree / blt / banded / dense, privacy/mechanism.py):
+  # cohorts cycle through `cohort_groups` fixed groups of sites (0: Poisson cohorts), and the
+  # server adds the `correlated` noise (mf_noise.CorrelatedNoise) of parameters shaped `like`.
+  cohort_groups: int = 0
+  correlated: Any = None
+  like: Any = None
 
 
 def count_noise(count_rng, cohort, in_cohort, num_in, site_dp: SiteDP):
@@ -91,6 +97,9 @@ def make_aggregator(site_dp: SiteDP | None, cohort_size: int) -> aggregators.Agg
   """The round's chain: the weighted mean, or site-level DP's clip, noise, / expected size."""
   if site_dp is None:
     return aggregators.weighted()
+  if site_dp.cohort_groups:
+    return aggregators.mf_site_dp(site_dp.clip_norm, site_dp.noise_multiplier,
+                                  site_dp.correlated, site_dp.like, cohort_size)
   return aggregators.site_dp(site_dp.clip_norm, site_dp.noise_multiplier, site_dp.coordinated,
                              cohort_size, site_dp.adaptive, site_dp.grid, site_dp.max_cohort)
 
@@ -100,6 +109,20 @@ def sample_cohort(rng, num_sites: int, cohort_size: int) -> jax.Array:
   if cohort_size == num_sites:
     return jnp.arange(num_sites, dtype=jnp.int32)
   return jax.random.choice(rng, num_sites, (cohort_size,), replace=False).astype(jnp.int32)
+
+
+# fold_in tag of the one permutation that splits the sites into cyclic groups.
+_GROUPS = 0xFFFFFFF0
+
+
+def cyclic_cohort(sampling_rng, t, num_sites: int, cohort_size: int, groups: int) -> jax.Array:
+  """[cohort_size] site ids of round t's group: the sites permuted once (from the sampling
+  key, so secret under dp.randomness=secret) and cut into `groups` groups of cohort_size;
+  round t trains group t mod groups, so a site takes part at most once every `groups` rounds
+  (the min-separation the matrix-factorization accounting needs)."""
+  order = jax.random.permutation(jax.random.fold_in(sampling_rng, _GROUPS), num_sites)
+  start = (t % groups) * cohort_size
+  return jax.lax.dynamic_slice(order, (start,), (cohort_size,)).astype(jnp.int32)
 
 
 def param_path(path) -> str:
@@ -208,6 +231,10 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
     round_sampling_rng = jax.random.fold_in(sampling_rng, t)
     if site_dp is None:
       cohort = sample_cohort(round_sampling_rng, data.num_sites, cohort_size)
+      in_cohort, cohort_overflow = jnp.ones(cohort.shape, jnp.float32), jnp.int32(0)
+    elif site_dp.cohort_groups:
+      cohort = cyclic_cohort(sampling_rng, t, data.num_sites, cohort_size,
+                             site_dp.cohort_groups)
       in_cohort, cohort_overflow = jnp.ones(cohort.shape, jnp.float32), jnp.int32(0)
     else:
       cohort, in_cohort, cohort_overflow = poisson_sample(

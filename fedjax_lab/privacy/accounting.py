@@ -145,9 +145,13 @@ def make_accountant(
       value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL)
 
 
-def _epsilon_of_event(event: dp_accounting.DpEvent, delta: float,
-                      accountant: AccountantName) -> float:
+def event_epsilon(event: dp_accounting.DpEvent, delta: float,
+                  accountant: AccountantName = "rdp") -> float:
+  """dp-accounting's epsilon of any DpEvent at `delta` (add-or-remove-one neighbours)."""
+  _check_delta(delta)
+  _check_accountant(accountant)
   return float(make_accountant(accountant).compose(event).get_epsilon(delta))
+
 
 
 def epsilon(noise_multiplier: float,
@@ -179,7 +183,7 @@ def epsilon(noise_multiplier: float,
     return 0.0
   if noise_multiplier == 0:
     return math.inf
-  return _epsilon_of_event(
+  return event_epsilon(
       dp_event(noise_multiplier, sampling_prob, steps), delta, accountant)
 
 

@@ -10,7 +10,7 @@ that the clients' divisors and noise shares give every site's examples at least 
 
 import logging
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,6 +45,18 @@ class PrivacyPlan(NamedTuple):
   # all its rounds (privacy/secagg_delta.py), paid from the SECAGG_SHARE of delta; set by
   # experiment once the model's size is known (0 until then, and without secure aggregation).
   secagg_tv: float = 0.0
+  # dp.mechanism (privacy/mechanism.py): "gaussian" here; a matrix-factorization run also
+  # carries its participation and sensitivity (mechanism.MfInfo) and its correlated noise
+  # (mf_noise.CorrelatedNoise: init / step / correlate).
+  mechanism_name: str = "gaussian"
+  mf: Any = None
+  noise: Any = None
+
+  def event(self, steps: int):
+    """The dp_accounting DpEvent the first `steps` steps compose to."""
+    if self.mf is not None:
+      return self.accountant.event
+    return accounting.dp_event(self.noise_multiplier, self.sampling_prob, steps)
 
   def mechanism(self, config, steps: int) -> guarantees.Mechanism:
     return guarantees.Mechanism(

@@ -1,0 +1,162 @@
+"""The privacy mechanism seam: one plan per `dp.mechanism`, for every private trainer.
+
+`make_mechanism(config, site_counts, summed_coordinates)` returns the run's `PrivacyPlan`
+(privacy/plan.py): the numbers the trainer uses (noise multiplier, sampling rate, slots,
+randomness), the correlated-noise functions (`plan.noise`: init / step / correlate in the optax
+habit, privacy/mf_noise.py), the DpEvent the run composes to (`plan.event(steps)`) and the
+guarantee rows per adversary (`plan.entries(config, steps)`). Nothing outside privacy/ computes
+a sigma, a sampling rate or a slot count.
+
+Mechanisms (`dp.mechanism`):
+  gaussian  DP-SGD at the sites (example level) or DP-FedAvg (site level, McMahan et al. 2018)
+            with Poisson-sampled minibatches / cohorts and independent Gaussian noise each round
+            (parallel or coordinated shares, drawn by the sites: aggregators.gaussian_noise);
+            accounted as SelfComposed(PoissonSampled(q, Gaussian(z)), steps). Amplification by
+            sampling holds against an adversary who cannot see who took part, NOT against the
+            server, who picks the cohort (its row says so: privacy/guarantees.py).
+  tree, blt, banded, dense
+            DP-FTRL / matrix-factorization noise (Kairouz et al. 2021; McMahan et al. 2024;
+            Choquette-Choo et al. 2023; Denisov et al. 2022): noise correlated across rounds,
+            added to each round's sum by the server (aggregators.correlated_noise), with cyclic
+            cohorts: the sites are split once (a secret or seeded permutation) into
+            b = num_sites / cohort_size groups and round r trains group r mod b, so every site
+            takes part at most k = ceil(rounds / b) times, any two b rounds apart. The run is ONE
+            Gaussian mechanism with noise multiplier z / sensitivity(C, b, k) (mf_noise.dp_event):
+            no amplification is needed, so it holds against whoever picks the cohorts.
+            Site level only (example-level DP-FTRL would need per-site correlated-noise state
+            over local steps; refused with a config error).
+
+`dp.participation=cyclic` with `dp.mechanism=gaussian` runs independent noise through the same
+cyclic schedule and unamplified accounting (C = I: sensitivity sqrt(k)), the baseline DP-FTRL
+papers compare against at equal epsilon against the server.
+"""
+
+import math
+from typing import NamedTuple
+
+import dp_accounting
+import numpy as np
+
+from fedjax_lab.privacy import accounting, guarantees, mf_noise
+from fedjax_lab.privacy.plan import PrivacyPlan, accountant_delta, privacy_plan
+
+MECHANISMS = mf_noise.MECHANISMS
+PARTICIPATION = ("auto", "poisson", "cyclic")
+
+
+def participation(config) -> str:
+  """poisson or cyclic: `auto` is poisson for gaussian, cyclic for the correlated mechanisms."""
+  p = config.dp.participation
+  if p == "auto":
+    return "poisson" if config.dp.mechanism == "gaussian" else "cyclic"
+  return p
+
+
+class MfInfo(NamedTuple):
+  """A matrix-factorization run's participation and its accounting."""
+  strategy: mf_noise.Strategy
+  groups: int            # b: cohorts cycle through b fixed groups of sites (min-separation b)
+  participations: int    # k = ceil(rounds / b): the most rounds one site takes part in
+  sensitivity: float     # max ||C u|| over such participation patterns u (clip_norm 1)
+
+
+class CyclicAccountant:
+  """epsilon_after for a run accounted as ONE Gaussian mechanism (mf_noise.dp_event): the
+  whole planned run's epsilon from its first round on (a prefix of the run releases a prefix
+  of C x + w, so this never under-states it)."""
+
+  def __init__(self, event: dp_accounting.DpEvent, delta: float, accountant: str):
+    self.event, self.delta, self.accountant = event, float(delta), accountant
+    self._epsilon = None
+
+  def epsilon_after(self, steps: int) -> float:
+    if steps <= 0:
+      return 0.0
+    if self._epsilon is None:
+      self._epsilon = accounting.event_epsilon(self.event, self.delta, self.accountant)
+    return self._epsilon
+
+
+def make_mechanism(config, site_counts: np.ndarray,
+                   summed_coordinates: int | None = None) -> PrivacyPlan | None:
+  """The run's privacy plan for `dp.mechanism` (None without DP)."""
+  if config.dp.level == "none":
+    return None
+  if participation(config) == "poisson":
+    return privacy_plan(config, site_counts, summed_coordinates)
+  return _cyclic_plan(config)
+
+
+def _cyclic_plan(config) -> PrivacyPlan:
+  dp = config.dp
+  groups = config.data.num_sites // config.cohort_size
+  k = math.ceil(config.rounds / groups)
+  strategy = mf_noise.strategy(
+      dp.mechanism, config.rounds, bands=dp.bands if dp.mechanism == "banded" else None,
+      max_buffers=dp.max_buffers, min_separation=groups, max_participations=k)
+  sens = mf_noise.sensitivity(strategy, groups, k)
+  delta = accountant_delta(config)  # no truncation here, but the same split keeps runs alike
+  z, budget, how = float(dp.noise_multiplier), dp.target_epsilon, "given"
+  if z == 0:  # calibrate z / sens, the one Gaussian the run is, to the target
+    z = sens * accounting.noise_multiplier_for(dp.target_epsilon, 1.0, 1, delta, dp.accountant)
+    budget, how = None, f"calibrated to epsilon<={dp.target_epsilon} for the {config.rounds} rounds"
+  event = mf_noise.dp_event(strategy, z, groups, k)
+  randomness = guarantees.resolve_randomness(dp.randomness, config.data.name)
+  description = (
+      f"privacy: unit=one site (all its examples); mechanism={dp.mechanism} "
+      f"(matrix-factorization noise added to each round's sum by the server); participation="
+      f"cyclic cohorts: {groups} fixed groups of {config.cohort_size} sites, round r trains "
+      f"group r mod {groups}, so each site takes part in at most {k} rounds, {groups} apart; "
+      f"sensitivity of the strategy under that pattern {sens:.4f}; accountant={dp.accountant}, "
+      f"ONE Gaussian mechanism with noise multiplier {z:.4f}/{sens:.4f} = {z / sens:.4f}, no "
+      f"amplification (it holds against whoever picks the cohorts); delta={dp.delta:g} "
+      f"(accountant at {delta:g}); noise_multiplier={z:.4f} ({how}); clip_norm="
+      f"{dp.clip_norm:g}; randomness={randomness} (dp.randomness={dp.randomness})")
+  return PrivacyPlan(
+      noise_multiplier=z, sampling_prob=1.0, steps_per_round=1,
+      accountant=CyclicAccountant(event, delta, dp.accountant), budget=budget,
+      description=description, update_noise_multiplier=z, slots=config.cohort_size,
+      randomness=randomness, mechanism_name=dp.mechanism,
+      mf=MfInfo(strategy, groups, k, sens), noise=mf_noise.correlated_noise(strategy))
+
+
+def cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
+  """The guarantee rows of a cyclic-participation (matrix-factorization) run, in the lab's
+  checkable format (privacy/guarantees.py Guarantee): each is dp-accounting's epsilon of
+  Gaussian(noise_multiplier) once (sampling_prob 1.0, steps 1) at accountant_delta."""
+  mf, dp = plan.mf, config.dp
+  nm = plan.noise_multiplier / mf.sensitivity
+  eps = plan.accountant.epsilon_after(steps)
+  secret = ("the noise and the groups come from OS entropy kept only in the checkpoints"
+            if plan.randomness == "secret" else
+            "the adversary does not know config.seed (dp.randomness=seeded)")
+  pattern = (f"each site takes part in at most {mf.participations} rounds, {mf.groups} apart "
+             f"(cyclic cohorts); {dp.mechanism} noise, the whole run one Gaussian mechanism "
+             f"(sensitivity {mf.sensitivity:.4f}): no amplification by sampling needed")
+  row = lambda adversary, e, assumes, sees, colluding, m=nm: guarantees.Guarantee(
+      adversary, e, dp.delta, assumes, sees, colluding, float(m), 1.0, 1 if steps else 0,
+      dp.accountant, plan.accountant.delta)._asdict()
+  out = [
+      row("anyone who sees the released models, including whoever picks the cohorts", eps,
+          f"unit: one site, add/remove; {pattern}; {secret}", "models", 0),
+      row("the server, which picks the cohorts and sees every released model", eps,
+          f"its noise-adding step is trusted: the correlated noise is added to the sum by the "
+          f"server's aggregation code, which sees the sum before it (no secure aggregation "
+          f"with correlated noise is implemented); {pattern}; {secret}", "models", 0),
+      row("the server's aggregation step itself (the sum before its correlated noise)", None,
+          "it adds the noise, so nothing is hidden from it", "sum", 0, 0.0),
+      row("any number of colluding sites (no site holds any of the noise)", eps,
+          f"they see the released models and their own updates; {pattern}; {secret}",
+          "models", config.cohort_size - 1)]
+  if plan.randomness == "seeded":
+    out.append(row("anyone who knows config.seed (e.g. a reader of summary.json)", None,
+                   "dp.randomness=seeded: the noise can be regenerated from the seed and "
+                   "subtracted; use dp.randomness=secret for a guarantee", "models", 0, 0.0))
+  return out
+
+
+def guarantee_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
+  """summary.json["privacy"]["guarantees"] after `steps` steps, for any mechanism."""
+  if plan.mf is not None:
+    return cyclic_entries(plan, config, steps)
+  return guarantees.all_guarantees(plan.mechanism(config, steps))
