@@ -35,22 +35,26 @@ _FOLD, _SPLIT, _BITS, _SEED = 0x666F6C64, 0x73706C74, 0x62697473, 0x73656564
 _UINT = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}
 
 
+def _stream(key, n_words, nonce):
+  return chacha20_words(key, n_words, nonce=nonce)
+
+
 def _seed(seed):
   if seed.shape or not jnp.issubdtype(seed.dtype, jnp.integer):
     raise TypeError(f"a PRNG seed must be an integer scalar; got {seed!r}")
   lo = lax.convert_element_type(seed, jnp.uint32)
   hi = (lax.convert_element_type(lax.shift_right_logical(seed, lax._const(seed, 32)), jnp.uint32)
         if jnp.iinfo(seed.dtype).bits == 64 else jnp.uint32(0))
-  return chacha20_words(jnp.zeros((8,), jnp.uint32), 8, nonce=(_SEED, lo, hi))
+  return _stream(jnp.zeros((8,), jnp.uint32), 8, (_SEED, lo, hi))
 
 
 def _fold_in(key, data):
-  return chacha20_words(key, 8, nonce=(_FOLD, lax.convert_element_type(data, jnp.uint32), 0))
+  return _stream(key, 8, (_FOLD, lax.convert_element_type(data, jnp.uint32), 0))
 
 
 def _split(key, shape):
   n = math.prod(shape)
-  return chacha20_words(key, 8 * n, nonce=(_SPLIT, 0, 0)).reshape(*shape, 8)
+  return _stream(key, 8 * n, (_SPLIT, 0, 0)).reshape(*shape, 8)
 
 
 def _random_bits(key, bit_width, shape):
@@ -59,7 +63,7 @@ def _random_bits(key, bit_width, shape):
   n = math.prod(shape)
   if n * max(bit_width // 32, 1) > 2 ** 36:  # ChaCha20's 32-bit block counter per stream
     raise NotImplementedError(f"{n} random values from one ChaCha20 key: split the key first")
-  words = chacha20_words(key, n * max(bit_width // 32, 1), nonce=(_BITS, 0, 0))
+  words = _stream(key, n * max(bit_width // 32, 1), (_BITS, 0, 0))
   if bit_width == 64:
     hi, lo = (lax.convert_element_type(w, jnp.uint64) for w in (words[:n], words[n:]))
     return ((hi << jnp.uint64(32)) | lo).reshape(shape)
