@@ -24,7 +24,7 @@ from fedjax_lab.client import (ClientConfig, ExampleDP, make_client_update,
 from fedjax_lab.data import federated, partition, public, sources, standardize
 from fedjax_lab.errors import ConfigError, config_keys
 from fedjax_lab.models import make_model
-from fedjax_lab.privacy import clipping, mechanism, secagg_delta
+from fedjax_lab.privacy import clipping, mechanism, randomness, secagg_delta
 from fedjax_lab.privacy.plan import (PrivacyPlan, noise_coverage, noise_shares,  # noqa: F401
                                      privacy_plan)
 
@@ -90,8 +90,9 @@ def state_local(state) -> dict:
 
 
 def draw_secret() -> list[int]:
-  """64 bits of OS entropy (threefry key data), the same on every process of a run."""
-  words = np.frombuffer(os.urandom(8), np.uint32).copy()
+  """256 bits of OS entropy (8 uint32 words: a ChaCha20 key, privacy/randomness.py), the same
+  on every process of a run."""
+  words = np.frombuffer(os.urandom(4 * randomness.SECRET_WORDS), np.uint32).copy()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     words = np.asarray(multihost_utils.broadcast_one_to_all(words))
@@ -269,13 +270,15 @@ class Experiment:
   def set_secret(self, secret: list[int] | None) -> None:
     """The per-purpose keys: from config.seed, except that with a secret (dp.randomness=secret)
     every draw of the DP mechanism (cohorts, minibatches, noise) comes from the secret; the
-    model's initialisation stays seeded (it depends on no private data)."""
+    model's initialisation stays seeded (it depends on no private data). The secret's keys
+    are ChaCha20 (privacy/randomness.py): a threefry key anywhere below it would cut the
+    search for the noise to 2^64."""
     self.secret = secret
     root = jax.random.key(self.config.seed)
     self.keys = {name: jax.random.fold_in(root, i) for name, i in
                  (("init", _INIT), ("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE))}
     if secret is not None:
-      secret_root = jax.random.wrap_key_data(np.asarray(secret, np.uint32))
+      secret_root = randomness.secret_key(secret)
       for name, i in (("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE)):
         self.keys[name] = jax.random.fold_in(secret_root, i)
 

@@ -234,6 +234,10 @@ def test_secret_randomness_changes_the_noise_and_seeded_does_not():
   s1, s2 = decoder(federated.round_keys(0)), decoder(federated.round_keys(0))
   for x, y in zip(s1, s2):
     np.testing.assert_array_equal(x, y)
+  # The secret's last word alone changes the draws: all 256 bits reach the DP mechanism.
+  last = list(one[:7]) + [one[7] ^ 1]
+  c = decoder(federated.round_keys(0, last))
+  assert any(not np.array_equal(x, y) for x, y in zip(a, c))
   # The same secret gives the same draws (what a resume relies on).
   for x, y in zip(a, decoder(federated.round_keys(0, list(one)))):
     np.testing.assert_array_equal(x, y)
@@ -283,7 +287,8 @@ def test_resume_continues_exactly_with_its_secret(tmp_path, monkeypatch):
   uninterrupted run with that secret; site encoders are checkpointed too."""
   from fedjax_lab import checkpoint, experiment
   from fedjax_lab.generative import train
-  first, fresh = [11, 22], [33, 44]
+  # 8 words (256 bits), one above 2^31: the meta's JSON must give back every uint32 as it was.
+  first, fresh = [11, 22, 33, 44, 55, 66, 77, 0xFFFFFFF0], [1, 2, 3, 4, 5, 6, 7, 8]
   draws = iter([first, first, fresh])  # run a; run b; b's resume
   monkeypatch.setattr(experiment, "draw_secret", lambda: list(next(draws)))
 

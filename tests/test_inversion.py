@@ -16,6 +16,7 @@ from fedjax_lab.attacks import record
 from fedjax_lab.client import ClientConfig, make_client_update
 from fedjax_lab.data.federated import from_partition
 from fedjax_lab.models import make_model
+from fedjax_lab.privacy import randomness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _D = load_digits()
@@ -29,12 +30,12 @@ def _model(name="cnn", norm="batch", features=(4,), hidden=()):
   return make_model(mc, 10, X[:2])
 
 
-def _site_update(model, params, ms, rows, batch_size, steps, lr=0.1, seed=0):
+def _site_update(model, params, ms, rows, batch_size, steps, lr=0.1, seed=0, rng=None):
   n = len(rows)
   data = from_partition(X[rows], Y[rows], [np.arange(n)], 10)
   cu = make_client_update(model, optax.sgd(lr), ClientConfig(
       local_steps=steps, batch_size=batch_size, shuffle=True, prox_mu=0.0))
-  rng = jax.random.key(seed)
+  rng = jax.random.key(seed) if rng is None else rng
   return jax.jit(cu)(params, ms, data.idx[0], jnp.int32(n), rng, data), rng
 
 
@@ -52,13 +53,18 @@ def test_batch1_fully_connected_first_layer_closed_form():
   assert int(inv.analytic_label(out.delta)) == Y[5]
 
 
-def test_replay_is_the_lab_client_update():
+@pytest.mark.parametrize("impl", ["threefry2x32", "chacha20"])
+def test_replay_is_the_lab_client_update(impl):
   """3 shuffled local steps at batch 2 over 4 images, BatchNorm: the replay on the true images
-  gives the lab's update and statistics."""
+  gives the lab's update and statistics, with the site key back from its saved data (as
+  target_for reads a record; chacha20: dp.randomness=secret)."""
   model = _model()
   params, ms = model.init(jax.random.key(2), X[:2])
   rows = [10, 11, 12, 13]
-  out, rng = _site_update(model, params, ms, rows, batch_size=2, steps=3)
+  key = randomness.secret_key(range(8)) if impl == "chacha20" else jax.random.key(0)
+  out, key = _site_update(model, params, ms, rows, batch_size=2, steps=3, rng=key)
+  rec = {"rng": np.asarray(jax.random.key_data(key)), "rng_impl": randomness.impl_name(key)}
+  rng = randomness.wrap_key_data(rec["rng"], rec["rng_impl"])
   positions = inv.schedule(rng, 4, 2, 3)
   delta, new_ms = jax.jit(lambda: inv.replay(model, _local(4, 3), params, ms, jnp.asarray(X[rows]),
                                              jax.nn.one_hot(Y[rows], 10), positions, rng))()
@@ -201,6 +207,7 @@ def test_recorded_update_is_the_one_the_round_used(tmp_path):
   paths = record.list_records(str(tmp_path))
   assert len(paths) == 1 and "round2_site" in paths[0]
   rec = record.load(paths[0])
+  assert rec["rng_impl"] == "threefry2x32" and len(rec["rng"]) == 2  # dp.randomness=seeded
   after1 = Experiment(c).run_rounds(Experiment(c).init_state(), 1)
   moved = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), exp.final_state.params,
                        after1.params)

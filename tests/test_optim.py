@@ -13,6 +13,7 @@ from fedjax_lab.optim import hessian
 from fedjax_lab.optim.adahessian import adahessian
 from fedjax_lab.optim.esgd import esgd
 from fedjax_lab.optim.esgd import scale_by_esgd
+from fedjax_lab.privacy import randomness
 
 # --- Problems with a known Hessian. ---
 
@@ -286,15 +287,23 @@ def test_every_optimizer_runs_in_jit_vmap_and_scan(name):
 
 
 @pytest.mark.parametrize("name", ["esgd", "adahessian", "sophia"])
-def test_reseed_probes_gives_each_site_its_own_probes(name):
+@pytest.mark.parametrize("impl", ["threefry2x32", "chacha20"])
+def test_reseed_probes_gives_each_site_its_own_probes(name, impl):
+  """chacha20: a site key under dp.randomness=secret; the state keeps its threefry shape."""
   params, _, _, _ = _site_problem()
   tx = optim.make_optimizer(name, 0.1)
-  keys = jax.random.split(jax.random.key(0), 3)
+  root = randomness.secret_key(range(8)) if impl == "chacha20" else jax.random.key(0)
+  keys = jax.random.split(root, 3)
   states = jax.vmap(lambda k: optim.reseed_probes(tx.init(params), k))(keys)
   probe_keys = [leaf for leaf in jax.tree.leaves(states)
                 if leaf.dtype == jnp.uint32]
-  assert len(probe_keys) == 1
+  assert len(probe_keys) == 1 and probe_keys[0].shape == (3, 2)
   assert len({tuple(np.asarray(k)) for k in probe_keys[0]}) == 3
+  # The states still step (split_probe_key reads the data as threefry).
+  updates, _ = jax.vmap(lambda st: tx.update(jax.tree.map(jnp.ones_like, params), st, params,
+                                             obj_fn=lambda p: sum(jnp.sum(l ** 2) for l in
+                                                                  jax.tree.leaves(p))))(states)
+  assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(updates))
 
 
 def test_curvature_optimizers_descend_on_a_quadratic():

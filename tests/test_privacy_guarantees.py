@@ -23,6 +23,7 @@ from fedjax_lab.config import validate
 from fedjax_lab.data.federated import from_partition
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.experiment import Experiment, draw_secret, noise_coverage
+from fedjax_lab.privacy import randomness
 from fedjax_lab.privacy.sampling import max_sample_size, poisson_sample
 from test_dp_round import _moved, _round_with
 from test_experiment import set_keys, tiny_config
@@ -218,10 +219,15 @@ def _secret_config(**overrides):
 def test_secret_randomness_differs_per_run_and_is_written_only_in_checkpoints(tmp_path):
   a, b = tmp_path / "a", tmp_path / "b"
   exp = Experiment(_secret_config(rounds=2))
+  sa_secret = list(exp.secret)
+  assert len(sa_secret) == 8 and all(0 <= w < 2 ** 32 for w in sa_secret)  # 256 bits
   sa = exp.run(str(a))
   exp.set_secret(draw_secret())  # what a new Experiment draws (it reuses the compiled round)
   sb = exp.run(str(b))
   assert sa["params_sha256"] != sb["params_sha256"]  # same seed, fresh secrets
+  # Only the secret's last word changed: all 256 bits reach the cohorts and the noise.
+  exp.set_secret(sa_secret[:7] + [sa_secret[7] ^ 1])
+  assert exp.run(str(tmp_path / "e"))["params_sha256"] != sa["params_sha256"]
   assert sa["privacy"]["randomness"] == "secret"
   assert all("config.seed" not in g["assumes"] for g in sa["privacy"]["guarantees"])
   seeded = Experiment(_secret_config(rounds=2, **{"dp.randomness": "seeded"}))
@@ -242,8 +248,32 @@ def test_secret_randomness_resumes_exactly(tmp_path):
   full = Experiment(_secret_config()).run(str(tmp_path))
   shutil.rmtree(tmp_path / "checkpoints" / "4")
   os.remove(tmp_path / "summary.json")
-  resumed = Experiment(_secret_config()).run(str(tmp_path))
+  fresh = Experiment(_secret_config())
+  drawn = fresh.secret
+  resumed = fresh.run(str(tmp_path))
   assert resumed["params_sha256"] == full["params_sha256"]
+  # It continued with the checkpoint's 8 words (not its own draw), keyed as ChaCha20.
+  meta = json.loads(open(sorted(glob.glob(str(tmp_path / "checkpoints" / "*" / "meta" / "metadata")))[0]).read())
+  assert fresh.secret == meta["dp_secret"] != drawn and len(fresh.secret) == 8
+  assert {randomness.impl_name(fresh.keys[k]) for k in ("sampling", "client", "noise")} == {"chacha20"}
+  assert randomness.impl_name(fresh.keys["init"]) == "threefry2x32"
+
+
+def test_secret_randomness_does_not_depend_on_device_layout(tmp_path):
+  """The same secret trains the same model with the cohort sharded over the CPU devices or on
+  one (what jax's rbg keys fail): ChaCha20 draws depend only on the key. Reference: the
+  one-device run; up to float rounding (the sharded sum adds in another order), far below
+  what another secret moves."""
+  runs = {}
+  for per_device, secret in ((1, range(8)), (1000, range(8)), (1000, range(1, 9))):
+    exp = Experiment(_secret_config(rounds=2, min_sites_per_device=per_device))
+    exp.set_secret(list(secret))
+    exp.run(str(tmp_path / f"{per_device}_{secret[0]}"))
+    runs[per_device, secret[0]] = (exp.mesh.devices.size,
+                                   [np.asarray(x) for x in jax.tree.leaves(exp.final_state.params)])
+  assert runs[1, 0][0] == jax.device_count() > 1 and runs[1000, 0][0] == 1
+  gap = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(runs[a][1], runs[b][1]))
+  assert gap((1, 0), (1000, 0)) < 1e-4 < gap((1000, 1), (1000, 0))
 
 
 def test_randomness_auto_is_secret_for_user_files(tmp_path):

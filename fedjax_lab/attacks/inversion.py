@@ -54,6 +54,7 @@ import numpy as np
 import optax
 
 from fedjax_lab.models import Model
+from fedjax_lab.privacy import randomness
 
 BN_MOMENTUM = 0.9  # flax momentum of the lab's BatchNorm (models/norm.py): weight of the old value
 
@@ -481,7 +482,8 @@ def local_for(exp, count: int) -> Local:
 def target_for(exp, rec: dict, reveal_bn: bool = True, known_labels: bool = False) -> Target:
   """The Target of a recorded (or simulated) update, attacks/record.py's dict."""
   cfg, n = exp.config, int(rec["count"])
-  rng = jax.random.wrap_key_data(jnp.asarray(rec["rng"], jnp.uint32))
+  # Records from before rng_impl was saved hold threefry keys.
+  rng = randomness.wrap_key_data(rec["rng"], rec.get("rng_impl", "threefry2x32"))
   positions = None
   if exp.example_dp is not None:  # Poisson batches: known only when every example joins
     positions = jnp.tile(jnp.arange(n), (cfg.client.local_steps, 1))

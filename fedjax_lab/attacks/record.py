@@ -22,6 +22,7 @@ import numpy as np
 
 from fedjax_lab import aggregators
 from fedjax_lab.algorithms import fedavg
+from fedjax_lab.privacy import randomness
 from fedjax_lab.privacy.sampling import poisson_sample
 
 FOLDER = "attack"
@@ -81,7 +82,8 @@ def site_update(exp, state, t: int, site: int) -> dict:
   return {"round": t + 1, "site": site, "in_cohort": bool(present),
           "delta": to_np(delta), "model_state": to_np(out.model_state),
           "global_params": to_np(state.params), "global_model_state": to_np(ms),
-          "rng": np.asarray(jax.random.key_data(rng)),
+          # A ChaCha20 key under dp.randomness=secret (8 words), threefry (2) otherwise.
+          "rng": np.asarray(jax.random.key_data(rng)), "rng_impl": randomness.impl_name(rng),
           "rows": np.asarray(data.idx[site, :count]), "count": count}
 
 

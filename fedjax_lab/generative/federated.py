@@ -32,12 +32,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fedjax_lab import aggregators
 from fedjax_lab.data.federated import FederatedData
-from fedjax_lab.privacy import clipping, sampling
+from fedjax_lab.privacy import clipping, randomness, sampling
 
 PyTree = Any
 SYNCS = ("decoder", "all")
@@ -51,11 +50,11 @@ _SECRET_PURPOSES = (("client", _CLIENT), ("participation", _PARTICIPATION))
 def round_keys(seed: int, secret: list[int] | None = None) -> dict:
   """{"client", "participation"}: the round's roots, as experiment.Experiment.set_secret
   derives the lab's: fold_in(root, purpose) with root = jax.random.key(seed), or with a
-  secret (experiment.draw_secret(), dp.randomness=secret) root = the secret's key. The
-  initialisation (FederatedVAE.init) always folds from the seed: it depends on no data."""
+  secret (experiment.draw_secret(), dp.randomness=secret) root = the secret's ChaCha20 key
+  (privacy/randomness.secret_key, 256 bits, as in the lab). The initialisation (FederatedVAE.init) always folds from the seed: it depends on no data."""
   root = jax.random.key(seed)
   if secret is not None:
-    root = jax.random.wrap_key_data(np.asarray(secret, np.uint32))
+    root = randomness.secret_key(secret)
   return {name: jax.random.fold_in(root, i) for name, i in _SECRET_PURPOSES}
 
 

@@ -390,6 +390,10 @@ def reseed_probes(opt_state: Any, key: jax.Array) -> Any:
   def reseed(node):
     if isinstance(node, kinds):
       fresh = jax.random.fold_in(key, next(index))
+      if fresh.dtype != jax.random.key(0).dtype:
+        # A ChaCha20 key (dp.randomness=secret, privacy/randomness.py): the states hold threefry
+        # data. The probes need no secret: DP holds whatever they are (check_dp_compatible).
+        return node._replace(key=jax.random.bits(fresh, (2,), jnp.uint32))
       return node._replace(key=jax.random.key_data(fresh))
     return node
 
