@@ -37,7 +37,7 @@ from typing import NamedTuple
 import dp_accounting
 import numpy as np
 
-from fedjax_lab.privacy import accounting, guarantees, mf_noise
+from fedjax_lab.privacy import accounting, guarantees, mf_noise, secagg_delta, shares
 from fedjax_lab.privacy.plan import PrivacyPlan, accountant_delta, privacy_plan
 
 MECHANISMS = mf_noise.MECHANISMS
@@ -160,3 +160,48 @@ def guarantee_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
   if plan.mf is not None:
     return cyclic_entries(plan, config, steps)
   return guarantees.all_guarantees(plan.mechanism(config, steps))
+
+
+class ExampleNoise(NamedTuple):
+  """What each site's DP-SGD uses at example level (client.ExampleDP's numbers)."""
+  noise_multiplier: float      # this site's share: sigma, or sigma / sqrt(noise_shares)
+  max_batch: int               # the plan's slots
+  fixed_divisor: float | None  # batch_size under coordinated noise (shares.py)
+
+
+def example_noise(plan: PrivacyPlan, config) -> ExampleNoise:
+  return ExampleNoise(noise_multiplier=shares.example_share(config, plan.noise_multiplier),
+                      max_batch=plan.slots, fixed_divisor=shares.example_fixed_divisor(config))
+
+
+class SiteNoise(NamedTuple):
+  """What DP-FedAvg's aggregator uses at site level (algorithms/fedavg.SiteDP's numbers)."""
+  noise_multiplier: float            # the update's: z, or z_update under adaptive clipping
+  count_stddev: float | None         # adaptive clipping's count noise (None without it)
+  coordinated: bool
+  max_cohort: int                    # the plan's slots
+  grid: tuple[float, int] | None     # secure aggregation's (clip_range, levels) at the slots
+  cohort_groups: int                 # cyclic participation's b (0: Poisson cohorts)
+
+
+def site_noise(plan: PrivacyPlan, config) -> SiteNoise:
+  return SiteNoise(
+      noise_multiplier=plan.update_noise_multiplier, count_stddev=plan.count_noise_multiplier,
+      coordinated=config.dp.noise == "coordinated", max_cohort=plan.slots,
+      grid=secagg_delta.grid(config, plan.slots) if config.secagg.enabled else None,
+      cohort_groups=0 if plan.mf is None else plan.mf.groups)
+
+
+def secure_sum_cohort(plan: PrivacyPlan | None, config) -> int:
+  """The most rows the secure sum must hold: the slots under site-level DP (a public number,
+  so nothing of the protocol reveals the realised cohort), else the cohort; checked against
+  secagg.* (ConfigError naming the key)."""
+  site_level = plan is not None and config.dp.level == "site"
+  max_cohort = plan.slots if site_level else config.cohort_size
+  secagg_delta.check_secagg(config, max_cohort)
+  return max_cohort
+
+
+def check_noise_coverage(plan: PrivacyPlan, config, site_counts, example_dp) -> None:
+  """ConfigError on dp.noise unless every site's examples see at least the plan's sigma."""
+  shares.check_noise_coverage(config, site_counts, example_dp, plan.noise_multiplier)
