@@ -37,7 +37,8 @@ from typing import NamedTuple
 import dp_accounting
 import numpy as np
 
-from fedjax_lab.privacy import accounting, guarantees, mf_noise, secagg_delta, shares
+from fedjax_lab.errors import ConfigError
+from fedjax_lab.privacy import accounting, guarantees, mf_noise, secagg_delta, shares, vae
 from fedjax_lab.privacy.plan import PrivacyPlan, accountant_delta, privacy_plan
 
 MECHANISMS = mf_noise.MECHANISMS
@@ -205,3 +206,29 @@ def secure_sum_cohort(plan: PrivacyPlan | None, config) -> int:
 def check_noise_coverage(plan: PrivacyPlan, config, site_counts, example_dp) -> None:
   """ConfigError on dp.noise unless every site's examples see at least the plan's sigma."""
   shares.check_noise_coverage(config, site_counts, example_dp, plan.noise_multiplier)
+
+
+def check_vae_mechanism(dp) -> None:
+  """ConfigError naming dp.mechanism unless it is gaussian (the VAE has no correlated noise:
+  its site-level noise is drawn by the sites, and DP-FTRL's would be the server's)."""
+  name = dp.get("mechanism", "gaussian")
+  if name != "gaussian":
+    raise ConfigError("dp.mechanism", f"'{name}': the DPD-fVAE adds independent Gaussian "
+                      "noise only (DP-SGD at the sites or DP-FedAvg); use dp.mechanism=gaussian")
+
+
+def make_vae_mechanism(dp, site_counts: np.ndarray, *, batch_size: int, local_steps: int,
+                       rounds: int, participation: float, sync: str,
+                       data_name: str) -> vae.Plan | None:
+  """The DPD-fVAE's plan (privacy/vae.py) from its dp keys and plain numbers: per-site Poisson
+  rates, slots and overflow bound, sigma (given or calibrated), dp.encoder's mode (example
+  level); the participation rate and coordinated shares (site level). None without DP."""
+  check_vae_mechanism(dp)
+  return vae.make_plan(dp, site_counts, batch_size=batch_size, local_steps=local_steps,
+                       rounds=rounds, participation=participation, sync=sync,
+                       data_name=data_name)
+
+
+def vae_guarantee_entries(plan: vae.Plan, steps: int) -> list[dict]:
+  """summary.json["privacy"]["guarantees"] of a DPD-fVAE run after `steps` noisy steps."""
+  return vae.guarantee_entries(plan, steps)

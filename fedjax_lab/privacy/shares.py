@@ -44,13 +44,19 @@ def example_fixed_divisor(config) -> float | None:
   return float(config.client.batch_size) if config.dp.noise == "coordinated" else None
 
 
+def expected_batch(batch_size: int, site_count):
+  """A site's expected Poisson batch, site_rate x count: what DP-SGD divides by (never the
+  realised size, which depends on who was sampled). float32 for NumPy counts too
+  (noise_coverage): the divisor the clients really use."""
+  return jnp.asarray(site_rate(batch_size, site_count)) * site_count
+
+
 def example_dp_divisor(dp, batch_size: int, site_count):
   """What a site divides its noised clipped gradient sum by (jnp or NumPy counts); `dp` has
   the field fixed_divisor (client.ExampleDP)."""
   if dp.fixed_divisor is not None:
     return dp.fixed_divisor + 0 * site_count
-  # float32 for NumPy counts too (noise_coverage): the divisor the client really uses.
-  return jnp.asarray(site_rate(batch_size, site_count)) * site_count
+  return expected_batch(batch_size, site_count)
 
 
 def noise_coverage(site_counts, batch_size: int, example_dp, cohort_size: int,
