@@ -52,6 +52,7 @@ def get_config(arg: str = "decoder"):
       encoder="private",        # example level, sync=decoder: private (sound) | paper
       accountant="rdp",
       randomness="auto",        # secret | seeded | auto: as the lab's dp.randomness (README)
+      mechanism="gaussian",     # the only one here (the lab's tree | blt | ... are FedAvg's)
   ))
   c.eval = ml_collections.ConfigDict(dict(
       every=20,                 # log loss/epsilon every this many rounds

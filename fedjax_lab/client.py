@@ -31,7 +31,8 @@ from fedjax_lab import losses, optim
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.models import Model
 from fedjax_lab.privacy.clipping import privatize
-from fedjax_lab.privacy.sampling import poisson_sample, site_rate
+from fedjax_lab.privacy.sampling import site_poisson_sample
+from fedjax_lab.privacy.shares import example_dp_divisor
 
 _PROBE_STREAM = 0x5EED  # fold_in tag of the curvature probes' key (batches use split)
 _PUBLIC_STREAM = 0x9AB1  # fold_in tag of the public calibration batches' key
@@ -51,8 +52,8 @@ class ExampleDP(NamedTuple):
   Each local step every example of the site joins independently with probability
   rate = privacy.sampling.site_rate(batch_size, count); the sampled examples fill `max_batch` slots
   (privacy/sampling.py); the clipped gradient sum gets N(0, (noise_multiplier * clip_norm)^2)
-  and is divided by `example_dp_divisor`: the expected batch size rate * count, or with
-  `fixed_divisor` set, that number at every site.
+  and is divided by `privacy.shares.example_dp_divisor`: the expected batch size rate * count,
+  or with `fixed_divisor` set, that number at every site.
 
   Coordinated noise needs `fixed_divisor` (= batch_size): a site smaller than its batch
   samples at rate 1 and would divide by its own size, so one of its examples would move the
@@ -64,14 +65,6 @@ class ExampleDP(NamedTuple):
   max_batch: int
   clipped_grad_sum: Callable  # privacy.clipping.make_clipped_grad_sum(..., return_losses=True)
   fixed_divisor: float | None = None
-
-
-def example_dp_divisor(dp: ExampleDP, batch_size: int, site_count):
-  """What a site divides its noised clipped gradient sum by (jnp or NumPy counts)."""
-  if dp.fixed_divisor is not None:
-    return dp.fixed_divisor + 0 * site_count
-  # float32 for NumPy counts too (noise_coverage): the divisor the client really uses.
-  return jnp.asarray(site_rate(batch_size, site_count)) * site_count
 
 
 class ClientOutput(NamedTuple):
@@ -221,9 +214,8 @@ def make_site_gradient(model: Model, batch_size: int, shuffle: bool,
 
   def private(params, ms, site_idx, site_count, batch_rng, rng_t, t, data):
     """One DP-SGD gradient: Poisson sample, clipped per-example sum, noise, / expected size."""
-    rate = site_rate(batch_size, site_count)
-    pos, mask, overflow = poisson_sample(jax.random.fold_in(batch_rng, t), site_count, rate,
-                                         site_idx.shape[0], dp.max_batch)
+    pos, mask, overflow = site_poisson_sample(jax.random.fold_in(batch_rng, t), site_count,
+                                              batch_size, site_idx.shape[0], dp.max_batch)
     rows = site_idx[pos]
     x, y = data.x[rows], data.y[rows]
     grad_sum, _, losses = dp.clipped_grad_sum(params, x, y, mask, dp.clip_norm)

@@ -232,20 +232,6 @@ def secagg_max_cohort(config) -> int:
   return config.cohort_size
 
 
-def check_secagg(config, max_cohort: int):
-  """validate_secagg's checks for a cohort of up to `max_cohort` sites, as a ConfigError
-  naming the key (its ValueError names the key first: 'secagg.bits=...')."""
-  from fedjax_lab import secagg
-  s = config.secagg
-  try:
-    secagg.validate_secagg(max_cohort, s.neighbours, s.threshold, s.bits, s.clip_range,
-                           s.dropout_rate)
-  except ValueError as e:
-    message = str(e)
-    key = message.split("=")[0] if message.startswith("secagg.") else "secagg.enabled"
-    raise ConfigError(key, message) from None
-
-
 def _validate_secagg(config):
   """Settings that cannot work with secure aggregation, each with the reason."""
   from fedjax_lab import algorithms
@@ -282,6 +268,7 @@ def _validate_secagg(config):
                       "private cohort size move the sum, which privacy/secagg_delta.py bounds "
                       "only when the sum's noise does not grow with the cohort; use "
                       "dp.noise=coordinated")
+  from fedjax_lab.privacy.secagg_delta import check_secagg
   check_secagg(config, secagg_max_cohort(config))
 
 
@@ -435,28 +422,8 @@ def _validate_adaptive_clip(config):
     raise ConfigError("dp.adaptive_clip", f"adaptive clipping is implemented for site-level "
                       f"DP-FedAvg only, got dp.level={dp.level}; allowed with it: site")
   if dp.noise_multiplier > 0:  # a calibrated one is checked by privacy.plan.privacy_plan
+    from fedjax_lab.privacy.adaptive_clipping import adaptive_clip_noise
     adaptive_clip_noise(config, dp.noise_multiplier)
-
-
-def adaptive_clip_noise(config, noise_multiplier: float) -> tuple[float, float]:
-  """(z_update, sigma_b): the update's noise multiplier and the count's noise std that
-  together spend exactly the accountant's `noise_multiplier` z (privacy/adaptive_clipping.py).
-
-  Raises ConfigError naming dp.count_noise_multiplier unless 2 sigma_b > z.
-  """
-  from fedjax_lab.privacy import adaptive_clipping
-  sigma_b = config.dp.count_noise_multiplier
-  given = sigma_b is not None
-  if not given:
-    sigma_b = adaptive_clipping.default_count_stddev(config.cohort_size)
-  if not 2 * sigma_b > noise_multiplier:
-    what = f"{sigma_b:g}" if given else f"unset, so cohort_size / 20 = {sigma_b:g},"
-    raise ConfigError("dp.count_noise_multiplier", f"{what} is too small: adaptive clipping "
-                      f"needs 2 * count_noise_multiplier > the noise_multiplier z="
-                      f"{noise_multiplier:.4g} (the update then gets (z^-2 - (2 sigma_b)^-2)"
-                      f"^-1/2); set it above {noise_multiplier / 2:.4g}, e.g. 2.5 z = "
-                      f"{2.5 * noise_multiplier:.4g} (update noise ~2% above z)")
-  return adaptive_clipping.update_noise_multiplier(noise_multiplier, sigma_b), sigma_b
 
 
 def _validate_task(config):

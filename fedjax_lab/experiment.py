@@ -10,7 +10,6 @@ and site index (docs/design.md), so a resumed run ends with the same parameters.
 
 import hashlib
 import logging
-import math
 import os
 
 import jax
@@ -25,8 +24,7 @@ from fedjax_lab.data import federated, partition, public, sources, standardize
 from fedjax_lab.errors import ConfigError, config_keys
 from fedjax_lab.models import make_model
 from fedjax_lab.privacy import clipping, mechanism, randomness, secagg_delta
-from fedjax_lab.privacy.plan import (PrivacyPlan, noise_coverage, noise_shares,  # noqa: F401
-                                     privacy_plan)
+from fedjax_lab.privacy.plan import PrivacyPlan
 
 log = logging.getLogger("fedjax_lab")
 
@@ -149,7 +147,8 @@ class Experiment:
                                             **config.server.optimizer_args)
     self.example_dp = example_dp = self._example_dp()
     if example_dp is not None:
-      self._check_noise_coverage(example_dp)
+      mechanism.check_noise_coverage(self.privacy, config, np.asarray(self.data.count),
+                                     example_dp)
     client_config = ClientConfig(
         local_steps=config.client.local_steps, batch_size=config.client.batch_size,
         shuffle=config.client.shuffle, prox_mu=0.0,
@@ -205,9 +204,7 @@ class Experiment:
     if self.privacy is None or self.config.dp.level != "example":
       return None
     dp, cfg = self.config.dp, self.config
-    share = self.privacy.noise_multiplier
-    if dp.noise == "coordinated":
-      share /= math.sqrt(noise_shares(cfg))
+    noise = mechanism.example_noise(self.privacy, cfg)
     # Decided from shapes now, so that dp.clipping=ghost on a model it cannot handle is a
     # config error rather than a failure inside the first round's trace.
     params, model_state = jax.eval_shape(self.model.init, self.keys["init"], self.train.x[:2])
@@ -225,22 +222,9 @@ class Experiment:
         self.model.module, self.loss.example, method=dp.clipping,
         microbatch_size=dp.microbatch_size or None, apply_kwargs={"train": False},
         return_losses=True)
-    return ExampleDP(clip_norm=dp.clip_norm, noise_multiplier=share,
-                     max_batch=self.privacy.slots,
-                     clipped_grad_sum=clipped,
-                     fixed_divisor=(float(cfg.client.batch_size) if dp.noise == "coordinated"
-                                    else None))
-
-  def _check_noise_coverage(self, example_dp: ExampleDP) -> None:
-    """Refuses a plan in which some site's examples see less noise than the accountant's sigma
-    (a guard: the divisors chosen in _example_dp make every ratio >= 1)."""
-    ratios = noise_coverage(np.asarray(self.data.count), self.config.client.batch_size,
-                            example_dp, noise_shares(self.config), self.privacy.noise_multiplier)
-    worst = int(np.argmin(ratios))
-    if ratios[worst] < 1 - 1e-9:
-      raise ConfigError("dp.noise", f"site {worst}'s examples would see noise "
-                        f"{ratios[worst]:.3f} x sigma, less than the accountant composes; "
-                        "use dp.noise=parallel")
+    return ExampleDP(clip_norm=dp.clip_norm, noise_multiplier=noise.noise_multiplier,
+                     max_batch=noise.max_batch, clipped_grad_sum=clipped,
+                     fixed_divisor=noise.fixed_divisor)
 
   def _secure_sum(self):
     """secagg.round.SecureSum for secagg.enabled (checked against this run's largest cohort
@@ -252,8 +236,7 @@ class Experiment:
       return None
     from fedjax_lab import secagg
     site_level = self.privacy is not None and cfg.dp.level == "site"
-    max_cohort = self.privacy.slots if site_level else cfg.cohort_size
-    config_lib.check_secagg(cfg, max_cohort)
+    max_cohort = mechanism.secure_sum_cohort(self.privacy, cfg)
     s = cfg.secagg
     sa = secagg.SecAggConfig(neighbours=s.neighbours, threshold=s.threshold, bits=s.bits,
                              clip_range=s.clip_range, dropout_rate=s.dropout_rate)
@@ -286,22 +269,16 @@ class Experiment:
     if self.privacy is None or self.config.dp.level != "site":
       return None
     cfg = self.config
+    noise = mechanism.site_noise(self.privacy, cfg)
     adaptive = None
     if cfg.dp.adaptive_clip:
       adaptive = fedavg.AdaptiveClip(target_quantile=cfg.dp.target_quantile,
-                                     clip_lr=cfg.dp.clip_lr,
-                                     count_stddev=self.privacy.count_noise_multiplier)
-    mf = self.privacy.mf
-    return fedavg.SiteDP(clip_norm=cfg.dp.clip_norm,
-                         noise_multiplier=self.privacy.update_noise_multiplier,
-                         coordinated=cfg.dp.noise == "coordinated",
-                         max_cohort=self.privacy.slots,
-                         adaptive=adaptive,
-                         grid=(secagg_delta.grid(cfg, self.privacy.slots)
-                               if cfg.secagg.enabled else None),
-                         cohort_groups=0 if mf is None else mf.groups,
+                                     clip_lr=cfg.dp.clip_lr, count_stddev=noise.count_stddev)
+    return fedavg.SiteDP(clip_norm=cfg.dp.clip_norm, noise_multiplier=noise.noise_multiplier,
+                         coordinated=noise.coordinated, max_cohort=noise.max_cohort,
+                         adaptive=adaptive, grid=noise.grid, cohort_groups=noise.cohort_groups,
                          correlated=self.privacy.noise,
-                         like=(None if mf is None else jax.eval_shape(
+                         like=(None if self.privacy.mf is None else jax.eval_shape(
                              self.model.init, self.keys["init"], self.train.x[:2])[0]))
 
   def epsilon(self, rounds: int) -> float | None:

@@ -15,7 +15,7 @@ from scipy import stats
 
 from fedjax_lab import runs
 from fedjax_lab.data import federated as fed_data
-from fedjax_lab.generative import evaluate, federated, models, privacy
+from fedjax_lab.generative import evaluate, federated, models
 from fedjax_lab.privacy import accounting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +126,7 @@ def test_frechet_distance_closed_form():
 
 def make(config, data):
   vae = models.CVAE(config.generative, 10, (64,))
-  plan = privacy.make_plan(config, np.asarray(data.count))
+  plan = federated.make_plan(config, np.asarray(data.count))
   return vae, federated.FederatedVAE(vae, config, plan)
 
 
@@ -255,10 +255,10 @@ def test_randomness_resolves_as_in_the_lab():
     lab = lab_config.default_config()
     lab.data.name, lab.dp.level, lab.dp.noise_multiplier = name, "example", 1.0
     counts = np.full(lab.data.num_sites, 50)
-    assert privacy.make_plan(c, np.full(4, 12)).randomness == want
+    assert federated.make_plan(c, np.full(4, 12)).randomness == want
     assert privacy_plan(lab, counts).randomness == want
     c.dp.randomness = "seeded"
-    assert privacy.make_plan(c, np.full(4, 12)).randomness == "seeded"
+    assert federated.make_plan(c, np.full(4, 12)).randomness == "seeded"
 
 
 @pytest.mark.parametrize("encoder", ["private", "paper"])
@@ -277,7 +277,7 @@ def test_epsilon_covers_exactly_the_decoders_noisy_steps(tmp_path, encoder):
   assert ("NONE PROVEN" in p["guarantee"]) == (encoder == "paper")
   assert summary["released_params"] == summary["decoder_params"]
   # The site-level plan composes one step a round, and never calls its encoders noisy.
-  site = privacy.make_plan(tiny_config("decoder", "site"), np.full(10, 150))
+  site = federated.make_plan(tiny_config("decoder", "site"), np.full(10, 150))
   assert site.steps == 3 and site.encoder == "none" and site.sound
 
 

@@ -20,7 +20,8 @@ from scipy import stats
 
 from fedjax_lab import runs
 from fedjax_lab.data import federated as fed_data
-from fedjax_lab.generative import federated, models, privacy
+from fedjax_lab.generative import federated, models
+from fedjax_lab.privacy import mechanism
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 dpd_fvae = runs.load_module(os.path.join(ROOT, "configs", "dpd_fvae.py"), "dpd_fvae")
@@ -90,7 +91,7 @@ def test_each_site_samples_at_batch_over_its_size():
                                  10)
   c = skew_config()
   c.client.batch_size = batch
-  plan = privacy.make_plan(c, np.asarray(data.count))
+  plan = federated.make_plan(c, np.asarray(data.count))
   vae = models.CVAE(c.generative, 10, (64,))
   fed = federated.FederatedVAE(vae, c, plan)
   keys = jax.random.split(jax.random.key(3), draws)
@@ -112,7 +113,7 @@ def test_plan_epsilon_and_slots_against_dp_accounting_and_the_binomial_tail(targ
   c = skew_config()
   c.dp.target_epsilon = target
   counts = np.array([31, 94, 391])
-  plan = privacy.make_plan(c, counts)
+  plan = federated.make_plan(c, counts)
   steps = c.rounds * c.client.local_steps
   q_max, acc_delta = 10 / 31, c.dp.delta * (1 - 1e-3)
   eps = rdp_epsilon(plan.noise_multiplier, q_max, steps, acc_delta)
@@ -120,7 +121,7 @@ def test_plan_epsilon_and_slots_against_dp_accounting_and_the_binomial_tail(targ
   assert plan.epsilon_after(steps) == pytest.approx(eps, rel=1e-12)
   if target:
     assert eps <= target * (1 + 1e-6)
-  assert privacy.guarantees_after(plan, steps)[0]["epsilon"] == pytest.approx(eps, rel=1e-12)
+  assert mechanism.vae_guarantee_entries(plan, steps)[0]["epsilon"] == pytest.approx(eps, rel=1e-12)
   share = 1e-3 * c.dp.delta / (1 + math.exp(eps))
   for n in np.concatenate([counts - 1, counts, counts + 1]):
     assert steps * stats.binom.sf(plan.slots, n, min(1.0, 10 / n)) <= share * (1 + 1e-9)
@@ -136,9 +137,9 @@ def test_every_guarantee_entry_recomputes_from_its_own_fields(level, encoder, ra
   c = skew_config(level, encoder, randomness)
   c.client.participation = participation
   counts = np.array([121, 94, 202, 118, 63, 153, 391, 274, 53, 31])
-  plan = privacy.make_plan(c, counts)
+  plan = federated.make_plan(c, counts)
   steps = plan.steps
-  entries = privacy.guarantees_after(plan, steps)
+  entries = mechanism.vae_guarantee_entries(plan, steps)
   check_entries(entries, c.dp.delta, steps)
   sigma = plan.noise_multiplier
   head, server = entries[0], entries[1]
@@ -180,9 +181,9 @@ def get_config():
 RUN = """
 import dataclasses, sys
 from absl import app
-from fedjax_lab.generative import privacy, train
-make = privacy.make_plan
-privacy.make_plan = lambda c, n: dataclasses.replace(make(c, n), slots=2)
+from fedjax_lab.generative import federated, train
+make = federated.make_plan
+federated.make_plan = lambda c, n: dataclasses.replace(make(c, n), slots=2)
 sys.argv = ["train", "--config", sys.argv[1], "--workdir", sys.argv[2]]
 app.run(train.main)
 """

@@ -18,13 +18,14 @@ import pytest
 from dp_accounting import pld, rdp
 
 from fedjax_lab.algorithms import fedavg
-from fedjax_lab.client import ClientConfig, example_dp_divisor, make_client_update
+from fedjax_lab.client import ClientConfig, make_client_update
 from fedjax_lab.config import validate
 from fedjax_lab.data.federated import from_partition
 from fedjax_lab.errors import ConfigError
-from fedjax_lab.experiment import Experiment, draw_secret, noise_coverage
+from fedjax_lab.experiment import Experiment, draw_secret
 from fedjax_lab.privacy import randomness
 from fedjax_lab.privacy.sampling import max_sample_size, poisson_sample
+from fedjax_lab.privacy.shares import example_dp_divisor, noise_coverage
 from test_dp_round import _moved, _round_with
 from test_experiment import set_keys, tiny_config
 

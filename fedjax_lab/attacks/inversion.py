@@ -465,7 +465,7 @@ def mean_ci(values, z: float = 1.96):
 
 def local_for(exp, count: int) -> Local:
   """The local hyper-parameters of a site of `count` examples in Experiment `exp`."""
-  from fedjax_lab.client import example_dp_divisor
+  from fedjax_lab.privacy.shares import example_dp_divisor
   from fedjax_lab.models.cnn import image_shape
   cfg = exp.config
   data_shape = tuple(exp.train.x.shape[1:])

@@ -25,7 +25,7 @@ which hangs off the client key as in aggregators.py) fold from the secret instea
 the initialisation stays seeded. The round folds in the round index (from the state) and the
 site id, so a resumed run with the same keys is identical.
 Example-level DP-SGD is in `_dp_gradients` (dp.encoder decides what is clipped and noised;
-fedjax_lab/generative/privacy.py).
+fedjax_lab/privacy/vae.py).
 """
 
 from typing import Any, NamedTuple
@@ -36,7 +36,8 @@ import optax
 
 from fedjax_lab import aggregators
 from fedjax_lab.data.federated import FederatedData
-from fedjax_lab.privacy import clipping, randomness, sampling
+from fedjax_lab.privacy import clipping, mechanism, randomness, sampling
+from fedjax_lab.privacy.shares import expected_batch
 
 PyTree = Any
 SYNCS = ("decoder", "all")
@@ -87,6 +88,15 @@ def make_server_tx(server_config) -> optax.GradientTransformation:
   return optax.sgd(server_config.lr, momentum=server_config.momentum or None)
 
 
+def make_plan(config, site_counts):
+  """The run's privacy plan (privacy/vae.py), built by privacy/ from the config's numbers."""
+  return mechanism.make_vae_mechanism(
+      config.dp, site_counts, batch_size=config.client.batch_size,
+      local_steps=config.client.local_steps, rounds=config.rounds,
+      participation=config.client.participation, sync=config.generative.sync,
+      data_name=config.data.name)
+
+
 def tree_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
@@ -97,16 +107,18 @@ class FederatedVAE:
   def __init__(self, vae, config, plan=None):
     self.vae = vae
     self.config = config
-    self.plan = plan  # privacy.Plan or None
+    self.plan = plan  # privacy/vae.py Plan (privacy.mechanism.make_vae_mechanism) or None
     self.sync = config.generative.sync
     self.keys = shared_keys(self.sync)
     self.client_tx = make_client_tx(config.client)
     self.server_tx = make_server_tx(config.server)
     self.local_steps = int(config.client.local_steps)
     self.batch_size = int(config.client.batch_size)
-    self.participation = float(config.client.participation)
     self.example_dp = plan is not None and plan.level == "example"
     self.site_dp = plan is not None and plan.level == "site"
+    # Under site DP the rate the accountant composes; otherwise no guarantee rests on it.
+    self.participation = (plan.sampling_prob if self.site_dp
+                          else float(config.client.participation))
 
   # --------------------------------------------------------------------------- state
 
@@ -132,14 +144,13 @@ class FederatedVAE:
     """(batch dict, weights [m], normaliser, overflow) for one local step."""
     k_pos, k_eps = jax.random.split(rng)
     if self.example_dp:
-      # The site's own rate, the one its slots were sized for (privacy.make_plan); the
+      # The site's own rate, the one its slots were sized for (privacy/vae.py); the
       # accountant composes the largest, the smallest site's.
-      rate = sampling.site_rate(self.batch_size, site_count)
-      positions, weights, overflow = sampling.poisson_sample(
-          k_pos, site_count, rate, site_idx.shape[0], self.plan.slots)
+      positions, weights, overflow = sampling.site_poisson_sample(
+          k_pos, site_count, self.batch_size, site_idx.shape[0], self.plan.slots)
       # DP-SGD divides by the EXPECTED batch size (a public function of the site's size),
       # never by the realised one, which would depend on who was sampled.
-      norm = rate * site_count.astype(jnp.float32)
+      norm = expected_batch(self.batch_size, site_count)
     else:
       positions = jax.random.randint(k_pos, (self.batch_size,), 0, site_count)
       weights = jnp.ones((self.batch_size,), jnp.float32)
@@ -210,22 +221,21 @@ class FederatedVAE:
     metrics = jnp.concatenate([stats[:, :3].mean(0), stats[:, 3:].sum(0)])
     return message, new_site, metrics
 
-  def aggregator(self, num_sites: int) -> aggregators.Aggregator:
+  def aggregator(self) -> aggregators.Aggregator:
     """The lab's chain on the released messages: weighted mean, or site-level DP-FedAvg."""
     if not self.site_dp:
       return aggregators.weighted()
     # Coordinated shares: the sum carries exactly N(0, (sigma C)^2), the noise the
     # accountant composes (and an empty round gets it from the server).
     return aggregators.site_dp(self.plan.clip_norm, self.plan.noise_multiplier,
-                               coordinated=True,
-                               expected_cohort=self.participation * num_sites)
+                               coordinated=True, expected_cohort=self.plan.expected_cohort)
 
   def aggregate(self, messages, joined, counts, t, client_key):
     """(update the server applies, chain metrics) from the stacked messages ([sites, ...]
     leaves) of the sites that `joined` ([sites] bool); `counts` [sites] weight the mean
     without site DP; `t` the round; `client_key` the run's client root (round_keys)."""
     num_sites = joined.shape[0]
-    chain = self.aggregator(num_sites)
+    chain = self.aggregator()
     present = joined.astype(jnp.float32)
     num_in = jnp.sum(present)
     weights = present * counts.astype(jnp.float32)

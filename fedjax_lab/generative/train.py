@@ -10,13 +10,13 @@ in a real deployment and are checkpointed here so that a run resumes exactly. Ru
 same command again resumes from the last checkpoint.
 
 Randomness as in the lab (fedjax_lab/run_loop.py): under dp.randomness=secret (resolved by
-privacy.make_plan; `auto` is secret for the user's own data) the DP mechanism's randomness
+privacy/vae.py; `auto` is secret for the user's own data) the DP mechanism's randomness
 comes from experiment.draw_secret(), OS entropy written ONLY in the checkpoint meta
 ("dp_secret") and restored on resume, so a resumed run continues with the same noise; a
 checkpoint of the other mode is refused. The initialisation stays seeded.
 
 Exit codes: 2 and one line `config error: KEY: PROBLEM` for a bad config (fedjax_lab.cli.fail);
-3 and one line `privacy error: ...` when a Poisson sample overflows its slots (privacy.
+3 and one line `privacy error: ...` when a Poisson sample overflows its slots (privacy/vae.py
 SlotOverflow: the plan gave it probability <= overflow_bound, so the plan is wrong), before
 that round is logged or checkpointed.
 """
@@ -43,7 +43,8 @@ def validate(config) -> None:
   a ConfigError naming the key, before a workdir or data exists."""
   from fedjax_lab.config import ACCOUNTANTS, _one_of, _positive
   from fedjax_lab.errors import ConfigError
-  from fedjax_lab.generative import federated, models, privacy
+  from fedjax_lab.generative import federated, models
+  from fedjax_lab.privacy import mechanism, vae as vae_privacy
   if config.seed is None or config.seed < 0 or int(config.seed) != config.seed:
     raise ConfigError("seed", f"must be an integer >= 0, got {config.seed}")
   for key in ("rounds", "data.num_sites", "generative.latent_dim", "client.local_steps",
@@ -70,9 +71,10 @@ def validate(config) -> None:
   if not 0 <= config.server.momentum < 1:
     raise ConfigError("server.momentum", f"must be in [0, 1), got {config.server.momentum}")
   dp = config.dp
-  _one_of("dp.level", dp.level, privacy.LEVELS)
-  _one_of("dp.encoder", dp.encoder, privacy.ENCODER_MODES)
-  _one_of("dp.randomness", dp.randomness, privacy.RANDOMNESS)
+  mechanism.check_vae_mechanism(dp)
+  _one_of("dp.level", dp.level, vae_privacy.LEVELS)
+  _one_of("dp.encoder", dp.encoder, vae_privacy.ENCODER_MODES)
+  _one_of("dp.randomness", dp.randomness, vae_privacy.RANDOMNESS)
   _one_of("dp.accountant", dp.accountant, ACCOUNTANTS)
   if not 0 < dp.delta < 1:
     raise ConfigError("dp.delta", f"must be in (0, 1), got {dp.delta}")
@@ -105,14 +107,15 @@ def run(config, workdir: str, verbose: bool = True) -> dict:
   import numpy as np
   from fedjax_lab import checkpoint, experiment, runs
   from fedjax_lab.errors import ConfigError
-  from fedjax_lab.generative import evaluate, federated, models, privacy
+  from fedjax_lab.generative import evaluate, federated, models
+  from fedjax_lab.privacy import mechanism, vae as vae_privacy
 
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   runs.check_resume(workdir, config)
   data, train, test = load_data(config)
   counts = np.asarray(data.count)
-  plan = privacy.make_plan(config, counts)
+  plan = federated.make_plan(config, counts)
   vae = models.CVAE(config.generative, train.num_classes, train.x.shape[1:])
   fed = federated.FederatedVAE(vae, config, plan)
   state = fed.init(config.seed, data.num_sites)
@@ -153,7 +156,7 @@ def run(config, workdir: str, verbose: bool = True) -> dict:
     done = r + 1
     if m["overflow"] > 0:  # outside the plan's (epsilon, delta): nothing of it is saved
       ckpt.close()
-      raise privacy.SlotOverflow(plan, done, int(m["overflow"]))
+      raise vae_privacy.SlotOverflow(plan, done, int(m["overflow"]))
     if done % config.eval.every == 0 or done == config.rounds:
       eps = plan.epsilon_after(done * plan.steps_per_round) if plan else None
       row = {"round": done, **m, "epsilon": eps, "seconds": seconds}
@@ -187,7 +190,7 @@ def run(config, workdir: str, verbose: bool = True) -> dict:
         "delta": plan.delta, "slots": plan.slots, "overflow_bound": plan.overflow_bound,
         "encoder": plan.encoder, "sound": plan.sound, "randomness": plan.randomness,
         "guarantee": plan.guarantee(eps),
-        "guarantees": privacy.guarantees_after(plan, plan.steps)}
+        "guarantees": mechanism.vae_guarantee_entries(plan, plan.steps)}
   if config.eval.at_end:
     summary["eval"] = evaluate.evaluate(vae, fed.decoder(state), train, test, config.eval,
                                         config.seed)
@@ -205,7 +208,7 @@ def main(argv):
     cli.fail("--workdir: required")
   config, _ = cli.load_config(_CONFIG)
   from fedjax_lab.errors import ConfigError
-  from fedjax_lab.generative.privacy import SlotOverflow
+  from fedjax_lab.privacy.vae import SlotOverflow
   try:
     validate(config)
     cli.make_workdir(_WORKDIR.value)

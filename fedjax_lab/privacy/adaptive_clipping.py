@@ -23,6 +23,8 @@ The accountant composes z; the update carries the larger z_Δ. b̃_t is clamped 
 
 import jax.numpy as jnp
 
+from fedjax_lab.errors import ConfigError
+
 
 def default_count_stddev(expected_cohort: float) -> float:
   """σ_b = m / 20, the paper's choice (noise std 0.05 on the fraction b̃)."""
@@ -83,3 +85,22 @@ def describe(noise_multiplier: float, count_stddev: float, target_quantile: floa
           f"z={noise_multiplier:.4f}, which the accountant composes "
           f"(z_update/z = {z_update / noise_multiplier:.4f})")
 
+
+def adaptive_clip_noise(config, noise_multiplier: float) -> tuple[float, float]:
+  """(z_update, sigma_b): the update's noise multiplier and the count's noise std that
+  together spend exactly the accountant's `noise_multiplier` z (this module's docstring).
+
+  Raises ConfigError naming dp.count_noise_multiplier unless 2 sigma_b > z.
+  """
+  sigma_b = config.dp.count_noise_multiplier
+  given = sigma_b is not None
+  if not given:
+    sigma_b = default_count_stddev(config.cohort_size)
+  if not 2 * sigma_b > noise_multiplier:
+    what = f"{sigma_b:g}" if given else f"unset, so cohort_size / 20 = {sigma_b:g},"
+    raise ConfigError("dp.count_noise_multiplier", f"{what} is too small: adaptive clipping "
+                      f"needs 2 * count_noise_multiplier > the noise_multiplier z="
+                      f"{noise_multiplier:.4g} (the update then gets (z^-2 - (2 sigma_b)^-2)"
+                      f"^-1/2); set it above {noise_multiplier / 2:.4g}, e.g. 2.5 z = "
+                      f"{2.5 * noise_multiplier:.4g} (update noise ~2% above z)")
+  return update_noise_multiplier(noise_multiplier, sigma_b), sigma_b

@@ -37,7 +37,8 @@ from typing import NamedTuple
 import dp_accounting
 import numpy as np
 
-from fedjax_lab.privacy import accounting, guarantees, mf_noise
+from fedjax_lab.errors import ConfigError
+from fedjax_lab.privacy import accounting, guarantees, mf_noise, secagg_delta, shares, vae
 from fedjax_lab.privacy.plan import PrivacyPlan, accountant_delta, privacy_plan
 
 MECHANISMS = mf_noise.MECHANISMS
@@ -160,3 +161,74 @@ def guarantee_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
   if plan.mf is not None:
     return cyclic_entries(plan, config, steps)
   return guarantees.all_guarantees(plan.mechanism(config, steps))
+
+
+class ExampleNoise(NamedTuple):
+  """What each site's DP-SGD uses at example level (client.ExampleDP's numbers)."""
+  noise_multiplier: float      # this site's share: sigma, or sigma / sqrt(noise_shares)
+  max_batch: int               # the plan's slots
+  fixed_divisor: float | None  # batch_size under coordinated noise (shares.py)
+
+
+def example_noise(plan: PrivacyPlan, config) -> ExampleNoise:
+  return ExampleNoise(noise_multiplier=shares.example_share(config, plan.noise_multiplier),
+                      max_batch=plan.slots, fixed_divisor=shares.example_fixed_divisor(config))
+
+
+class SiteNoise(NamedTuple):
+  """What DP-FedAvg's aggregator uses at site level (algorithms/fedavg.SiteDP's numbers)."""
+  noise_multiplier: float            # the update's: z, or z_update under adaptive clipping
+  count_stddev: float | None         # adaptive clipping's count noise (None without it)
+  coordinated: bool
+  max_cohort: int                    # the plan's slots
+  grid: tuple[float, int] | None     # secure aggregation's (clip_range, levels) at the slots
+  cohort_groups: int                 # cyclic participation's b (0: Poisson cohorts)
+
+
+def site_noise(plan: PrivacyPlan, config) -> SiteNoise:
+  return SiteNoise(
+      noise_multiplier=plan.update_noise_multiplier, count_stddev=plan.count_noise_multiplier,
+      coordinated=config.dp.noise == "coordinated", max_cohort=plan.slots,
+      grid=secagg_delta.grid(config, plan.slots) if config.secagg.enabled else None,
+      cohort_groups=0 if plan.mf is None else plan.mf.groups)
+
+
+def secure_sum_cohort(plan: PrivacyPlan | None, config) -> int:
+  """The most rows the secure sum must hold: the slots under site-level DP (a public number,
+  so nothing of the protocol reveals the realised cohort), else the cohort; checked against
+  secagg.* (ConfigError naming the key)."""
+  site_level = plan is not None and config.dp.level == "site"
+  max_cohort = plan.slots if site_level else config.cohort_size
+  secagg_delta.check_secagg(config, max_cohort)
+  return max_cohort
+
+
+def check_noise_coverage(plan: PrivacyPlan, config, site_counts, example_dp) -> None:
+  """ConfigError on dp.noise unless every site's examples see at least the plan's sigma."""
+  shares.check_noise_coverage(config, site_counts, example_dp, plan.noise_multiplier)
+
+
+def check_vae_mechanism(dp) -> None:
+  """ConfigError naming dp.mechanism unless it is gaussian (the VAE has no correlated noise:
+  its site-level noise is drawn by the sites, and DP-FTRL's would be the server's)."""
+  name = dp.get("mechanism", "gaussian")
+  if name != "gaussian":
+    raise ConfigError("dp.mechanism", f"'{name}': the DPD-fVAE adds independent Gaussian "
+                      "noise only (DP-SGD at the sites or DP-FedAvg); use dp.mechanism=gaussian")
+
+
+def make_vae_mechanism(dp, site_counts: np.ndarray, *, batch_size: int, local_steps: int,
+                       rounds: int, participation: float, sync: str,
+                       data_name: str) -> vae.Plan | None:
+  """The DPD-fVAE's plan (privacy/vae.py) from its dp keys and plain numbers: per-site Poisson
+  rates, slots and overflow bound, sigma (given or calibrated), dp.encoder's mode (example
+  level); the participation rate and coordinated shares (site level). None without DP."""
+  check_vae_mechanism(dp)
+  return vae.make_plan(dp, site_counts, batch_size=batch_size, local_steps=local_steps,
+                       rounds=rounds, participation=participation, sync=sync,
+                       data_name=data_name)
+
+
+def vae_guarantee_entries(plan: vae.Plan, steps: int) -> list[dict]:
+  """summary.json["privacy"]["guarantees"] of a DPD-fVAE run after `steps` noisy steps."""
+  return vae.guarantee_entries(plan, steps)

@@ -4,8 +4,8 @@
 (Poisson minibatches or cohorts, truncated to `slots`), sigma (given or calibrated to
 dp.target_epsilon), the accountant, the delta split between the accountant, the truncation
 and (secure aggregation) the quantization (secagg_delta.py), the randomness, and the one log
-line that says all of it; `PrivacyPlan.mechanism` is what privacy/guarantees.py turns into an epsilon per adversary. `noise_coverage` checks
-that the clients' divisors and noise shares give every site's examples at least sigma.
+line that says all of it; `PrivacyPlan.mechanism` is what privacy/guarantees.py turns into an
+epsilon per adversary. The noise shares and divisors are privacy/shares.py's.
 """
 
 import logging
@@ -14,9 +14,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fedjax_lab import config as config_lib
 from fedjax_lab.privacy import (accounting, adaptive_clipping, guarantees, sampling,
                                 secagg_delta)
+from fedjax_lab.privacy.shares import noise_shares
 
 log = logging.getLogger("fedjax_lab")
 
@@ -142,7 +142,7 @@ def privacy_plan(config, site_counts: np.ndarray,
     # The grid step depends on the slots, which depend on epsilon: calibrated, sigma is z_eff
     # (epsilon at the target whatever the grid) and the sites add more; given, the sites add
     # sigma and z_eff shrinks as the slots grow, so grow them to a fixed point (monotone).
-    config_lib.check_secagg(config, slots)
+    secagg_delta.check_secagg(config, slots)
     if how == "given":
       while True:
         factor = secagg_delta.site_sensitivity_factor(config, slots, summed_coordinates)
@@ -150,7 +150,7 @@ def privacy_plan(config, site_counts: np.ndarray,
         if more <= slots:
           break
         slots = more
-        config_lib.check_secagg(config, slots)
+        secagg_delta.check_secagg(config, slots)
       sigma = added * factor
     else:
       factor = secagg_delta.site_sensitivity_factor(config, slots, summed_coordinates)
@@ -178,7 +178,7 @@ def privacy_plan(config, site_counts: np.ndarray,
   randomness = guarantees.resolve_randomness(dp.randomness, config.data.name)
   update_sigma, count_stddev, clip = float(added), None, f"clip_norm={dp.clip_norm:g}"
   if dp.adaptive_clip:  # the accountant still composes sigma (Andrew et al. 2021, Thm 1)
-    update_sigma, count_stddev = config_lib.adaptive_clip_noise(config, sigma)
+    update_sigma, count_stddev = adaptive_clipping.adaptive_clip_noise(config, sigma)
     clip = adaptive_clipping.describe(sigma, count_stddev, dp.target_quantile, dp.clip_lr,
                                       dp.clip_norm)
   truncation = (f"samples truncated to {slots} slots, P(any overflow of the unit's draws) <= "
@@ -196,37 +196,3 @@ def privacy_plan(config, site_counts: np.ndarray,
                      budget=budget, description=description,
                      update_noise_multiplier=update_sigma, count_noise_multiplier=count_stddev,
                      slots=slots, overflow_bound=overflow_bound, randomness=randomness)
-
-
-def noise_shares(config) -> int:
-  """How many coordinated noise shares a round's sum is sure to hold: the cohort, or with
-  secure aggregation and dropouts the threshold t (a round that finishes has >= t uploads),
-  so each site adds sigma / sqrt(this) and the sum always carries at least sigma. (Site level:
-  the round's own cohort size n, as no dropouts are allowed there.)"""
-  s = config.secagg
-  if s.enabled and s.dropout_rate > 0:
-    from fedjax_lab.secagg import round as secagg_round
-    return int(secagg_round.min_survivors(config.cohort_size, s.neighbours, s.threshold))
-  return config.cohort_size
-
-
-def noise_coverage(site_counts, batch_size: int, example_dp, cohort_size: int,
-                   noise_multiplier: float) -> np.ndarray:
-  """[sites]: for each site j, the std of the noise in a round's uniform average over the
-  cohort, over noise_multiplier x the sensitivity of one of site j's examples in it, at the
-  cohort holding j that carries the least noise. >= 1 means the accountant's sigma covers
-  every example of j, whoever else is in the cohort.
-
-  From the client's own divisors (client.example_dp_divisor) and noise share: site k sends
-  (S_k + N(0, (share C)^2)) / d_k and the server averages with weight 1/K, so one example of
-  j moves the average by C / (K d_j) while the noise has std share C sqrt(sum_k d_k^-2) / K.
-  """
-  from fedjax_lab.client import example_dp_divisor
-  d = np.asarray(example_dp_divisor(example_dp, batch_size, np.asarray(site_counts, np.float64)),
-                 np.float64)
-  share = example_dp.noise_multiplier
-  ratios = np.empty(len(d))
-  for j, dj in enumerate(d):
-    least = np.sort(np.delete(d, j) ** -2.0)[:cohort_size - 1].sum()  # the quietest others
-    ratios[j] = share * np.sqrt(dj ** -2.0 + least) / (noise_multiplier / dj)
-  return ratios

@@ -89,3 +89,10 @@ def poisson_sample(rng, count, rate, population: int, max_size: int):
   mask = (jnp.arange(max_size) < num_selected).astype(jnp.float32)
   positions = jnp.where(mask > 0, order, 0).astype(jnp.int32)
   return positions, mask, jnp.maximum(num_selected - max_size, 0).astype(jnp.int32)
+
+
+def site_poisson_sample(rng, count, batch_size: int, population: int, max_size: int):
+  """A site's DP-SGD minibatch at its own site_rate (the rate its slots were sized for):
+  poisson_sample's (positions, mask, overflow). FedAvg's client and the VAE draw through it,
+  so the rate they sample at is the plan's."""
+  return poisson_sample(rng, count, site_rate(batch_size, count), population, max_size)

@@ -75,6 +75,7 @@ from typing import NamedTuple
 
 import numpy as np
 from fedjax_lab.errors import ConfigError
+from fedjax_lab.privacy import shares
 from fedjax_lab.secagg.noise import clip_probability
 
 # The share of dp.delta reserved for the quantization (next to the truncation's, plan.py).
@@ -88,6 +89,19 @@ def theta_bar(n: int, tau: float) -> float:
     return 0.0
   x = 2.0 * n * math.exp(-a) / -math.expm1(-3.0 * a)
   return math.expm1(x) if x < 700 else math.inf
+
+
+def check_secagg(config, max_cohort: int) -> None:
+  """secagg.validate_secagg's checks for a cohort of up to `max_cohort` sites, as a ConfigError
+  naming the key (its ValueError names the key first: 'secagg.bits=...')."""
+  from fedjax_lab.secagg.config import validate_secagg
+  s = config.secagg
+  try:
+    validate_secagg(max_cohort, s.neighbours, s.threshold, s.bits, s.clip_range, s.dropout_rate)
+  except ValueError as e:
+    message = str(e)
+    key = message.split("=")[0] if message.startswith("secagg.") else "secagg.enabled"
+    raise ConfigError(key, message) from None
 
 
 def grid(config, grid_cohort: int) -> tuple[float, int]:
@@ -128,14 +142,13 @@ def site_row(config, update_noise_multiplier: float, n: int) -> Row:
 
 def example_row(config, plan, site_counts) -> Row:
   """Example level, one SGD step (checked by gate): -lr (sum of <= slots clipped gradients +
-  N(0, (share C)^2)) / divisor, times the site's weight (client.example_dp_divisor)."""
+  N(0, (share C)^2)) / divisor, times the site's weight (shares.example_dp_divisor)."""
   dp, c = config.dp, config.client
   counts = np.sort(np.asarray(site_counts, np.float64))
   k = config.cohort_size
   share = plan.noise_multiplier
   if dp.noise == "coordinated":
-    from fedjax_lab.privacy.plan import noise_shares
-    share /= math.sqrt(noise_shares(config))
+    share = shares.example_share(config, share)
     div_min = div_max = float(c.batch_size)
   else:  # min(count, batch_size) per site
     div_min, div_max = min(counts[0], c.batch_size), min(counts[-1], c.batch_size)
@@ -167,9 +180,8 @@ def terms(config, plan, d: int, site_counts) -> Terms:
     ns, row_of = range(1, plan.slots + 1), lambda n: site_row(
         config, plan.update_noise_multiplier, n)
   else:
-    from fedjax_lab.privacy.plan import noise_shares
     row = example_row(config, plan, site_counts)
-    ns, row_of = range(noise_shares(config), config.cohort_size + 1), lambda n: row
+    ns, row_of = range(shares.noise_shares(config), config.cohort_size + 1), lambda n: row
   worst = (-1.0, 0.0, 0.0, 0)
   for n in ns:
     r = row_of(n)

@@ -1,9 +1,12 @@
-"""What the accountant composes for a DPD-fVAE run, and what its epsilon covers.
+"""The DPD-fVAE's privacy plan (fedjax_lab/generative/): what the accountant composes for a
+run, the numbers its trainer uses, and what its epsilon covers. Built by
+privacy.mechanism.make_vae_mechanism from plain numbers (site sizes, batch size, local steps,
+rounds, participation) and the dp keys; only dp.mechanism=gaussian.
 
 Levels (`dp.level`):
   example  DP-SGD at every site: each local step a site of n examples draws a Poisson batch
-           at its own rate q_n = min(1, batch_size / n) (privacy.sampling.site_rate, as the
-           lab's FedAvg client; site sizes are public), clips each example's gradient, adds
+           at its own rate q_n = min(1, batch_size / n) (sampling.site_rate, as the lab's
+           FedAvg client; site sizes are public), clips each example's gradient, adds
            Gaussian noise and divides by the expected batch size q_n n. The accountant
            composes the largest rate, the smallest site's, which bounds every site's.
            WHICH gradient is clipped and noised is `dp.encoder`:
@@ -18,25 +21,27 @@ Levels (`dp.level`):
                example's influence into the other examples' decoder gradients, so a step's
                sensitivity is not clip_norm (README, "What epsilon covers").
   site     DP-FedAvg on what is released: every site's update of the shared parameters is
-           clipped to clip_norm, the sum gets Gaussian noise, sites join each round at rate
-           client.participation. Encoders need no noise: a site's encoder is a function of
-           its own data and of released decoders only, and it is never released.
+           clipped to clip_norm, each joined site adds its coordinated share sigma/sqrt(n) of
+           the round's n, the sum is divided by the expected participants
+           (`expected_cohort`), sites join each round at rate client.participation. Encoders
+           need no noise: a site's encoder is a function of its own data and of released
+           decoders only, and it is never released.
 
 The accountant is fedjax_lab.privacy.accounting (add/remove-one, Poisson sampling). As in
 fedjax_lab/privacy/plan.py, Poisson samples are truncated to fixed slots and the truncation is
 paid for in delta: the accountant composes at delta * (1 - 1e-3), and the slots
-(privacy.sampling.site_slots) are sized so that P(any draw of the unit's site, or of its
+(sampling.site_slots) are sized so that P(any draw of the unit's site, or of its
 neighbours' n - 1 and n + 1, overflows during the run) <= overflow_bound, with
 (1 + e^epsilon) overflow_bound <= 1e-3 delta. An overflow is thus so unlikely that seeing one
 means the plan does not match the sampling: generative/train.py stops the run on the first
 (SlotOverflow).
 
-`guarantees` lists one (epsilon, delta) per adversary, in the lab's entry format (privacy/
-guarantees.py), with the noise multiplier, sampling rate and steps that adversary faces, so
+`guarantee_entries` lists one (epsilon, delta) per adversary, in the lab's entry format
+(privacy/guarantees.py), with the noise multiplier, sampling rate and steps that adversary faces, so
 each epsilon can be recomputed with dp-accounting from its entry alone (at its
 accountant_delta).
 
-Randomness (`dp.randomness`, as in the lab, privacy/guarantees.resolve_randomness): "secret"
+Randomness (`dp.randomness`, as in the lab, guarantees.resolve_randomness): "secret"
 draws the mechanism's randomness (batches, participation, noise) from OS entropy kept only
 in the checkpoints; "seeded" from config.seed, which summary.json publishes, so the epsilon
 holds against no one who knows the seed; "auto" is secret for data.name=file and tfds:*,
@@ -77,6 +82,8 @@ class Plan:
   overflow_bound: float = 0.0  # P(any overflow of the unit's draws in the run), paid in delta
   num_sites: int = 0
   released: str = "decoder"    # what the server broadcasts: "decoder" or "encoder and decoder"
+  # Site level: the mean's divisor, participation x num_sites (public; never the realised n).
+  expected_cohort: float = 0.0
 
   def epsilon_after(self, steps: int) -> float:
     return accounting.epsilon(self.noise_multiplier, self.sampling_prob, int(steps),
@@ -104,8 +111,10 @@ class Plan:
             f"who sees {released} after every round ({what}); {noise}")
 
 
-def make_plan(config, site_counts: np.ndarray) -> Plan | None:
-  dp = config.dp
+def make_plan(dp, site_counts: np.ndarray, *, batch_size: int, local_steps: int, rounds: int,
+              participation: float, sync: str, data_name: str) -> Plan | None:
+  """The run's plan from the dp keys and the plain numbers of a VAE run (sync: the
+  generative.sync, "decoder" or "all"; data_name decides dp.randomness=auto)."""
   if dp.level not in LEVELS:
     raise ValueError(f"dp.level: unknown {dp.level!r}; allowed: {', '.join(LEVELS)}")
   if dp.level == "none":
@@ -116,15 +125,14 @@ def make_plan(config, site_counts: np.ndarray) -> Plan | None:
     raise ValueError(f"dp.randomness: unknown {dp.randomness!r}; allowed: "
                      f"{', '.join(RANDOMNESS)}")
   if dp.level == "example":
-    q = float(sampling.site_rate(config.client.batch_size, int(site_counts.min())))
-    steps_per_round = config.client.local_steps
-    encoder = "paper" if (dp.encoder == "paper" and config.generative.sync == "decoder") \
-        else "private"
+    q = float(sampling.site_rate(batch_size, int(site_counts.min())))
+    steps_per_round = local_steps
+    encoder = "paper" if (dp.encoder == "paper" and sync == "decoder") else "private"
   else:
-    q = float(config.client.participation)
+    q = float(participation)
     steps_per_round = 1
     encoder = "none"
-  steps = config.rounds * steps_per_round
+  steps = rounds * steps_per_round
   accountant_delta = dp.delta * (1 - TRUNCATION_SHARE)
   sigma = float(dp.noise_multiplier)
   if dp.target_epsilon > 0:
@@ -136,17 +144,15 @@ def make_plan(config, site_counts: np.ndarray) -> Plan | None:
     # each overflowing w.p. <= tail, so the run's overflow probability is <= overflow_bound.
     eps = accounting.epsilon(sigma, q, steps, accountant_delta, dp.accountant)
     overflow_bound = TRUNCATION_SHARE * dp.delta / (1 + math.exp(min(eps, 700.0)))
-    slots = max(1, sampling.site_slots(site_counts, config.client.batch_size,
-                                       overflow_bound / steps))
+    slots = max(1, sampling.site_slots(site_counts, batch_size, overflow_bound / steps))
   return Plan(level=dp.level, noise_multiplier=sigma, clip_norm=float(dp.clip_norm),
               sampling_prob=q, steps=steps, steps_per_round=steps_per_round, delta=dp.delta,
               accountant_delta=accountant_delta, accountant=dp.accountant, slots=slots,
               encoder=encoder, sound=encoder != "paper",
-              randomness=guarantees.resolve_randomness(dp.get("randomness", "auto"),
-                                                       config.data.name),
+              randomness=guarantees.resolve_randomness(dp.get("randomness", "auto"), data_name),
               overflow_bound=overflow_bound, num_sites=len(site_counts),
-              released="decoder" if config.generative.sync == "decoder"
-              else "encoder and decoder")
+              released="decoder" if sync == "decoder" else "encoder and decoder",
+              expected_cohort=q * len(site_counts) if dp.level == "site" else 0.0)
 
 
 class SlotOverflow(RuntimeError):
@@ -176,7 +182,7 @@ def _entry(plan: Plan, adversary: str, sees: str, colluding: int, noise_multipli
           "accountant_delta": plan.accountant_delta}
 
 
-def guarantees_after(plan: Plan, steps: int) -> list[dict]:
+def guarantee_entries(plan: Plan, steps: int) -> list[dict]:
   """One entry per adversary, headline (the released models) first, after `steps` noisy
   steps; epsilon is dp-accounting's for (noise_multiplier, sampling_prob, steps) at
   accountant_delta, and the entry holds at delta (the rest pays for truncation)."""
