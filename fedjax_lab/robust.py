@@ -248,8 +248,8 @@ def validate(config) -> None:
                       f"{n}, f={a.f}; lower f")
   if config.secagg.enabled:
     raise ConfigError("secagg.enabled", "robust aggregators need the individual updates, "
-                      "which secure aggregation hides; set it False, or bound update norms "
-                      "at the sites (dp.level=example clipping) instead")
+                      "which secure aggregation hides; set it False (README \"Robust "
+                      "aggregation\": what does work under it)")
   if config.dp.level == "site":
     raise ConfigError("dp.level", "site-level DP's noise is calibrated to the mean's "
                       "sensitivity (C / cohort), not a robust reducer's; use dp.level=none or "

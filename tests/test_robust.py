@@ -266,3 +266,20 @@ def test_config_accepts_robust_with_example_dp():
   validate(_config(**{"aggregator.robust": "trimmed_mean", "aggregator.f": 2,
                       "dp.level": "example", "dp.noise_multiplier": 1.0,
                       "attack.name": "opt_ipm", "attack.num_sites": 2}))
+
+
+def test_scaffold_reduces_dy_by_the_chain_and_sums_the_controls():
+  """f_i = x^2/2 - b_i x, b = (1, 2, 10); x = c = 0; one local step of 0.5, uniform weights.
+  dy_i = 0.5 b_i = (0.5, 1, 5): the median moves x to 1 (the mean would give 13/6);
+  dc_i = -dy_i / 0.5 = -b_i, summed with q_i = 1/3: c = -13/3 (never reduced robustly)."""
+  from test_algorithms import _scalar_quadratics
+  from fedjax_lab.algorithms import scaffold
+  data, site_gradient = _scalar_quadratics(np.ones(3), np.array([1.0, 2.0, 10.0]))
+  agg = aggregators.chain(robust.reducer("median"))
+  round_fn = jax.jit(scaffold.make_round(site_gradient, optax.sgd(1.0), cohort_size=3,
+                                         local_steps=1, lr=0.5, weighting="uniform",
+                                         aggregator=agg))
+  state = scaffold.init_state({"w": jnp.zeros(())}, {}, optax.sgd(1.0), 3, agg)
+  state, _ = round_fn(state, data, jax.random.key(0), jax.random.key(0))
+  np.testing.assert_allclose(float(state.params["w"]), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(float(state.control["w"]), -13.0 / 3, rtol=1e-6)
