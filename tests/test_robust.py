@@ -283,3 +283,27 @@ def test_scaffold_reduces_dy_by_the_chain_and_sums_the_controls():
   state, _ = round_fn(state, data, jax.random.key(0), jax.random.key(0))
   np.testing.assert_allclose(float(state.params["w"]), 1.0, rtol=1e-6)
   np.testing.assert_allclose(float(state.control["w"]), -13.0 / 3, rtol=1e-6)
+
+
+def test_flower_server_aggregates_through_the_chain():
+  """The Flower server's aggregate: the example-weighted mean by default, the coordinate-wise
+  median with aggregator.robust=median (NumPy on the same deltas)."""
+  pytest.importorskip("flwr")
+  from fedjax_lab.experiment import Experiment
+  from fedjax_lab.flower import task
+  rng = np.random.RandomState(0)
+  for robust_name in ("none", "median"):
+    c = _config(**{"cohort_size": 3, "data.num_sites": 3, "aggregator.robust": robust_name,
+                   "aggregator.f": 1})
+    c.log.progress = c.log.tensorboard = False
+    server = task.Server(Experiment(c))
+    like = task.leaves(server.params)
+    deltas = [[rng.randn(*a.shape).astype(np.float32) for a in like] for _ in range(3)]
+    counts = [5, 10, 20]
+    got = task.leaves(server.aggregate(deltas, counts))
+    w = np.asarray(counts, np.float64) / sum(counts)
+    for i, g in enumerate(got):
+      stack = np.stack([d[i] for d in deltas]).astype(np.float64)
+      want = (np.tensordot(w, stack, axes=1) if robust_name == "none"
+              else np.median(stack, axis=0))
+      np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
