@@ -389,10 +389,20 @@ def site_dp(clip_norm: float, noise_multiplier: float, coordinated: bool,
   """Site-level DP-FedAvg's chain (McMahan et al. 2018): clip (fixed C, or adaptive C_t),
   Gaussian noise shares, / the expected cohort size; `grid`: gaussian_noise's. Parallel
   noise is topped up by the server to `max_cohort` shares (gaussian_noise's pad_to)."""
+  return chain(*site_dp_members(clip_norm, noise_multiplier, coordinated, expected_cohort,
+                                 adaptive, grid, max_cohort))
+
+
+def site_dp_members(clip_norm: float, noise_multiplier: float, coordinated: bool,
+                    expected_cohort: float, adaptive: AdaptiveClip | None = None,
+                    grid: tuple[float, int] | None = None,
+                    max_cohort: int = 0) -> tuple[Aggregator, ...]:
+  """site_dp's members (clipping, noise, / expected size), apart: the attack recorder
+  replays the first two at a site (attacks/record.py)."""
   pad_to = 0 if coordinated else int(max_cohort)
   if not coordinated and pad_to < 1:
     raise ValueError("site_dp: parallel noise needs max_cohort (the cohort's slots) >= 1")
   clipping = (clip(clip_norm) if adaptive is None
               else adaptive_clip(clip_norm, adaptive, coordinated, expected_cohort, pad_to))
-  return chain(clipping, gaussian_noise(noise_multiplier, coordinated, expected_cohort, grid,
-                                        pad_to), expected_mean(expected_cohort))
+  return (clipping, gaussian_noise(noise_multiplier, coordinated, expected_cohort, grid,
+                                   pad_to), expected_mean(expected_cohort))
