@@ -36,8 +36,10 @@ that state itself; none: {}), so adding a stateless member (compression, a mask)
 changes the checkpoint layout. Members today: `weighted` (the weighted mean without DP),
 `clip` / `adaptive_clip` (NaN-safe clipping to C or to C_t, Andrew et al. 2021),
 `gaussian_noise` (parallel or coordinated shares, the empty-cohort server noise) and
-`expected_mean` (division by the expected cohort size). Secure aggregation (quantize, mask,
-modular sum) and compression plug in as further members; algorithms never see them.
+`expected_mean` (division by the expected cohort size); robust reducers and pre-aggregation
+(robust.py) and Byzantine sites (attacks/byzantine.py) use the stacked path. Secure
+aggregation (quantize, mask, modular sum) and compression plug in as further members;
+algorithms never see them.
 """
 
 from typing import Any, Callable, NamedTuple
