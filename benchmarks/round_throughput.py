@@ -15,12 +15,15 @@ lr 0.1, batches in stored order); FedAvg; 50 rounds. S10 samples 10 sites a roun
   sharding constraint): the like-for-like ceiling for the lab's own overhead.
 * lab:   fedjax_lab's Experiment.step (cohort sampling, index-table gather, weighted
   aggregation, server optax optimizer), i.e. what train.py runs.
+* robust=median: the same with aggregator.robust=median (the reduce seam: every site's update
+  kept [sites, d] and reduced by the coordinate-wise median, robust.py) instead of the sum.
 On a CPU host fedjax_lab runs one single-threaded XLA device per core (see
 fedjax_lab/__init__.py); naive and bare run on one device. So that no baseline is handicapped
 by that setup, naive and bare are also timed in a child process with JAX's defaults (one CPU
 device, multi-threaded XLA) and each ratio uses the FASTER of the two baseline timings.
 Then a sweep of 10 ... 10,000 sites per round (digits' sites tiled) with s/round and memory.
-The last line is `RATIO S10=<naive/lab> S100=<naive/lab> overhead_S100=<lab/bare_sharded>`.
+The last lines are `ROBUST S100 median/lab=<robust=median / lab>` and
+`RATIO S10=<naive/lab> S100=<naive/lab> overhead_S100=<lab/bare_sharded>`.
 """
 
 import argparse
@@ -147,8 +150,15 @@ def _time_rounds(fn, state, rounds):
   return state, times
 
 
-def time_variants(cohort_size, rounds, repeats, variants=("naive", "bare", "bare_sharded", "lab")):
+def time_variants(cohort_size, rounds, repeats,
+                  variants=("naive", "bare", "bare_sharded", "lab", "robust=median")):
   exp = Experiment(reference_config(cohort_size, rounds))
+  if "robust=median" in variants:
+    robust_cfg = reference_config(cohort_size, rounds)
+    robust_cfg.aggregator.robust = "median"
+    robust_exp = Experiment(robust_cfg)
+    robust_step = lambda s: robust_exp.step(s, robust_exp.data, robust_exp.keys["sampling"],
+                                            robust_exp.keys["client"])[0]
   fns = {"naive": make_naive(exp), "bare": make_bare(exp),
          "bare_sharded": make_bare(exp, exp.mesh)}
   plan = [jnp.asarray(c) for c in cohorts(exp, rounds)]
@@ -161,12 +171,16 @@ def time_variants(cohort_size, rounds, repeats, variants=("naive", "bare", "bare
   for v in variants:
     if v == "lab":
       jax.block_until_ready(step(exp.init_state()))
+    elif v == "robust=median":
+      jax.block_until_ready(robust_step(robust_exp.init_state()))
     else:
       jax.block_until_ready(fns[v](start[v], plan[0]))
   for _ in range(repeats):
     for v in variants:
       if v == "lab":
         times[v] += _time_rounds(step, exp.init_state(), rounds)[1]
+      elif v == "robust=median":
+        times[v] += _time_rounds(robust_step, robust_exp.init_state(), rounds)[1]
       else:
         it = iter(plan)
         times[v] += _time_rounds(lambda p: fns[v](p, next(it)), start[v], rounds)[1]
@@ -237,7 +251,8 @@ def main():
     results[name] = (naive, bare, r)
     print(f"{name}: naive {r['naive'] * 1e3:.2f} (JAX defaults {d['naive'] * 1e3:.2f})  "
           f"bare {r['bare'] * 1e3:.2f} (JAX defaults {d['bare'] * 1e3:.2f})  "
-          f"bare_sharded {r['bare_sharded'] * 1e3:.2f}  lab {r['lab'] * 1e3:.2f}  |  "
+          f"bare_sharded {r['bare_sharded'] * 1e3:.2f}  lab {r['lab'] * 1e3:.2f}  "
+          f"robust=median {r['robust=median'] * 1e3:.2f}  |  "
           f"naive/lab {naive / r['lab']:.2f}x  lab/bare_sharded "
           f"{r['lab'] / r['bare_sharded']:.2f}  lab/bare(1 device) {r['lab'] / bare:.2f}")
   print("sweep (lab, all sites every round):")
@@ -246,6 +261,8 @@ def main():
     print(f"{sites:7d} {sec * 1e3:10.2f} {sec * 1e3 / sites:8.4f} {rss0:12.0f} -> {rss1:<11.0f} "
           f"{peak:8.0f}")
   (n10, _, r10), (n100, _, r100) = results["S10"], results["S100"]
+  print(f"ROBUST S100 median/lab={r100['robust=median'] / r100['lab']:.2f} "
+        f"S10 median/lab={r10['robust=median'] / r10['lab']:.2f}")
   print(f"RATIO S10={n10 / r10['lab']:.2f} S100={n100 / r100['lab']:.2f} "
         f"overhead_S100={r100['lab'] / r100['bare_sharded']:.2f}")
 

@@ -16,18 +16,36 @@ around SecureSumFactory around SumFactory). Each member is four pure functions:
   server(total, state, rnd, shared, stats) -> (total, state, metrics)
                                                     after the sum, last to first
 
+and, optionally, the stacked path (a non-linear reducer: median, Krum; fedjax_lab/robust.py):
+
+  mix(x, weights, valid, state, rnd, shared) -> (x, weights, valid)
+                                                    pre-aggregation on the cohort's stacked,
+                                                    flattened updates x [slots, d] (nearest
+                                                    neighbour mixing, bucketing, a Byzantine
+                                                    attack), first to last
+  reduce(x, weights, valid, state, rnd, shared) -> aggregate [d]
+                                                    replaces the sum; at most one member has it
+
+A chain with a `mix` or a `reduce` makes the round keep every site's update ([slots, ...],
+`reduce_stacked`) instead of summing it on the fly, which costs slots x the model's memory, so
+only such chains take that path; without either, the round is the sum it always was.
+`valid` is 0.0 for a padded Poisson slot, whose row a reducer must ignore.
+
 `chain(...)` composes members; its state is the tuple of its STATEFUL members' states (one:
 that state itself; none: {}), so adding a stateless member (compression, a mask) never
 changes the checkpoint layout. Members today: `weighted` (the weighted mean without DP),
 `clip` / `adaptive_clip` (NaN-safe clipping to C or to C_t, Andrew et al. 2021),
 `gaussian_noise` (parallel or coordinated shares, the empty-cohort server noise) and
-`expected_mean` (division by the expected cohort size). Secure aggregation (quantize, mask,
-modular sum) and compression plug in as further members; algorithms never see them.
+`expected_mean` (division by the expected cohort size); robust reducers and pre-aggregation
+(robust.py) and Byzantine sites (attacks/byzantine.py) use the stacked path. Secure
+aggregation (quantize, mask, modular sum) and compression plug in as further members;
+algorithms never see them.
 """
 
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
@@ -64,6 +82,8 @@ class Aggregator(NamedTuple):
   broadcast: Callable
   site: Callable
   server: Callable
+  mix: Callable | None = None     # the stacked path (module docstring); None: no such step
+  reduce: Callable | None = None
 
 
 def _no_state():
@@ -78,9 +98,18 @@ def _no_server(total, state, rnd, shared, stats):
   return total, state, {}
 
 
-def make(init=_no_state, broadcast=_no_broadcast, site=None, server=_no_server) -> Aggregator:
+def make(init=_no_state, broadcast=_no_broadcast, site=None, server=_no_server, mix=None,
+         reduce=None) -> Aggregator:
   """An Aggregator from the parts it has (the others are identities)."""
-  return Aggregator(init, broadcast, site or (lambda update, s, shared: (update, {})), server)
+  return Aggregator(init, broadcast, site or (lambda update, s, shared: (update, {})), server,
+                    mix, reduce)
+
+
+def weighted_mean(x, weights, valid, state=None, rnd=None, shared=None):
+  """Σ_k w_k x_k / Σ_k w_k over the valid rows: the stacked path's reducer when a chain has
+  pre-aggregation but no reducer of its own (the same mean the sum path computes)."""
+  w = jnp.where(valid > 0, weights, 0.0)
+  return jnp.tensordot(w, x, axes=1) / jnp.maximum(w.sum(), 1e-30)
 
 
 def chain(*members: Aggregator) -> Aggregator:
@@ -126,7 +155,41 @@ def chain(*members: Aggregator) -> Aggregator:
       metrics.update(more)
     return total, join(states), metrics
 
-  return Aggregator(init, broadcast, site, server)
+  reducers = [i for i, m in enumerate(members) if m.reduce is not None]
+  mixers = [i for i, m in enumerate(members) if m.mix is not None]
+  if len(reducers) > 1:
+    raise ValueError("chain: more than one member reduces the stacked updates")
+  if reducers and mixers and max(mixers) > reducers[0]:
+    raise ValueError("chain: a pre-aggregation (mix) member after the reducer")
+  if not (reducers or mixers):
+    return Aggregator(init, broadcast, site, server)
+
+  def reduce(x, weights, valid, state, rnd, shared):
+    states = split(state)
+    for i in mixers:
+      x, weights, valid = members[i].mix(x, weights, valid, states[i], rnd, shared)
+    if not reducers:
+      return weighted_mean(x, weights, valid)
+    return members[reducers[0]].reduce(x, weights, valid, states[reducers[0]], rnd, shared)
+
+  return Aggregator(init, broadcast, site, server, None, reduce)
+
+
+def reduce_stacked(aggregator: Aggregator, updates, weights, valid, state, rnd, shared):
+  """The aggregate of the cohort's stacked updates (leaves [slots, ...]) by the chain's
+  mix and reduce steps, on the updates flattened to [slots, d] (float32)."""
+  ravel = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
+  unravel = jax.flatten_util.ravel_pytree(jax.tree.map(lambda a: a[0], updates))[1]
+  x = jax.vmap(ravel)(updates).astype(jnp.float32)
+  if aggregator.reduce is None:  # a lone pre-aggregation member: then the mean
+    aggregator = chain(aggregator)
+  return unravel(aggregator.reduce(x, weights.astype(jnp.float32), valid.astype(jnp.float32),
+                                   state, rnd, shared))
+
+
+def stacked(aggregator: Aggregator) -> bool:
+  """Whether the round must keep every site's update for this chain (a mix or a reduce)."""
+  return aggregator.reduce is not None or aggregator.mix is not None
 
 
 def _scale(tree, c):
@@ -328,10 +391,20 @@ def site_dp(clip_norm: float, noise_multiplier: float, coordinated: bool,
   """Site-level DP-FedAvg's chain (McMahan et al. 2018): clip (fixed C, or adaptive C_t),
   Gaussian noise shares, / the expected cohort size; `grid`: gaussian_noise's. Parallel
   noise is topped up by the server to `max_cohort` shares (gaussian_noise's pad_to)."""
+  return chain(*site_dp_members(clip_norm, noise_multiplier, coordinated, expected_cohort,
+                                 adaptive, grid, max_cohort))
+
+
+def site_dp_members(clip_norm: float, noise_multiplier: float, coordinated: bool,
+                    expected_cohort: float, adaptive: AdaptiveClip | None = None,
+                    grid: tuple[float, int] | None = None,
+                    max_cohort: int = 0) -> tuple[Aggregator, ...]:
+  """site_dp's members (clipping, noise, / expected size), apart: the attack recorder
+  replays the first two at a site (attacks/record.py)."""
   pad_to = 0 if coordinated else int(max_cohort)
   if not coordinated and pad_to < 1:
     raise ValueError("site_dp: parallel noise needs max_cohort (the cohort's slots) >= 1")
   clipping = (clip(clip_norm) if adaptive is None
               else adaptive_clip(clip_norm, adaptive, coordinated, expected_cohort, pad_to))
-  return chain(clipping, gaussian_noise(noise_multiplier, coordinated, expected_cohort, grid,
-                                        pad_to), expected_mean(expected_cohort))
+  return (clipping, gaussian_noise(noise_multiplier, coordinated, expected_cohort, grid,
+                                   pad_to), expected_mean(expected_cohort))

@@ -118,8 +118,21 @@ def default_config() -> ml_collections.ConfigDict:
   # round (1-based; site -1: the whole cohort) in WORKDIR/attack/. Off by default: what it
   # stores is private data.
   # inversion: the gradient-inversion attack's settings (attacks/inversion.py DEFAULTS).
+  # name / num_sites / scale: Byzantine sites (attacks/byzantine.py): the first num_sites
+  # slots of every cohort send attack `name`'s poisoned update (scale: its parameter; unset:
+  # the attack's default).
   c.attack = ml_collections.ConfigDict(dict(record_sites=(), record_rounds=(),
-                                            inversion=ml_collections.ConfigDict()))
+                                            inversion=ml_collections.ConfigDict(),
+                                            name="none", num_sites=0,
+                                            scale=config_dict.placeholder(float)))
+  # Robust aggregation (fedjax_lab/robust.py, README "Robust aggregation"): robust replaces the
+  # weighted mean (none: the sum, as ever); pre: pre-aggregation in front of it; f: the
+  # Byzantine updates the rule tolerates; trim: trimmed_mean's cut per side (unset: f); tau:
+  # centered_clipping's radius; iters: geometric_median's Weiszfeld steps (unset: 10) or
+  # centered_clipping's (unset: 1); bucket_size: bucketing's s.
+  c.aggregator = ml_collections.ConfigDict(dict(
+      robust="none", pre="none", f=0, trim=config_dict.placeholder(int), tau=1.0,
+      iters=config_dict.placeholder(int), bucket_size=2))
   return c
 
 
@@ -222,6 +235,10 @@ def validate(config) -> None:
     raise ConfigError("attack.record_sites", "with secagg.enabled the server receives masked "
                       "vectors and learns only their sum: there is no site update to record; "
                       "study attacks with secagg.enabled=False")
+  from fedjax_lab import robust
+  from fedjax_lab.attacks import byzantine
+  robust.validate(config)
+  byzantine.validate(config)
   standardize.resolve(config)  # data.standardize against dp.level and optim.public_data
 
 

@@ -171,7 +171,8 @@ class Experiment:
         sites_per_chunk=(sharding.default_sites_per_chunk() if config.sites_per_chunk is None
                          else config.sites_per_chunk),
         example_dp=example_dp, make_client_update=client_update_with, loss=self.loss,
-        secure_sum=self._secure_sum()))
+        secure_sum=self._secure_sum(),
+        like=jax.eval_shape(self.model.init, self.keys["init"], self.train.x[:2])[0]))
     self.round_fn = self.algorithm.round
     self.rounds_per_step = config.rounds_per_step
     step = (self.round_fn if self.rounds_per_step == 1

@@ -58,6 +58,7 @@ class AlgorithmContext(NamedTuple):
   # True and passes it to fedavg.make_round), else None.
   secure_sum: Callable | None = None
   loss: Any = None           # losses.Loss of model.loss (None: cross-entropy)
+  like: Any = None           # the parameters' shapes (jax.ShapeDtypeStruct leaves)
 
 
 class Algorithm(NamedTuple):

@@ -104,6 +104,20 @@ def make_aggregator(site_dp: SiteDP | None, cohort_size: int) -> aggregators.Agg
                              cohort_size, site_dp.adaptive, site_dp.grid, site_dp.max_cohort)
 
 
+def config_aggregator(config, site_dp: SiteDP | None, like=None) -> aggregators.Aggregator:
+  """The round's chain from the config: make_aggregator's, or the robust chain of
+  aggregator.* (robust.defense), attacked by attack.name's Byzantine sites when set."""
+  from fedjax_lab import robust
+  from fedjax_lab.attacks import byzantine
+  dim = (None if like is None
+         else sum(int(np.prod(a.shape)) for a in jax.tree.leaves(like)))
+  chain = robust.defense(config, dim)
+  if config.attack.name != "none":
+    return byzantine.attacked(config.attack.name, config.attack.num_sites, chain,
+                              config.attack.scale)
+  return make_aggregator(site_dp, config.cohort_size) if chain is None else chain
+
+
 def sample_cohort(rng, num_sites: int, cohort_size: int) -> jax.Array:
   """[cohort_size] distinct site ids, uniformly without replacement (all sites if equal)."""
   if cohort_size == num_sites:
@@ -200,7 +214,8 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
                min_sites_per_device: int = 16, sites_per_chunk: int = 0,
                server_objective: Callable | None = None,
                aggregator: aggregators.Aggregator | None = None,
-               secure_sum: Callable | None = None) -> Callable:
+               secure_sum: Callable | None = None, byzantine_sites: int = 0,
+               flip_labels: bool = False) -> Callable:
   """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, RoundMetrics).
 
   `client_update` is `client.make_client_update(...)`; the keys are the run's per-purpose
@@ -220,9 +235,20 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
   secure-aggregation protocol on the host instead of on the device. The round is then two
   jitted halves around that host step (`secure_round`), so it cannot be jitted or fused as a
   whole; an aborted round leaves the model as it was.
+
+  A chain with a reducer or pre-aggregation (aggregators.stacked: robust aggregation,
+  Byzantine attacks) keeps each site's update [slots, ...] and aggregates them by
+  aggregators.reduce_stacked after the vmap, in the same jit; any other chain is summed on
+  the fly as before. `byzantine_sites`: the first that many slots of every cohort are
+  Byzantine (attacks/byzantine.py); `flip_labels`: they train on flipped labels
+  (y -> num_classes - 1 - y), inside the vmap like any site.
   """
   if aggregator is None:
     aggregator = make_aggregator(site_dp, cohort_size)
+  keep_updates = aggregators.stacked(aggregator)
+  if keep_updates and secure_sum is not None:
+    raise ValueError("make_round: a stacked reducer needs the individual updates, which the "
+                     "secure sum hides")
 
   def sites(state: ServerState, data: FederatedData, sampling_rng, client_rng, as_rows: bool):
     """The round up to the sum: cohort, client updates, the chain's per-site transforms and
@@ -268,9 +294,11 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
                                 in_cohort=in_cohort, num_in=num_in)
     shared = aggregator.broadcast(state.clip_norm, rnd, {})
 
-    def site_fn(params, local, ms, idx, count, rng, weight, in_k, site, data):
+    def site_fn(params, local, ms, idx, count, rng, weight, in_k, site, byz, data):
       """One site: its update through the chain's site transforms, and its terms of the
       round's sums (sharding.map_sum_sites)."""
+      if flip_labels:
+        data = data.replace(y=jnp.where(byz, data.num_classes - 1 - data.y, data.y))
       out = client_update(merge_local(params, local), ms, idx, count, rng, data)
       delta = out.delta
       if local:  # kept: the local leaves' new values; sent: zeros in their place
@@ -287,14 +315,21 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
                   "local": local}
       if as_rows:  # what the site sends, flat: the secure sum adds these on the host
         per_site["row"] = jax.flatten_util.ravel_pytree(sent)[0].astype(jnp.float32)
+      elif keep_updates:
+        per_site["update"] = sent.pop("delta")
+        to_sum.update(sent)
       else:
         to_sum.update(sent)
       return to_sum, per_site
 
+    byz = jnp.arange(cohort.shape[0]) < byzantine_sites
     sums, per_site = sharding.map_sum_sites(
-        site_fn, (None, 0, ms_axis, 0, 0, 0, 0, 0, 0, None), split, sites_per_chunk)(
+        site_fn, (None, 0, ms_axis, 0, 0, 0, 0, 0, 0, 0, None), split, sites_per_chunk)(
             state.params, site_local, site_ms, site_idx, site_count, site_rngs, weights,
-            in_cohort, cohort, data)
+            in_cohort, cohort, byz, data)
+    if keep_updates:
+      sums["delta"] = aggregators.reduce_stacked(aggregator, per_site.pop("update"), weights,
+                                                 in_cohort, state.clip_norm, rnd, shared)
     return dict(sums=sums, per_site=per_site, rnd=rnd, shared=shared, weights=weights,
                 cohort_overflow=cohort_overflow, round_rng=round_rng)
 
@@ -376,10 +411,11 @@ def secure_round(sites: Callable, finish: Callable, secure_sum: Callable,
   return round_fn
 
 
-# The round sends one summed update, so secure aggregation can carry it (config.py); and it
-# keeps algorithm.local_params at the sites (make_round).
+# The round sends one summed update, so secure aggregation can carry it (config.py); it
+# keeps algorithm.local_params at the sites (make_round); its chain may reduce (robust.py).
 SECURE_AGGREGATION = True
 LOCAL_PARAMS = True
+ROBUST_AGGREGATION = True
 
 
 def validate(config) -> None:
@@ -390,18 +426,20 @@ def validate(config) -> None:
 def build(ctx):
   """FedAvg (and FedProx: algorithm.name=fedprox adds client.prox_mu's proximal term)."""
   from fedjax_lab import client
+  from fedjax_lab.attacks import byzantine
   cfg = ctx.config
   fedbn = cfg.algorithm.batch_stats == "local"
   client_update = ctx.client_update
   if cfg.algorithm.name == "fedprox" and cfg.client.prox_mu:
     client_update = ctx.make_client_update(correction=client.prox_correction(cfg.client.prox_mu))
-  aggregator = make_aggregator(ctx.site_dp, cfg.cohort_size)
+  aggregator = config_aggregator(cfg, ctx.site_dp, ctx.like)
   round_fn = make_round(client_update, ctx.server_tx, cohort_size=cfg.cohort_size,
                         weighting=cfg.server.weighting, fedbn=fedbn, mesh=ctx.mesh,
                         site_dp=ctx.site_dp, min_sites_per_device=cfg.min_sites_per_device,
                         server_objective=ctx.server_objective,
                         sites_per_chunk=ctx.sites_per_chunk, aggregator=aggregator,
-                        secure_sum=ctx.secure_sum)
+                        secure_sum=ctx.secure_sum, byzantine_sites=cfg.attack.num_sites,
+                        flip_labels=byzantine.flips_labels(cfg.attack.name))
   init = lambda params, model_state: init_server_state(
       params, model_state, ctx.server_tx, ctx.num_sites, fedbn, aggregator=aggregator,
       local_params=tuple(cfg.algorithm.local_params))

@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab import algorithms, client, sharding
+from fedjax_lab import aggregators, algorithms, client, sharding
 from fedjax_lab.algorithms import Algorithm, common
 from fedjax_lab.algorithms.fedavg import gather_sites, sample_cohort, server_step
 from fedjax_lab.data.federated import FederatedData
 
 PER_SITE_STATE = True  # c_i, leaves [sites, ...]
+ROBUST_AGGREGATION = True  # dy_i through the chain's reduce step (make_round)
 
 
 class ScaffoldState(NamedTuple):
@@ -45,14 +46,17 @@ class ScaffoldState(NamedTuple):
   site_controls: Any     # c_i, leaves [sites, ...]
   site_model_state: Any  # {}
   round: jax.Array       # int32 rounds completed
+  aggregator_state: Any = {}  # the chain's state (centered clipping's center), else {}
 
 
-def init_state(params, model_state, server_tx, num_sites: int) -> ScaffoldState:
+def init_state(params, model_state, server_tx, num_sites: int,
+               aggregator: aggregators.Aggregator | None = None) -> ScaffoldState:
   return ScaffoldState(params=params, model_state=model_state,
                        opt_state=server_tx.init(params),
                        control=jax.tree.map(jnp.zeros_like, params),
                        site_controls=common.zeros_like_sites(params, num_sites),
-                       site_model_state={}, round=jnp.zeros((), jnp.int32))
+                       site_model_state={}, round=jnp.zeros((), jnp.int32),
+                       aggregator_state={} if aggregator is None else aggregator.init())
 
 
 def correction(grads, params, global_params, extra):
@@ -78,14 +82,22 @@ def make_client_update(site_gradient: common.SiteGradient, local_steps: int, lr:
 
 def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTransformation, *,
                cohort_size: int, local_steps: int, lr: float, weighting: str = "examples",
-               mesh=None, server_objective=None, sites_per_chunk: int = 0):
+               mesh=None, server_objective=None, sites_per_chunk: int = 0,
+               aggregator: aggregators.Aggregator | None = None):
   """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, RoundMetrics).
+
+  `aggregator`: the chain the model updates dy_i go through (default `weighted()`: the
+  paper's Σ w_i dy_i; a robust chain reduces them, aggregators.reduce_stacked). The control
+  updates dc_i are always summed: c must stay Σ_i q_i c_i, which a non-linear rule breaks.
 
   `site_gradient`: common.make_site_gradient (or any function with its signature; tests use
   exact gradients). `server_objective`: the public curvature objective of a curvature
   ServerOpt (fedavg.server_step).
   """
   client_update = make_client_update(site_gradient, local_steps, lr)
+  if aggregator is None:
+    aggregator = aggregators.weighted()
+  keep_updates = aggregators.stacked(aggregator)
 
   def round_fn(state: ScaffoldState, data: FederatedData, sampling_rng, client_rng):
     t = state.round
@@ -103,24 +115,45 @@ def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTran
       w = jnp.full((cohort_size,), 1.0 / cohort_size)
       q = jnp.full((cohort_size,), 1.0 / data.num_sites)
 
-    def site_fn(x, c, c_i, idx, count, rng, w_i, q_i, data):
+    ones = jnp.ones((cohort_size,), jnp.float32)
+    rnd = aggregators.RoundInfo(t=t, client_rng=client_rng, cohort=cohort, in_cohort=ones,
+                                num_in=ones.sum())
+    shared = aggregator.broadcast(state.aggregator_state, rnd, {})
+
+    def site_fn(x, c, c_i, idx, count, rng, w_i, q_i, site, data):
       out = client_update(x, {}, idx, count, rng, data, (c, c_i))
       dc = control_delta(out.delta, c, c_i, local_steps, lr)
       scale = lambda tree, k: jax.tree.map(lambda a: k * a, tree)
-      return ({"dy": scale(out.delta, w_i), "dc": scale(dc, q_i), "loss": w_i * out.train_loss,
-               "overflow": out.dp_overflow}, dc)
+      dy, stats = aggregator.site(out.delta, aggregators.SiteInfo(
+          site=site, weight=w_i, present=jnp.float32(1.0), steps=out.num_steps), shared)
+      to_sum = {"dc": scale(dc, q_i), "loss": w_i * out.train_loss,
+                "overflow": out.dp_overflow}
+      per_site = {"dc": dc, "stats": stats}
+      if keep_updates:
+        per_site["dy"] = dy
+      else:
+        to_sum["dy"] = dy
+      return to_sum, per_site
 
-    sums, dc = sharding.map_sum_sites(site_fn, (None, None, 0, 0, 0, 0, 0, 0, None), mesh,
-                                      sites_per_chunk)(
-        state.params, state.control, c_i, site_idx, site_count, site_rngs, w, q, data)
-    params, opt_state = server_step(server_tx, sums["dy"], state.opt_state, state.params,
+    sums, per_site = sharding.map_sum_sites(
+        site_fn, (None, None, 0, 0, 0, 0, 0, 0, 0, None), mesh, sites_per_chunk)(
+            state.params, state.control, c_i, site_idx, site_count, site_rngs, w, q, cohort,
+            data)
+    dc = per_site["dc"]
+    if keep_updates:
+      sums["dy"] = aggregators.reduce_stacked(aggregator, per_site["dy"], w, ones,
+                                              state.aggregator_state, rnd, shared)
+    dy, agg_state, _ = aggregator.server(sums["dy"], state.aggregator_state, rnd, shared,
+                                         per_site["stats"])
+    params, opt_state = server_step(server_tx, dy, state.opt_state, state.params,
                                     server_objective, state.model_state, round_rng, data)
     control = jax.tree.map(jnp.add, state.control, sums["dc"])
     site_controls = common.place_per_site(
         jax.tree.map(lambda all_, d: all_.at[cohort].add(d), state.site_controls, dc), mesh)
 
     new_state = state._replace(params=params, opt_state=opt_state, control=control,
-                               site_controls=site_controls, round=t + 1)
+                               site_controls=site_controls, round=t + 1,
+                               aggregator_state=agg_state)
     return new_state, algorithms.round_metrics(sums["loss"], 4 * cohort_size, 1,
                                                dp_overflow=sums["overflow"])
 
@@ -139,7 +172,9 @@ def build(ctx):
   """Under example-level DP every local step is a DP-SGD step, so y_i, dy_i and
   dc_i = -c - dy_i / (local_steps eta_l) are functions of privatized gradients and of the
   public c: post-processing, accounted like FedAvg's DP-SGD (local_steps steps a round)."""
+  from fedjax_lab.algorithms import fedavg
   cfg = ctx.config
+  aggregator = fedavg.config_aggregator(cfg, None, ctx.like)
   site_gradient = common.make_site_gradient(ctx.model, cfg.client.batch_size,
                                             cfg.client.shuffle, cfg.model.l2, dp=ctx.example_dp,
                                             loss=ctx.loss)
@@ -147,7 +182,6 @@ def build(ctx):
                         local_steps=cfg.client.local_steps, lr=cfg.client.lr,
                         weighting=cfg.server.weighting, mesh=ctx.mesh,
                         server_objective=ctx.server_objective,
-                        sites_per_chunk=ctx.sites_per_chunk)
-  return Algorithm(init=lambda params, model_state: init_state(params, model_state,
-                                                               ctx.server_tx, ctx.num_sites),
-                   round=round_fn)
+                        sites_per_chunk=ctx.sites_per_chunk, aggregator=aggregator)
+  return Algorithm(init=lambda params, model_state: init_state(
+      params, model_state, ctx.server_tx, ctx.num_sites, aggregator), round=round_fn)

@@ -9,8 +9,8 @@ anyone who reads the workdir can attack it.
 Rather than threading a recording output through the vmapped, sharded round, the site's
 update is recomputed from the state before the round with the round's own keys
 (fedavg.make_round: round_rng = fold_in(client_rng, t), site key = fold_in(round_rng, site);
-site-level DP noise from fold_in(fold_in(client_rng, aggregators.SITE_NOISE), t) and the site id), so it
-is the update the round used (tests/test_inversion.py checks it against the round).
+site-level DP's clipping and noise share by the round's own chain members, so it is the
+update the round used (tests/test_inversion.py checks it against the round).
 """
 
 import os
@@ -68,16 +68,7 @@ def site_update(exp, state, t: int, site: int) -> dict:
   out = jax.jit(exp.client_update)(state.params, ms, data.idx[site], jnp.int32(count), rng, data)
   delta = out.delta
   if cfg.dp.level == "site":
-    site_dp = exp._site_dp()  # pylint: disable=protected-access
-    if site_dp.adaptive is not None:
-      raise ValueError("recording under adaptive clipping is not implemented")
-    share = site_dp.noise_multiplier * site_dp.clip_norm
-    if site_dp.coordinated:
-      share = share / np.sqrt(max(float(mask.sum()), 1.0))
-    noise_rng = jax.random.fold_in(
-        jax.random.fold_in(exp.keys["client"], aggregators.SITE_NOISE), t)
-    clipped, _ = aggregators.clip_by_global_norm(delta, site_dp.clip_norm)
-    delta = jax.tree.map(jnp.add, clipped, aggregators.site_noise(noise_rng, site, clipped, share))
+    delta = _through_chain(exp, state, t, site, ids, mask, delta)
   to_np = lambda tree: jax.tree.map(np.asarray, tree)
   return {"round": t + 1, "site": site, "in_cohort": bool(present),
           "delta": to_np(delta), "model_state": to_np(out.model_state),
@@ -85,6 +76,26 @@ def site_update(exp, state, t: int, site: int) -> dict:
           # A ChaCha20 key under dp.randomness=secret (8 words), threefry (2) otherwise.
           "rng": np.asarray(jax.random.key_data(rng)), "rng_impl": randomness.impl_name(rng),
           "rows": np.asarray(data.idx[site, :count]), "count": count}
+
+
+def _through_chain(exp, state, t: int, site: int, ids, mask, delta):
+  """The site's update through the round's own chain members up to the division by the
+  cohort size (aggregators.site_dp_members: clipping to C or the state's C_t, its noise
+  share), with the round's broadcast, so the record is what the round's sum received."""
+  site_dp = exp._site_dp()  # pylint: disable=protected-access
+  if site_dp.cohort_groups:
+    raise ValueError("recording under matrix-factorization noise is not implemented")
+  members = aggregators.site_dp_members(
+      site_dp.clip_norm, site_dp.noise_multiplier, site_dp.coordinated, exp.config.cohort_size,
+      site_dp.adaptive, site_dp.grid, site_dp.max_cohort)[:-1]
+  chain = aggregators.chain(*members)
+  rnd = aggregators.RoundInfo(t=jnp.int32(t), client_rng=exp.keys["client"],
+                              cohort=jnp.asarray(ids), in_cohort=jnp.asarray(mask),
+                              num_in=jnp.asarray(mask).sum())
+  shared = chain.broadcast(state.clip_norm, rnd, {})
+  info = aggregators.SiteInfo(site=jnp.int32(site), weight=jnp.float32(1.0),
+                              present=jnp.float32(1.0))
+  return chain.site(delta, info, shared)[0]
 
 
 def save(exp, state_before, round_number: int, workdir: str) -> list:

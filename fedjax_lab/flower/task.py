@@ -11,6 +11,7 @@ Limits: FedAvg/FedProx without DP and with every site in every round (cohort_siz
 data.num_sites = number of SuperNodes); anything else is a ConfigError naming the key.
 """
 
+import functools
 import shlex
 
 import jax
@@ -49,6 +50,9 @@ def check(config, num_supernodes: int | None = None) -> None:
   if num_supernodes is not None and num_supernodes != config.data.num_sites:
     raise ConfigError("data.num_sites", f"{config.data.num_sites} sites but {num_supernodes} "
                       "SuperNodes; start one SuperNode per site")
+  if config.attack.name != "none":
+    raise ConfigError("attack.name", "the lab's Byzantine sites live in its simulated round; "
+                      "the Flower apps run honest sites; set attack.name=none")
   if config.algorithm.batch_stats == "local" or config.model.norm == "batch":
     raise ConfigError("model.norm", "the Flower apps send parameters only; allowed: none, "
                       "group")
@@ -91,18 +95,46 @@ class SiteClient:
 
 
 class Server:
-  """The lab's server: initial model, example-weighted mean of the deltas, server optimizer."""
+  """The lab's server: initial model, the lab's aggregator chain over the deltas (the
+  example-weighted mean, or aggregator.robust's reducer), server optimizer."""
 
   def __init__(self, exp):
+    from fedjax_lab.algorithms import fedavg
     self.exp = exp
     state = exp.init_state()
     self.params = jax.device_get(state.params)
     self.opt_state = exp.server_tx.init(self.params)
+    self.aggregator = fedavg.config_aggregator(exp.config, None, self.params)
+    self.agg_state = self.aggregator.init()
+    self.round = 0
+
+  def aggregate(self, deltas: list[list[np.ndarray]], counts: list[int]):
+    """The chain's site transforms, then the sum in site order (or its reduce step on the
+    stacked deltas), then its server steps: what fedavg.make_round does on device."""
+    from fedjax_lab import aggregators
+    n = len(deltas)
+    weights = np.asarray(counts, np.float32) / np.float32(sum(counts))
+    rnd = aggregators.RoundInfo(t=jnp.int32(self.round), client_rng=self.exp.keys["client"],
+                                cohort=jnp.arange(n, dtype=jnp.int32),
+                                in_cohort=jnp.ones((n,), jnp.float32), num_in=jnp.float32(n))
+    shared = self.aggregator.broadcast(self.agg_state, rnd, {})
+    sent, stats = zip(*[self.aggregator.site(
+        unflatten(self.params, d), aggregators.SiteInfo(site=jnp.int32(k), weight=weights[k],
+                                                        present=jnp.float32(1.0)), shared)
+        for k, d in enumerate(deltas)])
+    stats = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats[0] else {}
+    if aggregators.stacked(self.aggregator):
+      total = aggregators.reduce_stacked(
+          self.aggregator, jax.tree.map(lambda *a: jnp.stack(a), *sent), jnp.asarray(weights),
+          rnd.in_cohort, self.agg_state, rnd, shared)
+    else:
+      total = functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), sent)
+    total, self.agg_state, _ = self.aggregator.server(total, self.agg_state, rnd, shared, stats)
+    return total
 
   def step(self, deltas: list[list[np.ndarray]], counts: list[int]) -> None:
-    weights = np.asarray(counts, np.float32) / np.float32(sum(counts))
-    mean = [sum(w * d[i] for w, d in zip(weights, deltas)) for i in range(len(deltas[0]))]
-    mean_delta = unflatten(self.params, mean)
+    mean_delta = self.aggregate(deltas, counts)
+    self.round += 1
     updates, self.opt_state = self.exp.server_tx.update(
         jax.tree.map(jnp.negative, mean_delta), self.opt_state, self.params)
     self.params = optax.apply_updates(self.params, updates)
