@@ -31,9 +31,94 @@ def _count(valid):
   return valid.sum().astype(jnp.int32)
 
 
+# Columns per block of the CPU sorting network: [100, 64] int32 blocks stay in L1/L2 through
+# all its layers (64 ran fastest of 32..384 for [100, 9610] on the 2-core CPU VM).
+_NETWORK_COLUMNS = 64
+
+
+def _sort_keys(x):
+  """float32 -> int32 whose signed order is the float total order jnp.sort uses (-inf < ...
+  < inf < NaN): flip the magnitude bits of negatives. NaNs first become one positive NaN, as
+  jnp.sort's comparator treats every NaN alike."""
+  b = jax.lax.bitcast_convert_type(jnp.where(jnp.isnan(x), jnp.nan, x), jnp.int32)
+  return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+def _from_sort_keys(k):
+  return jax.lax.bitcast_convert_type(k ^ ((k >> 31) & 0x7FFFFFFF), jnp.float32)
+
+
+def _bitonic_layer(k, half, flip):
+  """One layer of the bitonic network in standard form (the smaller value always goes to the
+  lower row), on whole [rows, columns] slabs. In blocks of 2 half rows, row i meets row
+  2 half-1-i (flip) or row i + half; on the first n of 2^ceil(log2 n) rows, a pair whose partner is >= n is
+  left as is: that partner would be +inf padding, which a standard-form layer never moves,
+  so the network sorts any n exactly without padding."""
+  n, cols = k.shape
+  block = 2 * half
+  full = n // block * block
+  pieces = []
+  if full:
+    b = k[:full].reshape(full // block, 2, half, cols)
+    lo, hi = b[:, 0], jnp.flip(b[:, 1], 1) if flip else b[:, 1]
+    lo, hi = jnp.minimum(lo, hi), jnp.maximum(lo, hi)
+    pieces.append(jnp.stack([lo, jnp.flip(hi, 1) if flip else hi], 1).reshape(full, cols))
+  tail, r = k[full:], n - full
+  if flip and r > half:  # row i of the last block meets block-1-i when that is < r
+    s = block - r
+    lo, hi = tail[s:half], jnp.flip(tail[half:r], 0)
+    pieces += [tail[:s], jnp.minimum(lo, hi), jnp.flip(jnp.maximum(lo, hi), 0)]
+  elif not flip and r > half:
+    lo, hi = tail[:r - half], tail[half:r]
+    pieces += [jnp.minimum(lo, hi), tail[r - half:half], jnp.maximum(lo, hi)]
+  elif r:
+    pieces.append(tail)
+  return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _bitonic_sort(k):
+  """Batcher's bitonic sorting network along axis 0 (log2(n)(log2(n)+1)/2 layers)."""
+  n, block = k.shape[0], 2
+  while block < 2 * n:
+    k = _bitonic_layer(k, block // 2, True)
+    half = block // 4
+    while half:
+      k = _bitonic_layer(k, half, False)
+      half //= 2
+    block *= 2
+  return k
+
+
+def network_sort(x):
+  """jnp.sort(x, axis=0) for float32 [n, d], as a min/max sorting network run over blocks of
+  columns. Same values in the same order as jnp.sort, except that -0.0 and 0.0 come out
+  ordered -0.0 first (jnp.sort keeps their input order) and every NaN as one positive NaN.
+
+  Why: XLA's CPU sort costs ~170 ms on [100, 9610] (jnp.sort, axis 0; 44 ms on int32 keys;
+  NumPy 4.4 ms); this network takes 3.4-4 ms there (2-core shared CPU VM, 2026), 0.5 ms on
+  [10, 9610] against jnp.sort's 8 ms. A whole-array network (no column blocks) took 20-30
+  ms: each of its 28 layers streams 4.9 MB through memory; blocks keep it in cache."""
+  n, d = x.shape
+  cols = min(_NETWORK_COLUMNS, d)
+  k = _sort_keys(x)
+  k = jnp.pad(k, ((0, 0), (0, -d % cols)))
+
+  def block(i, k):
+    kb = jax.lax.dynamic_slice_in_dim(k, i * cols, cols, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(k, _bitonic_sort(kb), i * cols, axis=1)
+
+  k = jax.lax.fori_loop(0, k.shape[1] // cols, block, k)
+  return _from_sort_keys(k[:, :d])
+
+
 def _sorted_columns(x, valid):
-  """Each coordinate's values over the valid rows, ascending; invalid rows sort last (inf)."""
-  return jnp.sort(jnp.where(valid[:, None] > 0, x, jnp.inf), axis=0)
+  """Each coordinate's values over the valid rows, ascending; invalid rows sort last (inf).
+  On CPU through network_sort (40x faster there); elsewhere jnp.sort, a fast primitive on
+  accelerators (the network was not timed on GPU)."""
+  x = jnp.where(valid[:, None] > 0, x, jnp.inf)
+  if jax.default_backend() == "cpu" and x.dtype == jnp.float32:
+    return network_sort(x)
+  return jnp.sort(x, axis=0)
 
 
 def coordinate_median(x, valid):

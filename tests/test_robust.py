@@ -94,6 +94,59 @@ def test_median_and_trimmed_mean_skip_invalid_rows():
                              np.median(_rows(x3, v3), axis=0), rtol=1e-6)
 
 
+def _tied_columns(rng, n, d):
+  """Few distinct values (ties in every column), some +-inf, a few NaN of either sign."""
+  x = rng.randint(-3, 4, size=(n, d)).astype(np.float32) * 0.5 + 0.25
+  x[rng.rand(n, d) < 0.05] = np.inf
+  x[rng.rand(n, d) < 0.05] = -np.inf
+  x[rng.rand(n, d) < 0.02] = np.nan
+  x[rng.rand(n, d) < 0.02] = -np.nan
+  return x
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 10, 31, 64, 100, 129])
+def test_network_sort_matches_numpy_sort(n):
+  rng = np.random.RandomState(n)
+  for x in (rng.randn(n, 150).astype(np.float32), _tied_columns(rng, n, 70)):
+    got = np.asarray(jax.jit(robust.network_sort)(jnp.asarray(x)))
+    want = np.sort(x, axis=0)  # NaNs last, as jnp.sort
+    np.testing.assert_array_equal(got, want)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    # bit for bit outside NaNs (np.sort keeps each NaN's sign bit; the network makes them +NaN)
+    assert np.array_equal(got.view(np.int32)[~nan], want.view(np.int32)[~nan])
+    assert not np.signbit(got[nan]).any()
+
+
+def test_network_sort_orders_signed_zeros():
+  x = np.array([[0.0, -0.0], [-0.0, 0.0], [-1.0, 1.0]], np.float32)
+  got = np.asarray(robust.network_sort(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, [[-1.0, -0.0], [-0.0, 0.0], [0.0, 1.0]])
+  np.testing.assert_array_equal(np.signbit(got), [[True, True], [True, False], [False, False]])
+
+
+@pytest.mark.parametrize("n,invalid", [(100, ()), (100, (0, 7, 99)), (10, (3,)), (11, ())])
+def test_median_and_trimmed_mean_on_many_sites_with_ties(n, invalid):
+  """The CPU path (network_sort) against the definition on NumPy's sort, with many tied
+  values, +inf rows and invalid rows, at the round's shapes."""
+  rng = np.random.RandomState(n + len(invalid))
+  x = rng.randint(-4, 5, size=(n, 300)).astype(np.float32) * 0.125
+  x[rng.rand(n, 300) < 0.02] = np.inf
+  valid = np.ones(n, np.float32)
+  valid[list(invalid)] = 0.0
+  s = np.sort(x[valid > 0], axis=0)
+  m = len(s)
+  want = np.float32(0.5) * (s[(m - 1) // 2] + s[m // 2])
+  got = robust.coordinate_median(jnp.asarray(x), jnp.asarray(valid))
+  np.testing.assert_array_equal(np.asarray(got), want)
+  fin = x[valid > 0]
+  fin = np.sort(np.where(np.isinf(fin), np.float32(7.0), fin), axis=0)
+  xf = np.where(np.isinf(x), np.float32(7.0), x)
+  for b in (0, 3):
+    np.testing.assert_allclose(robust.trimmed_mean(jnp.asarray(xf), jnp.asarray(valid), b),
+                               fin[b:m - b].astype(np.float64).mean(0), rtol=1e-6)
+
+
 @pytest.mark.parametrize("f", [1, 2])
 def test_krum_and_multi_krum(f):
   x, valid = _updates(2)
