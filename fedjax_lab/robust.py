@@ -95,8 +95,10 @@ def network_sort(x):
   ordered -0.0 first (jnp.sort keeps their input order) and every NaN as one positive NaN.
 
   Why: XLA's CPU sort costs ~170 ms on [100, 9610] (jnp.sort, axis 0; 44 ms on int32 keys;
-  NumPy 4.4 ms); this network takes 3.4-4 ms there (2-core shared CPU VM, 2026), 0.5 ms on
-  [10, 9610] against jnp.sort's 8 ms. A whole-array network (no column blocks) took 20-30
+  NumPy 4.4 ms); this network takes 3.4-4 ms there on JAX's default CPU device and 8 ms on
+  one of the lab's single-threaded devices (2-core shared CPU VM, 2026), 0.5 ms on [10, 9610]
+  against jnp.sort's 8 ms. In the round: robust=median/plain 3.9x at 100 sites (19.5x with
+  jnp.sort), benchmarks/RESULTS.md. A whole-array network (no column blocks) took 20-30
   ms: each of its 28 layers streams 4.9 MB through memory; blocks keep it in cache."""
   n, d = x.shape
   cols = min(_NETWORK_COLUMNS, d)
@@ -113,7 +115,7 @@ def network_sort(x):
 
 def _sorted_columns(x, valid):
   """Each coordinate's values over the valid rows, ascending; invalid rows sort last (inf).
-  On CPU through network_sort (40x faster there); elsewhere jnp.sort, a fast primitive on
+  On CPU through network_sort (~20-40x faster there than jnp.sort); elsewhere jnp.sort, a fast primitive on
   accelerators (the network was not timed on GPU)."""
   x = jnp.where(valid[:, None] > 0, x, jnp.inf)
   if jax.default_backend() == "cpu" and x.dtype == jnp.float32:
