@@ -78,7 +78,10 @@ def default_config() -> ml_collections.ConfigDict:
       # participation: poisson (sampled cohorts, amplified accounting), cyclic (fixed groups
       # of cohort_size sites in turn: min-separated, unamplified); auto: poisson for gaussian,
       # cyclic otherwise. bands: banded's band count; max_buffers: the most BLT buffers tried.
-      mechanism="gaussian", participation="auto", bands=16, max_buffers=10))
+      # groups (cyclic): 0 = num_sites / cohort_size, every site of the round's group trains;
+      # more sites per group than cohort_size: each joins w.p. cohort_size / group size
+      # (Poisson), which amplified banded MF accounts for when bands = groups.
+      mechanism="gaussian", participation="auto", bands=16, max_buffers=10, groups=0))
   # optim.public_data: public calibration set of the curvature optimizers (data/public.py):
   # "holdout:F", a .npz/.csv/.h5ad path or another source's name; public_batch_size examples
   # of it per curvature estimate.
@@ -362,10 +365,18 @@ def _validate_mechanism(config):
     raise ConfigError("algorithm.name", f"'{config.algorithm.name}' with dp.participation="
                       "cyclic: the correlated noise is a member of FedAvg's aggregator chain; "
                       "use fedavg or fedprox")
-  if config.data.num_sites % config.cohort_size:
+  if dp.groups < 0 or int(dp.groups) != dp.groups:
+    raise ConfigError("dp.groups", f"must be an integer >= 0 (0: num_sites / cohort_size), got "
+                      f"{dp.groups}")
+  if not dp.groups and config.data.num_sites % config.cohort_size:
     raise ConfigError("cohort_size", f"{config.cohort_size} does not divide data.num_sites="
                       f"{config.data.num_sites}: cyclic cohorts split the sites into equal "
-                      "groups; pick a divisor")
+                      "groups; pick a divisor (or set dp.groups)")
+  if dp.groups and (config.data.num_sites % dp.groups
+                    or config.data.num_sites // dp.groups < config.cohort_size):
+    raise ConfigError("dp.groups", f"{dp.groups} must divide data.num_sites="
+                      f"{config.data.num_sites} into groups of at least cohort_size="
+                      f"{config.cohort_size} sites")
   if config.secagg.enabled:
     raise ConfigError("secagg.enabled", "the correlated noise is added by the server to the "
                       "sum; secure aggregation with it is not implemented; set it False")

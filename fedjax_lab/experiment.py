@@ -278,6 +278,7 @@ class Experiment:
     return fedavg.SiteDP(clip_norm=cfg.dp.clip_norm, noise_multiplier=noise.noise_multiplier,
                          coordinated=noise.coordinated, max_cohort=noise.max_cohort,
                          adaptive=adaptive, grid=noise.grid, cohort_groups=noise.cohort_groups,
+                         group_rate=noise.group_rate,
                          correlated=self.privacy.noise,
                          like=(None if self.privacy.mf is None else jax.eval_shape(
                              self.model.init, self.keys["init"], self.train.x[:2])[0]))

@@ -210,3 +210,43 @@ BAD = [
 @pytest.mark.parametrize("flags,key", BAD)
 def test_bad_mechanism_config_exits_2_with_one_line(flags, key, tmp_path):
   assert_exits_2_with_one_line(flags, key, tmp_path)
+
+
+def test_amplified_banded_row_with_poisson_within_groups(tmp_path):
+  """dp.groups=b with more sites per group than the cohort: each site of the round's group
+  joins w.p. cohort / group size; banded with bands = b adds the amplified row of
+  Choquette-Choo et al. 2023, recomputed here from jax_privacy's amplified_bandmf_event called
+  directly and from the row's own fields (ceil(n / b) Poisson-sampled Gaussians), below the
+  unamplified headline; the cohorts a run trains hold only sites of the round's group, about
+  half of them."""
+  from dp_accounting import rdp
+  from jax_privacy.experimental import accounting as jp_accounting
+  groups, rounds = 2, 8  # 20 sites in 2 groups of 10, cohort 5: rate 0.5 within the group
+  exp = Experiment(tiny_config(**{
+      "dp.level": "site", "dp.mechanism": "banded", "dp.bands": groups, "dp.groups": groups,
+      "rounds": rounds, "data.num_sites": SITES, "cohort_size": COHORT,
+      "dp.noise_multiplier": 3.0}))
+  summary = exp.run(str(tmp_path))
+  rows = summary["privacy"]["guarantees"]
+  amp = [r for r in rows if "not which sites" in r["adversary"]]
+  assert len(amp) == 1 and amp[0]["sampling_prob"] == 0.5
+  coefs = np.asarray(exp.privacy.mf.strategy.arrays["coefs"], np.float64)
+  column_norm = max(1.0, float(np.linalg.norm(coefs)))  # Toeplitz: every column's norm <= this
+  event = jp_accounting.amplified_bandmf_event(3.0 / column_norm, rounds, num_bands=groups,
+                                               sampling_prob=0.5)
+  direct = rdp.RdpAccountant().compose(event).get_epsilon(amp[0]["accountant_delta"])
+  fields = rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(
+          amp[0]["noise_multiplier"])), amp[0]["steps"])).get_epsilon(amp[0]["accountant_delta"])
+  assert amp[0]["epsilon"] == pytest.approx(direct, rel=1e-6)
+  assert amp[0]["epsilon"] == pytest.approx(fields, rel=1e-6)
+  assert amp[0]["steps"] == rounds // groups
+  assert amp[0]["epsilon"] < rows[0]["epsilon"]  # the headline stays the unamplified one
+  assert rows[0]["sampling_prob"] == 1.0
+
+
+def test_groups_must_split_the_sites(tmp_path):
+  """3 groups do not split 20 sites: one line naming dp.groups, exit 2."""
+  assert_exits_2_with_one_line("--config.dp.level=site --config.dp.mechanism=blt "
+                               "--config.dp.groups=3 --config.data.num_sites=20 "
+                               "--config.cohort_size=5 --config.rounds=4", "dp.groups", tmp_path)

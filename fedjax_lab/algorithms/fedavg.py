@@ -83,6 +83,7 @@ class SiteDP(NamedTuple):
   # cohorts cycle through `cohort_groups` fixed groups of sites (0: Poisson cohorts), and the
   # server adds the `correlated` noise (mf_noise.CorrelatedNoise) of parameters shaped `like`.
   cohort_groups: int = 0
+  group_rate: float = 1.0  # each site of the round's group joins w.p. this (1: all of them)
   correlated: Any = None
   like: Any = None
 
@@ -130,8 +131,9 @@ _GROUPS = 0xFFFFFFF0
 
 
 def cyclic_cohort(sampling_rng, t, num_sites: int, cohort_size: int, groups: int) -> jax.Array:
-  """[cohort_size] site ids of round t's group: the sites permuted once (from the sampling
-  key, so secret under dp.randomness=secret) and cut into `groups` groups of cohort_size;
+  """[cohort_size] site ids of round t's group (cohort_size = the group's size): the sites
+  permuted once (from the sampling key, so secret under dp.randomness=secret) and cut into
+  `groups` groups;
   round t trains group t mod groups, so a site takes part at most once every `groups` rounds
   (the min-separation the matrix-factorization accounting needs)."""
   order = jax.random.permutation(jax.random.fold_in(sampling_rng, _GROUPS), num_sites)
@@ -259,9 +261,13 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
       cohort = sample_cohort(round_sampling_rng, data.num_sites, cohort_size)
       in_cohort, cohort_overflow = jnp.ones(cohort.shape, jnp.float32), jnp.int32(0)
     elif site_dp.cohort_groups:
-      cohort = cyclic_cohort(sampling_rng, t, data.num_sites, cohort_size,
+      cohort = cyclic_cohort(sampling_rng, t, data.num_sites, site_dp.max_cohort,
                              site_dp.cohort_groups)
       in_cohort, cohort_overflow = jnp.ones(cohort.shape, jnp.float32), jnp.int32(0)
+      if site_dp.group_rate < 1:  # Poisson within the group: amplified banded MF's sampling
+        coins = jax.random.uniform(jax.random.fold_in(round_sampling_rng, _GROUPS),
+                                   cohort.shape)
+        in_cohort = (coins < site_dp.group_rate).astype(jnp.float32)
     else:
       cohort, in_cohort, cohort_overflow = poisson_sample(
           round_sampling_rng, data.num_sites, cohort_size / data.num_sites, data.num_sites,

@@ -59,6 +59,16 @@ class MfInfo(NamedTuple):
   groups: int            # b: cohorts cycle through b fixed groups of sites (min-separation b)
   participations: int    # k = ceil(rounds / b): the most rounds one site takes part in
   sensitivity: float     # max ||C u|| over such participation patterns u (clip_norm 1)
+  group_size: int = 0    # num_sites / b: the sites of one group (the round's slots)
+  sampling_prob: float = 1.0  # each site of the round's group joins w.p. this (Poisson)
+
+
+def cyclic_groups(config) -> tuple[int, int, float]:
+  """(b groups, group size, within-group Poisson rate): dp.groups (0: num_sites /
+  cohort_size, every site of the group trains) and cohort_size / group size."""
+  groups = config.dp.groups or config.data.num_sites // config.cohort_size
+  size = config.data.num_sites // groups
+  return groups, size, min(1.0, config.cohort_size / size)
 
 
 class CyclicAccountant:
@@ -90,7 +100,7 @@ def make_mechanism(config, site_counts: np.ndarray,
 
 def _cyclic_plan(config) -> PrivacyPlan:
   dp = config.dp
-  groups = config.data.num_sites // config.cohort_size
+  groups, group_size, q = cyclic_groups(config)
   k = math.ceil(config.rounds / groups)
   strategy = mf_noise.strategy(
       dp.mechanism, config.rounds, bands=dp.bands if dp.mechanism == "banded" else None,
@@ -106,8 +116,9 @@ def _cyclic_plan(config) -> PrivacyPlan:
   description = (
       f"privacy: unit=one site (all its examples); mechanism={dp.mechanism} "
       f"(matrix-factorization noise added to each round's sum by the server); participation="
-      f"cyclic cohorts: {groups} fixed groups of {config.cohort_size} sites, round r trains "
-      f"group r mod {groups}, so each site takes part in at most {k} rounds, {groups} apart; "
+      f"cyclic cohorts: {groups} fixed groups of {group_size} sites, round r trains group r "
+      f"mod {groups}" + (f" (each of its sites joins w.p. {q:.4g}, Poisson)" if q < 1 else "")
+      + f", so each site takes part in at most {k} rounds, {groups} apart; "
       f"sensitivity of the strategy under that pattern {sens:.4f}; accountant={dp.accountant}, "
       f"ONE Gaussian mechanism with noise multiplier {z:.4f}/{sens:.4f} = {z / sens:.4f}, no "
       f"amplification (it holds against whoever picks the cohorts); delta={dp.delta:g} "
@@ -116,9 +127,10 @@ def _cyclic_plan(config) -> PrivacyPlan:
   return PrivacyPlan(
       noise_multiplier=z, sampling_prob=1.0, steps_per_round=1,
       accountant=CyclicAccountant(event, delta, dp.accountant), budget=budget,
-      description=description, update_noise_multiplier=z, slots=config.cohort_size,
+      description=description, update_noise_multiplier=z, slots=group_size,
       randomness=randomness, mechanism_name=dp.mechanism,
-      mf=MfInfo(strategy, groups, k, sens), noise=mf_noise.correlated_noise(strategy))
+      mf=MfInfo(strategy, groups, k, sens, group_size, q),
+      noise=mf_noise.correlated_noise(strategy))
 
 
 def cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
@@ -149,6 +161,21 @@ def cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
       row("any number of colluding sites (no site holds any of the noise)", eps,
           f"they see the released models and their own updates; {pattern}; {secret}",
           "models", config.cohort_size - 1)]
+  if mf.sampling_prob < 1 and mf.strategy.name == "banded" and steps:
+    bands = len(mf.strategy.arrays["coefs"])
+    if bands == mf.groups:  # amplified_bandmf_event's setting: b = bands groups, Poisson in each
+      event = mf_noise.amplified_dp_event(mf.strategy, plan.noise_multiplier, mf.sampling_prob)
+      amp = accounting.event_epsilon(event, plan.accountant.delta, dp.accountant)
+      column_norm = max(1.0, mf_noise.sensitivity(mf.strategy))
+      out.insert(1, guarantees.Guarantee(
+          "anyone who sees the released models but not which sites of each round's group "
+          "joined (amplified banded MF, Choquette-Choo et al. 2023)", amp, dp.delta,
+          f"each site of the round's group joins independently w.p. {mf.sampling_prob:.4g} "
+          "and WHO joined stays hidden from it (not the server, who sees the uploads); "
+          f"{bands} bands = {mf.groups} groups; {secret}", "models", 0,
+          plan.noise_multiplier / column_norm, mf.sampling_prob,
+          math.ceil(mf.strategy.num_rounds / bands), dp.accountant,
+          plan.accountant.delta)._asdict())
   if plan.randomness == "seeded":
     out.append(row("anyone who knows config.seed (e.g. a reader of summary.json)", None,
                    "dp.randomness=seeded: the noise can be regenerated from the seed and "
@@ -183,6 +210,7 @@ class SiteNoise(NamedTuple):
   max_cohort: int                    # the plan's slots
   grid: tuple[float, int] | None     # secure aggregation's (clip_range, levels) at the slots
   cohort_groups: int                 # cyclic participation's b (0: Poisson cohorts)
+  group_rate: float = 1.0            # cyclic: each site of the round's group joins w.p. this
 
 
 def site_noise(plan: PrivacyPlan, config) -> SiteNoise:
@@ -190,7 +218,8 @@ def site_noise(plan: PrivacyPlan, config) -> SiteNoise:
       noise_multiplier=plan.update_noise_multiplier, count_stddev=plan.count_noise_multiplier,
       coordinated=config.dp.noise == "coordinated", max_cohort=plan.slots,
       grid=secagg_delta.grid(config, plan.slots) if config.secagg.enabled else None,
-      cohort_groups=0 if plan.mf is None else plan.mf.groups)
+      cohort_groups=0 if plan.mf is None else plan.mf.groups,
+      group_rate=1.0 if plan.mf is None else plan.mf.sampling_prob)
 
 
 def secure_sum_cohort(plan: PrivacyPlan | None, config) -> int:
