@@ -62,6 +62,7 @@ import urllib.request
 
 import numpy as np
 
+from fedjax_lab.data.dataset import split_pool
 from fedjax_lab.errors import ConfigError
 
 log = logging.getLogger("fedjax_lab")
@@ -346,8 +347,7 @@ def load_arrays(path: pathlib.Path):
 
 def load(data_config):
   """(train, test) sources.Dataset pair; registered as data.name='gse7390' in sources.py."""
-  from fedjax_lab.data import sources  # pylint: disable=g-import-not-at-top
   path = resolve_path(data_config)
   x, y, columns, _, note = load_arrays(path)
   log.info(note)
-  return sources._split(x, y, 2, columns, NAME, CLASS_NAMES, data_config)  # pylint: disable=protected-access
+  return split_pool(x, y, 2, columns, NAME, CLASS_NAMES, data_config)
