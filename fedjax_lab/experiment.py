@@ -16,6 +16,7 @@ import numpy as np
 
 from fedjax_lab import config as config_lib
 from fedjax_lab import algorithms, evaluation, evaluation_robustness, losses, optim, run_loop
+from fedjax_lab import keys as lab_keys
 from fedjax_lab import sharding
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.client import (ClientConfig, ExampleDP, make_client_update,
@@ -244,12 +245,12 @@ class Experiment:
     search for the noise to 2^64."""
     self.secret = secret
     root = jax.random.key(self.config.seed)
-    self.keys = {name: jax.random.fold_in(root, i) for name, i in
-                 (("init", _INIT), ("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE))}
+    self.keys = lab_keys.purpose_keys(
+        root, (("init", _INIT), ("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE)))
     if secret is not None:
       secret_root = randomness.secret_key(secret)
-      for name, i in (("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE)):
-        self.keys[name] = jax.random.fold_in(secret_root, i)
+      self.keys.update(lab_keys.purpose_keys(
+          secret_root, (("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE))))
 
   def _site_dp(self):
     if self.privacy is None or self.config.dp.level != "site":

@@ -40,7 +40,6 @@ import ml_collections
 import numpy as np
 
 from fedjax_lab import cli, runs
-from fedjax_lab import config as config_lib
 from fedjax_lab.attacks import shots
 from fedjax_lab.checkpoint import read_state
 from fedjax_lab.config import default_config
@@ -196,10 +195,7 @@ def main(argv):
   if config.mia.threat not in (*THREATS, "shots"):
     cli.fail(f"mia.threat: unknown '{config.mia.threat}'; allowed: "
              f"{', '.join(THREATS)}, shots")
-  try:
-    config_lib.validate(config.target)
-  except ConfigError as e:
-    cli.fail(f"target.{e}")
+  cli.validate_target(config)
   workdir = cli.make_workdir(_WORKDIR.value or default_workdir(path, config.mia.threat))
   try:
     if config.mia.threat == "shots":
