@@ -303,7 +303,7 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from fedjax_lab import cli  # pylint: disable=g-import-not-at-top
-  _CONFIG = cli.define_config_flag(os.path.join(cli.ROOT, "configs", "mia_audit.py"))
+  _CONFIG = cli.define_config_flag(os.path.join(cli.CONFIGS, "mia_audit.py"))
   _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the audited run (default: a "
                                  "new temporary folder); must be new or empty.")
   app.run(main, flags_parser=cli.parse_flags)

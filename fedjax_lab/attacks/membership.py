@@ -215,6 +215,6 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  _CONFIG = cli.define_config_flag(os.path.join(cli.ROOT, "configs", "mia_outsider.py"))
+  _CONFIG = cli.define_config_flag(os.path.join(cli.CONFIGS, "mia_outsider.py"))
   _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/mia_<config>[_<threat>]).")
   app.run(main, flags_parser=cli.parse_flags)
