@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from fedjax_lab import evaluation, evaluation_robustness, runs
+from fedjax_lab import divergence, evaluation, evaluation_robustness, runs
 from fedjax_lab.attacks import record
 from fedjax_lab.checkpoint import Checkpointer
 from fedjax_lab.errors import ConfigError
@@ -120,6 +120,7 @@ def run(self, workdir: str) -> dict:
              "estimate (public by assumption: no epsilon covers them)", len(self.public),
              cfg.optim.public_data, min(cfg.optim.public_batch_size, len(self.public)))
   completed, result = start, None
+  watch = divergence.Watch(cfg, state.params)
   # Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the round in flight, save, then stop.
   stop = {"signal": None}
   handlers = {s: signal.signal(s, lambda num, _: stop.update(signal=num))
@@ -158,6 +159,7 @@ def run(self, workdir: str) -> dict:
           if secure["aborted"][i]:
             log.warning("round %d: secure aggregation aborted (too few survivors): the model "
                         "is unchanged", completed)
+        watch.check(completed, float(loss), state.params)
         meta["bytes_total"] += round_bytes
         meta["seconds_total"] += seconds
         if hide_time:

@@ -29,7 +29,7 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv):
   del argv
   import jax
-  from fedjax_lab import runs, sharding
+  from fedjax_lab import divergence, runs, sharding
   from fedjax_lab.errors import ConfigError
   from fedjax_lab.experiment import Experiment
   cli.quiet_logs()
@@ -60,6 +60,9 @@ def main(argv):
     summary = experiment.run(workdir)
   except ConfigError as e:  # e.g. a checkpoint in workdir trained with another privacy plan
     cli.fail(str(e))
+  except divergence.Diverged as e:  # exit 1: the config ran, the training failed
+    print(e, file=sys.stderr)
+    sys.exit(1)
   except KeyboardInterrupt as e:
     print(f"\ninterrupted: {e}", file=sys.stderr)
     sys.exit(130)
