@@ -108,7 +108,11 @@ def make(init=_no_state, broadcast=_no_broadcast, site=None, server=_no_server, 
 def weighted_mean(x, weights, valid, state=None, rnd=None, shared=None):
   """Σ_k w_k x_k / Σ_k w_k over the valid rows: the stacked path's reducer when a chain has
   pre-aggregation but no reducer of its own (the same mean the sum path computes)."""
-  w = jnp.where(valid > 0, weights, 0.0)
+  return rows_mean(jnp.where(valid > 0, weights, 0.0), x)
+
+
+def rows_mean(w, x):
+  """Σ_k w_k x_k / Σ_k w_k of the rows of x [K, ...] weighted by w [K] (0 if every w_k is 0)."""
   return jnp.tensordot(w, x, axes=1) / jnp.maximum(w.sum(), 1e-30)
 
 

@@ -17,8 +17,13 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(ROOT, "configs", "digits_fedavg.py")
+from fedjax_lab import config as config_lib
+from fedjax_lab import runs
+from fedjax_lab.errors import ConfigError
+
+ROOT = runs.ROOT
+CONFIGS = runs.CONFIGS  # configs/ of the checkout, or of the installed package
+DEFAULT_CONFIG = runs.DEFAULT_CONFIG
 
 _optimizer_args = []  # (side, name, value) taken out of argv by define_config_flag
 _default_config = [DEFAULT_CONFIG]  # the --config of the command, when argv gives none
@@ -80,8 +85,6 @@ def _config_spec(argv) -> str:
 
 def _file_config():
   """The config file's own config (no overrides), or a one-line failure if it does not load."""
-  from fedjax_lab import runs  # pylint: disable=g-import-not-at-top
-  from fedjax_lab.errors import ConfigError  # pylint: disable=g-import-not-at-top
   try:
     return runs.load_config_file(_config_spec(sys.argv))
   except ConfigError as e:
@@ -90,7 +93,6 @@ def _file_config():
 
 def _unknown_key(error):
   """Names the full dotted key of the override that config_flags could not find."""
-  from fedjax_lab.config import unknown_key  # pylint: disable=g-import-not-at-top
   # ml_collections raises KeyError("'clients'\nDid you mean ...") or an AttributeError
   # wrapping one; the leaf name is the first line of the innermost message.
   while error.args and isinstance(error.args[0], BaseException):
@@ -101,7 +103,7 @@ def _unknown_key(error):
   key = next((k for k in keys if k == leaf or k.endswith("." + leaf)), leaf)
   # The keys beside it in the file's own config: an attack config (mia.*, target.*) is not
   # the lab's default_config.
-  fail(str(unknown_key(key, _file_config())))
+  fail(str(config_lib.unknown_key(key, _file_config())))
 
 
 def _take_optimizer_args(argv):
@@ -122,6 +124,18 @@ def _take_optimizer_args(argv):
   return rest, taken
 
 
+def _resolve_config_arg(argv):
+  """argv with its --config value resolved by runs.resolve_config_spec (the bundled copy of
+  configs/x.py when the command runs outside the checkout)."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith("--config="):
+      out[i] = "--config=" + runs.resolve_config_spec(arg[len("--config="):])
+    elif arg == "--config" and i + 1 < len(out):
+      out[i + 1] = runs.resolve_config_spec(out[i + 1])
+  return out
+
+
 def _literal(value: str):
   try:
     return ast.literal_eval(value)
@@ -131,7 +145,7 @@ def _literal(value: str):
 
 def define_config_flag(default: str = DEFAULT_CONFIG):
   """Defines --config (an ml_collections config file, overridable key by key)."""
-  sys.argv, taken = _take_optimizer_args(sys.argv)
+  sys.argv, taken = _take_optimizer_args(_resolve_config_arg(sys.argv))
   _optimizer_args.extend(taken)
   _default_config[0] = default
   try:
@@ -159,6 +173,15 @@ def parse_flags(argv):
       # end of a traceback; loading the file again raises it as a ConfigError.
       _file_config()
     fail(str(e).splitlines()[0])
+
+
+def validate_target(config):
+  """An attack config's `target` (the lab config it attacks) checked as train.py checks a
+  config, or one line naming the key as target.KEY."""
+  try:
+    config_lib.validate(config.target)
+  except ConfigError as e:
+    fail(f"target.{e}")
 
 
 def load_config(config_flag):

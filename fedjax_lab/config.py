@@ -116,7 +116,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Each device trains this many of its sites at a time (sharding.map_sum_sites); 0: all at once;
   # unset: 64 on CPU, 0 on GPU/TPU. Results do not depend on it beyond float rounding.
   c.sites_per_chunk = config_dict.placeholder(int)
-  c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True))
+  # allow_divergence: train on when the loss or parameters blow up (divergence.py)
+  c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True,
+                                         allow_divergence=False))
   # Attack studies (fedjax_lab/attacks): keep the update each listed site sent in each listed
   # round (1-based; site -1: the whole cohort) in WORKDIR/attack/. Off by default: what it
   # stores is private data.

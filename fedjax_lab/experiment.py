@@ -8,7 +8,6 @@ Every random choice comes from one root key, split by purpose and folded in with
 and site index (docs/design.md), so a resumed run ends with the same parameters.
 """
 
-import hashlib
 import logging
 import os
 
@@ -16,7 +15,9 @@ import jax
 import numpy as np
 
 from fedjax_lab import config as config_lib
-from fedjax_lab import algorithms, evaluation, evaluation_robustness, losses, optim, sharding
+from fedjax_lab import algorithms, evaluation, evaluation_robustness, losses, optim, run_loop
+from fedjax_lab import keys as lab_keys
+from fedjax_lab import sharding
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.client import (ClientConfig, ExampleDP, make_client_update,
                                make_public_objective)
@@ -25,19 +26,13 @@ from fedjax_lab.errors import ConfigError, config_keys
 from fedjax_lab.models import make_model
 from fedjax_lab.privacy import clipping, mechanism, randomness, secagg_delta
 from fedjax_lab.privacy.plan import PrivacyPlan
+# Re-exported: run_loop and the tests use them; they live apart so run_loop needs nothing here.
+from fedjax_lab.state import params_sha256, place_state  # noqa: F401
 
 log = logging.getLogger("fedjax_lab")
 
 # Purposes folded into the root key; fixed numbers so adding a purpose never shifts the others.
 _INIT, _SAMPLING, _CLIENT, _NOISE = 0, 1, 2, 3
-
-
-def params_sha256(params) -> str:
-  """SHA-256 of the leaves in jax.tree order as little-endian float32 bytes (docs/design.md)."""
-  h = hashlib.sha256()
-  for leaf in jax.tree.leaves(params):
-    h.update(np.asarray(leaf, dtype="<f4").tobytes())
-  return h.hexdigest()
 
 
 def tree_bytes(tree) -> int:
@@ -58,15 +53,6 @@ def _round_devices(config, privacy: PrivacyPlan | None) -> list:
     return jax.devices()
   per_round = privacy.slots if config.dp.level == "site" else config.cohort_size
   return sharding.round_devices(per_round, config.min_sites_per_device)
-
-
-def place_state(state, mesh):
-  """The state replicated, except its per-site fields (named site_*, leaves [sites, ...]),
-  sharded over the mesh as the rounds keep them: the jitted round then sees the same input
-  shardings at every call and compiles once."""
-  state = sharding.put_replicated(state, mesh)
-  return state._replace(**{f: sharding.put_sites(getattr(state, f), mesh)
-                           for f in state._fields if f.startswith("site_")})
 
 
 def centralized_config(config):
@@ -259,12 +245,12 @@ class Experiment:
     search for the noise to 2^64."""
     self.secret = secret
     root = jax.random.key(self.config.seed)
-    self.keys = {name: jax.random.fold_in(root, i) for name, i in
-                 (("init", _INIT), ("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE))}
+    self.keys = lab_keys.purpose_keys(
+        root, (("init", _INIT), ("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE)))
     if secret is not None:
       secret_root = randomness.secret_key(secret)
-      for name, i in (("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE)):
-        self.keys[name] = jax.random.fold_in(secret_root, i)
+      self.keys.update(lab_keys.purpose_keys(
+          secret_root, (("sampling", _SAMPLING), ("client", _CLIENT), ("noise", _NOISE))))
 
   def _site_dp(self):
     if self.privacy is None or self.config.dp.level != "site":
@@ -340,5 +326,4 @@ class Experiment:
   def run(self, workdir: str) -> dict:
     """Trains to `config.rounds`, resuming from the last checkpoint in `workdir`
     (run_loop.run: logging, checkpoints, signals, budget, summary.json)."""
-    from fedjax_lab import run_loop
     return run_loop.run(self, workdir)

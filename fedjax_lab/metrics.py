@@ -12,12 +12,22 @@ zero_division=0) given the same `sample_weight` (tests/test_gse7390.py checks it
 - `macro_f1(y, pred, w)`: F1 = 2 TP / (2 TP + FP + FN) per class in (y union pred) (weights
   > 0), unweighted mean over those classes.
 - `bootstrap_ci(metric, n, ...)`: percentile interval over resamples of the N test examples
-  with replacement; resamples where the metric is nan (one class only) are dropped.
+  with replacement (scipy.stats.bootstrap); resamples where the metric is nan (one class
+  only) are dropped.
+
+Why AUC and F1 are the lab's own code and not sklearn.metrics: they run on the hot path of
+every evaluation, once per bootstrap resample (eval.bootstrap, 1000 by default) and once per
+site. Measured on this 2-core VM (numpy 2.4, sklearn 1.8), per call on n=300 test examples:
+macro_auc 0.58 ms here vs 18.6 ms with roc_auc_score per class (10 classes; 0.15 vs 1.9 ms
+binary), macro_f1 0.18 ms vs 2.0 ms with f1_score: 18 s instead of 0.6 s for one bootstrap.
+tests/test_gse7390.py checks both against sklearn.
 """
 
 from typing import Callable
+import warnings
 
 import numpy as np
+from scipy import stats
 
 
 def _weights(w, n):
@@ -75,11 +85,20 @@ def accuracy(y, pred, w=None) -> float:
 
 def bootstrap_ci(metric: Callable[[np.ndarray], float], n: int, num_resamples: int = 1000,
                  seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
-  """Percentile interval of metric(indices) over resamples of range(n); None if none valid."""
+  """Percentile interval of metric(indices) over resamples of range(n); None if none valid.
+
+  scipy.stats.bootstrap draws the resamples (default_rng(seed)) and evaluates the metric;
+  the percentiles are taken over the finite values only, since a resample holding one class
+  has no AUC (scipy's own interval would then be nan).
+  """
   if num_resamples <= 0:
     return None
-  rng = np.random.default_rng(seed)
-  values = np.array([metric(rng.integers(0, n, n)) for _ in range(num_resamples)])
+  with warnings.catch_warnings():  # nan resamples: scipy warns, the percentiles skip them
+    warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+    result = stats.bootstrap((np.arange(n),), metric, n_resamples=num_resamples,
+                             vectorized=False, method="percentile", confidence_level=level,
+                             random_state=np.random.default_rng(seed))
+  values = result.bootstrap_distribution
   values = values[np.isfinite(values)]
   if len(values) == 0:
     return None

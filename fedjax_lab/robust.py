@@ -170,7 +170,7 @@ def multi_krum(x, valid, f: int, select: int | None = None):
   order = jnp.argsort(krum_scores(x, valid, f), stable=True)
   chosen = jnp.zeros((n,), jnp.float32).at[order].set(
       (jnp.arange(n) < q).astype(jnp.float32)) * (valid > 0)
-  return chosen @ x / jnp.maximum(chosen.sum(), 1.0)
+  return aggregators.rows_mean(chosen, x)
 
 
 def geometric_median(x, valid, iters: int = 10, nu: float = 1e-6):
@@ -178,11 +178,11 @@ def geometric_median(x, valid, iters: int = 10, nu: float = 1e-6):
   the smoothed Weiszfeld iteration z <- Σ β_i x_i / Σ β_i, β_i = 1 / max(ν, ||z - x_i||),
   from the mean, `iters` times, over the valid updates."""
   v = (valid > 0).astype(x.dtype)
-  z0 = v @ x / jnp.maximum(v.sum(), 1.0)
+  z0 = aggregators.rows_mean(v, x)
 
   def step(z, _):
     beta = v / jnp.maximum(nu, jnp.linalg.norm(x - z, axis=1))
-    return beta @ x / jnp.maximum(beta.sum(), 1e-30), None
+    return aggregators.rows_mean(beta, x), None
 
   return jax.lax.scan(step, z0, None, length=iters)[0]
 

@@ -12,12 +12,13 @@ import time
 import jax
 import numpy as np
 
-from fedjax_lab import evaluation, evaluation_robustness, experiment, runs
+from fedjax_lab import divergence, evaluation, evaluation_robustness, runs
 from fedjax_lab.attacks import record
 from fedjax_lab.checkpoint import Checkpointer
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.logging import MetricsLogger
 from fedjax_lab.privacy import guarantees, mechanism
+from fedjax_lab.state import params_sha256, place_state
 
 log = logging.getLogger("fedjax_lab")
 
@@ -93,7 +94,7 @@ def run(self, workdir: str) -> dict:
                         "use the same dp.randomness or a new workdir")
     if self.secret is not None:
       self.set_secret(meta["dp_secret"])
-    state = experiment.place_state(state, self.mesh)
+    state = place_state(state, self.mesh)
     log.info("resumed from %s at round %d", workdir, start)
   # A multi-process run trains as one program; process 0 alone writes what it reports.
   primary = jax.process_index() == 0
@@ -119,6 +120,7 @@ def run(self, workdir: str) -> dict:
              "estimate (public by assumption: no epsilon covers them)", len(self.public),
              cfg.optim.public_data, min(cfg.optim.public_batch_size, len(self.public)))
   completed, result = start, None
+  watch = divergence.Watch(cfg, state.params)
   # Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the round in flight, save, then stop.
   stop = {"signal": None}
   handlers = {s: signal.signal(s, lambda num, _: stop.update(signal=num))
@@ -157,6 +159,7 @@ def run(self, workdir: str) -> dict:
           if secure["aborted"][i]:
             log.warning("round %d: secure aggregation aborted (too few survivors): the model "
                         "is unchanged", completed)
+        watch.check(completed, float(loss), state.params)
         meta["bytes_total"] += round_bytes
         meta["seconds_total"] += seconds
         if hide_time:
@@ -196,7 +199,7 @@ def run(self, workdir: str) -> dict:
       "epsilon": self.epsilon(completed), "rounds_completed": completed,
       "total_seconds": None if hide_time else meta["seconds_total"],
       "bytes_total": meta["bytes_total"],
-      "params_sha256": experiment.params_sha256(state.params),
+      "params_sha256": params_sha256(state.params),
       "config": json.loads(self.config.to_json_best_effort()),
       "lab_commit": runs.lab_commit(), "versions": runs.versions(),
   }

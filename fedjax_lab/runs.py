@@ -105,7 +105,24 @@ def spec_parts(config_spec: str) -> list[str]:
   return [os.path.splitext(os.path.basename(path))[0], arg]
 
 
-DEFAULT_CONFIG = os.path.join(ROOT, "configs", "digits_fedavg.py")
+# The lab's config files: configs/ of the checkout, or the copy an installed package carries
+# as fedjax_lab/configs (setup.py maps configs/ there), so `--config configs/x.py` works from
+# any folder after `pip install .`.
+CONFIGS = (os.path.join(ROOT, "configs") if os.path.isdir(os.path.join(ROOT, "configs"))
+           else os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"))
+DEFAULT_CONFIG = os.path.join(CONFIGS, "digits_fedavg.py")
+
+
+def resolve_config_spec(spec: str) -> str:
+  """A `--config` value whose file is not there but names one of the lab's configs
+  (configs/x.py[:arg], or x.py) -> that bundled file, same :arg; any other value as it is."""
+  path, colon, arg = spec.partition(":")
+  if not path or os.path.exists(path):
+    return spec
+  bundled = os.path.join(CONFIGS, os.path.basename(path))
+  if os.path.normpath(os.path.dirname(path)) in (".", "configs") and os.path.isfile(bundled):
+    return bundled + colon + arg
+  return spec
 
 
 def default_workdir(config_spec: str, config, base, root: str = "runs") -> str:

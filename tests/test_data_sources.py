@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse
 from sklearn import datasets as sk_datasets
 
-from fedjax_lab.data import sources
+from fedjax_lab.data import files, sources, tfds_source
 from fedjax_lab.errors import ConfigError
 
 
@@ -90,8 +90,8 @@ def test_pbmc68k_missing_path_names_data_path(tmp_path):
 
 
 def test_pbmc68k_without_bundled_file_or_scanpy_says_how_to_fix(tmp_path, monkeypatch):
-  monkeypatch.setattr(sources, "_BUNDLED_DIR", tmp_path)
-  monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setattr(files, "_BUNDLED_DIR", tmp_path)
+  monkeypatch.setattr(files.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(ConfigError, match=r"data.name: pbmc68k needs scanpy.*pip install scanpy"):
     sources.load_dataset(_config(name="pbmc68k"))
 
@@ -278,11 +278,11 @@ def test_tfds_download_without_internet_fails_fast_with_one_line(tfds_dir, monke
 def test_tfds_download_probe_times_out_on_an_unreachable_host(monkeypatch):
   import time
   # 192.0.2.1 is TEST-NET-1 (RFC 5737): never routed, so the connection cannot succeed.
-  monkeypatch.setattr(sources, "_DOWNLOAD_PROBE", ("192.0.2.1", 443))
-  monkeypatch.setattr(sources, "_DOWNLOAD_PROBE_TIMEOUT_S", 1.0)
+  monkeypatch.setattr(tfds_source, "_DOWNLOAD_PROBE", ("192.0.2.1", 443))
+  monkeypatch.setattr(tfds_source, "_DOWNLOAD_PROBE_TIMEOUT_S", 1.0)
   start = time.perf_counter()
   with pytest.raises(ConfigError, match="data.download: True but there is no internet"):
-    sources._check_internet("mnist")
+    tfds_source._check_internet("mnist")
   assert time.perf_counter() - start < 5
 
 

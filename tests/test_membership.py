@@ -35,17 +35,19 @@ def test_roc_auc_and_tpr_interval_match_references():
   scores = rng.normal(size=3000) + labels + np.round(rng.normal(size=3000), 1) * 0  # ties
   scores = np.round(scores, 1)
   assert mia.auc(scores, labels) == pytest.approx(skm.roc_auc_score(labels, scores), abs=1e-12)
-  fpr, tpr = mia.roc_curve(scores, labels)
-  sk_fpr, sk_tpr, _ = skm.roc_curve(labels, scores, drop_intermediate=False)
-  np.testing.assert_allclose(fpr, sk_fpr)
-  np.testing.assert_allclose(tpr, sk_tpr)
+  fpr, tpr = mia.roc_curve(scores, labels)  # sklearn's: checked by brute force over thresholds
+  thresholds = np.unique(scores)[::-1]
+  np.testing.assert_allclose(fpr, np.r_[0, [np.mean(scores[~labels] >= t) for t in thresholds]])
+  np.testing.assert_allclose(tpr, np.r_[0, [np.mean(scores[labels] >= t) for t in thresholds]])
   r = mia.tpr_at_fpr(scores, labels, 0.01)
   s_in, s_out = scores[labels], scores[~labels]
   thr = np.sort(s_out)[::-1][int(0.01 * len(s_out))]
   k = int(np.sum(s_in > thr))
   assert r["tpr"] == k / len(s_in) and r["fpr"] <= 0.01
-  ci = stats.binomtest(k, len(s_in)).proportion_ci(0.95, method="exact")
-  assert (r["tpr_lo"], r["tpr_hi"]) == pytest.approx((ci.low, ci.high), abs=1e-9)
+  n = len(s_in)  # Clopper-Pearson as beta quantiles (binomtest's is what the lab calls)
+  ci = (stats.beta.ppf(0.025, k, n - k + 1), stats.beta.ppf(0.975, k + 1, n - k))
+  assert (r["tpr_lo"], r["tpr_hi"]) == pytest.approx(ci, abs=1e-9)
+  assert mia.clopper_pearson(0, 20) == (0.0, pytest.approx(1 - 0.025 ** (1 / 20)))
 
 
 def test_lira_on_gaussian_shadows_beats_loss_at_low_fpr():

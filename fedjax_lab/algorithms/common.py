@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import algorithms, client, sharding
+from fedjax_lab import keys as lab_keys
 from fedjax_lab.algorithms import Algorithm, schedules
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.errors import ConfigError
@@ -46,12 +47,6 @@ def make_site_gradient(model: Model, batch_size: int, shuffle: bool, l2: float =
   if hasattr(grad, "minibatch_schedule"):  # shuffled minibatches: drawn once per round
     site_gradient.minibatch_schedule = grad.minibatch_schedule
   return site_gradient
-
-
-def site_keys(client_rng, round_index, num_sites: int) -> jax.Array:
-  """[S] keys, site s's key for this round: fold_in(fold_in(client_rng, round), s), as FedAvg."""
-  round_rng = jax.random.fold_in(client_rng, round_index)
-  return jax.vmap(lambda s: jax.random.fold_in(round_rng, s))(jnp.arange(num_sites))
 
 
 def all_site_gradients(site_gradient: SiteGradient, site_params, site_idx, site_count, keys,
@@ -140,7 +135,7 @@ def make_per_site_round(site_gradient: SiteGradient, schedule, step: Callable,
 
   def round_fn(state: PerSiteState, data: FederatedData, sampling_rng, client_rng):
     coins = schedule.coins(sampling_rng, state.round)  # [local_steps], one coin for all sites
-    keys = site_keys(client_rng, state.round, data.num_sites)
+    keys = lab_keys.site_keys(client_rng, state.round, jnp.arange(data.num_sites))
     site_idx, site_count = sharding.constrain_sites((data.idx, data.count), mesh)
     x, h = place_per_site((state.site_params, state.site_controls), mesh)
 

@@ -30,6 +30,8 @@ import numpy as np
 import optax
 
 from fedjax_lab import aggregators, algorithms, sharding
+from fedjax_lab import keys as lab_keys
+from fedjax_lab.keys import sample_cohort  # noqa: F401  (API: scaffold, tests)
 from fedjax_lab.aggregators import AdaptiveClip, clip_by_global_norm  # noqa: F401 (API)
 from fedjax_lab.algorithms import RoundMetrics, round_metrics  # noqa: F401 (API)
 from fedjax_lab.data.federated import FederatedData
@@ -117,13 +119,6 @@ def config_aggregator(config, site_dp: SiteDP | None, like=None) -> aggregators.
     return byzantine.attacked(config.attack.name, config.attack.num_sites, chain,
                               config.attack.scale)
   return make_aggregator(site_dp, config.cohort_size) if chain is None else chain
-
-
-def sample_cohort(rng, num_sites: int, cohort_size: int) -> jax.Array:
-  """[cohort_size] distinct site ids, uniformly without replacement (all sites if equal)."""
-  if cohort_size == num_sites:
-    return jnp.arange(num_sites, dtype=jnp.int32)
-  return jax.random.choice(rng, num_sites, (cohort_size,), replace=False).astype(jnp.int32)
 
 
 # fold_in tag of the one permutation that splits the sites into cyclic groups.
@@ -288,8 +283,8 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
       cohort_count = jnp.where(in_cohort > 0, cohort_count, 0)
       weights = in_cohort / jnp.maximum(num_in, 1.0)
     site_idx, site_count = sharding.constrain_sites((data.idx[cohort], cohort_count), split)
-    round_rng = jax.random.fold_in(client_rng, t)
-    site_rngs = jax.vmap(lambda s: jax.random.fold_in(round_rng, s))(cohort)
+    round_rng = jax.random.fold_in(client_rng, t)  # the server step's key
+    site_rngs = lab_keys.site_keys(client_rng, t, cohort)
     if fedbn and state.model_state:
       site_ms, ms_axis = gather_sites(state.site_model_state, cohort), 0
     else:

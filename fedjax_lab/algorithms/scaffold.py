@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab import aggregators, algorithms, client, sharding
+from fedjax_lab import keys as lab_keys
 from fedjax_lab.algorithms import Algorithm, common
-from fedjax_lab.algorithms.fedavg import gather_sites, sample_cohort, server_step
+from fedjax_lab.algorithms.fedavg import gather_sites, server_step
 from fedjax_lab.data.federated import FederatedData
 
 PER_SITE_STATE = True  # c_i, leaves [sites, ...]
@@ -101,12 +102,12 @@ def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTran
 
   def round_fn(state: ScaffoldState, data: FederatedData, sampling_rng, client_rng):
     t = state.round
-    cohort = sample_cohort(jax.random.fold_in(sampling_rng, t), data.num_sites, cohort_size)
+    cohort = lab_keys.round_cohort(sampling_rng, t, data.num_sites, cohort_size)
     c_i = gather_sites(state.site_controls, cohort)
     site_idx, site_count, c_i = sharding.constrain_sites(
         (data.idx[cohort], data.count[cohort], c_i), mesh)
-    round_rng = jax.random.fold_in(client_rng, t)
-    site_rngs = jax.vmap(lambda s: jax.random.fold_in(round_rng, s))(cohort)
+    round_rng = jax.random.fold_in(client_rng, t)  # the server step's key
+    site_rngs = lab_keys.site_keys(client_rng, t, cohort)
 
     if weighting == "examples":
       w = site_count.astype(jnp.float32) / site_count.sum()

@@ -281,17 +281,13 @@ def format_result(r: dict) -> list[str]:
 def main(argv):
   del argv
   from fedjax_lab import cli  # pylint: disable=g-import-not-at-top
-  from fedjax_lab import config as config_lib  # pylint: disable=g-import-not-at-top
   from fedjax_lab.errors import ConfigError  # pylint: disable=g-import-not-at-top
   cli.quiet_logs()  # each of the audit's checkpoints would log at INFO
   config, _ = cli.load_config(_CONFIG)
   if not (isinstance(config.audit.num_canaries, int) and config.audit.num_canaries > 0):
     cli.fail(f"audit.num_canaries: must be a positive integer, got "
              f"{config.audit.num_canaries}")
-  try:
-    config_lib.validate(config.target)
-  except ConfigError as e:
-    cli.fail(f"target.{e}")
+  cli.validate_target(config)
   workdir = _WORKDIR.value
   if workdir and os.path.isdir(workdir) and os.listdir(workdir):
     cli.fail(f"--workdir: {workdir} is not empty (a resumed run is not the audited run); "
@@ -307,7 +303,7 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   from fedjax_lab import cli  # pylint: disable=g-import-not-at-top
-  _CONFIG = cli.define_config_flag(os.path.join(cli.ROOT, "configs", "mia_audit.py"))
+  _CONFIG = cli.define_config_flag(os.path.join(cli.CONFIGS, "mia_audit.py"))
   _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the audited run (default: a "
                                  "new temporary folder); must be new or empty.")
   app.run(main, flags_parser=cli.parse_flags)

@@ -565,7 +565,7 @@ if __name__ == "__main__":
   from absl import app, flags as _flags
   from fedjax_lab import cli as _cli
   _CONFIG = _cli.define_config_flag(
-      default=__import__("os").path.join(_cli.ROOT, "configs", "inversion_digits.py"))
+      default=__import__("os").path.join(_cli.CONFIGS, "inversion_digits.py"))
   _flags.DEFINE_string("workdir", None, "A training workdir with recorded updates "
                        "(attack.record_sites); without it a fresh site is simulated.")
   _flags.DEFINE_string("out", None, "Output folder (default runs/inversion-<config>).")

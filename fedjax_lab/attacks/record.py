@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab import aggregators
-from fedjax_lab.algorithms import fedavg
+from fedjax_lab import keys as lab_keys
 from fedjax_lab.privacy import randomness
 from fedjax_lab.privacy.sampling import poisson_sample
 
@@ -39,7 +39,7 @@ def cohort(exp, t: int):
   rng = jax.random.fold_in(exp.keys["sampling"], t)
   cfg = exp.config
   if cfg.dp.level != "site":
-    ids = fedavg.sample_cohort(rng, exp.data.num_sites, cfg.cohort_size)
+    ids = lab_keys.sample_cohort(rng, exp.data.num_sites, cfg.cohort_size)
     return np.asarray(ids), np.ones(ids.shape, np.float32)
   ids, mask, _ = poisson_sample(rng, exp.data.num_sites, cfg.cohort_size / exp.data.num_sites,
                                 exp.data.num_sites, exp.privacy.slots)
@@ -59,7 +59,7 @@ def site_update(exp, state, t: int, site: int) -> dict:
     raise ValueError("recording needs algorithm fedavg/fedprox and rounds_per_step=1")
   ids, mask = cohort(exp, t)
   present = [i for i, (s, m) in enumerate(zip(ids, mask)) if s == site and m > 0]
-  rng = jax.random.fold_in(jax.random.fold_in(exp.keys["client"], t), site)
+  rng = lab_keys.site_key(exp.keys["client"], t, site)
   data = exp.data
   count = int(data.count[site])
   ms = state.model_state

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from scipy import stats
 
-from fedjax_lab.attacks import membership as mia
+from fedjax_lab.attacks import lira, mia_metrics, shadows
 from fedjax_lab.config import default_config
 from fedjax_lab.data import sources
 
@@ -41,9 +41,9 @@ def _extractor(train, hidden: int, seed: int):
   c.model.name, c.model.hidden = "mlp", (hidden,)
   c.client.optimizer, c.client.lr, c.client.local_steps, c.client.batch_size = "sgd", 0.3, 500, 32
   c.server.optimizer, c.server.lr, c.log.progress = "sgd", 1.0, False
-  exp = mia._one_device_experiment(c)  # pylint: disable=protected-access
+  exp = shadows.one_device_experiment(c)  # pylint: disable=protected-access
   idx = np.arange(len(train.y), dtype=np.int32)[None, None]
-  params, _ = mia.ShadowTrainer(exp, 1).train(train.x, train.y, idx,
+  params, _ = shadows.ShadowTrainer(exp, 1).train(train.x, train.y, idx,
                                               np.array([[len(train.y)]], np.int32), [seed])
   w, b = (np.asarray(a[0]) for a in jax.tree.leaves(params)[1::-1])  # kernel, bias
   return lambda x: np.maximum(x.reshape(len(x), -1) @ w + b, 0.0).astype(np.float32)
@@ -60,7 +60,7 @@ def _head_experiment(features, labels, num_classes, steps, batch):
   c.client.optimizer, c.client.lr, c.client.local_steps = "sgd", 0.5, steps
   c.client.batch_size, c.client.shuffle = batch, False
   c.server.optimizer, c.server.lr, c.log.progress = "sgd", 1.0, False
-  return mia._one_device_experiment(c)  # pylint: disable=protected-access
+  return shadows.one_device_experiment(c)  # pylint: disable=protected-access
 
 
 def grad_norms(params, features, labels):
@@ -115,17 +115,17 @@ def study(config, workdir: str) -> dict:
                              for c in range(num_classes)])
       fx, fy = feats[pool], labels[pool]
       exp = _head_experiment(fx, fy, num_classes, m.shots_steps, s * num_classes)
-      mask = mia.random_subsets(r, len(fy), m.num_models, strata=fy)
-      idx, count = mia.site_tables(mask, int(mask.sum(1)[0]), r)
-      params, _ = mia.ShadowTrainer(exp, 1).train(fx, fy, idx, count,
+      mask = shadows.random_subsets(r, len(fy), m.num_models, strata=fy)
+      idx, count = shadows.site_tables(mask, int(mask.sum(1)[0]), r)
+      params, _ = shadows.ShadowTrainer(exp, 1).train(fx, fy, idx, count,
                                                   seed * 10000 + np.arange(m.num_models))
-      phi, _ = mia.model_scores(exp.model, params, fx, fy)
-      scores, lab = mia.leave_one_out(phi, mask, mia.ATTACKS["lira_online_fixed_var"],
+      phi, _ = shadows.model_scores(exp.model, params, fx, fy)
+      scores, lab = lira.leave_one_out(phi, mask, lira.ATTACKS["lira_online_fixed_var"],
                                       m.num_targets)
       g = grad_norms(params, fx, fy)[:scores.shape[0]]
       vuln = np.where(lab, scores, np.nan)  # a member's LiRA score: its vulnerability
       rho = stats.spearmanr(g[lab], vuln[lab]).statistic
-      ev = mia.evaluate(scores, lab)
+      ev = mia_metrics.evaluate(scores, lab)
       rows.append({"S": s, "seed": seed, "auc": ev["auc"], "tpr_0.001": ev["at_fpr_0.001"],
                    "tpr_0.01": ev["at_fpr_0.01"], "grad_spearman": float(rho)})
       print(f"S={s:3d} seed={seed} AUC={ev['auc']:.3f} TPR@0.1%={ev['at_fpr_0.001']['tpr']:.4f}"

@@ -62,6 +62,7 @@ import urllib.request
 
 import numpy as np
 
+from fedjax_lab.data.dataset import split_pool
 from fedjax_lab.errors import ConfigError
 
 log = logging.getLogger("fedjax_lab")
@@ -87,20 +88,18 @@ _NA = ("", "na", "nan", "null", "none")
 _LINEAR_SCALE_ABOVE = 50.0
 # The 76 probes (Wang et al. 2005 signature) of the .arff, in its column order, without its
 # "X" prefix (R's make.names); test_signature_probes_are_the_arffs checks them against the file.
-SIGNATURE_PROBES = (
-    "219340_s_at", "217771_at", "202418_at", "206295_at", "201091_s_at", "204015_s_at",
-    "200726_at", "200965_s_at", "210314_x_at", "221882_s_at", "217767_at", "219588_s_at",
-    "204073_s_at", "212567_s_at", "211382_s_at", "201663_s_at", "221344_at", "210028_s_at",
-    "218782_s_at", "201664_at", "219724_s_at", "204014_at", "212014_x_at", "202240_at",
-    "204740_at", "208180_s_at", "204768_s_at", "203391_at", "211762_s_at", "218914_at",
-    "221028_s_at", "211779_x_at", "218883_s_at", "204888_s_at", "217815_at", "201368_at",
-    "201288_at", "201068_s_at", "218478_s_at", "214919_s_at", "209835_x_at", "217471_at",
-    "203306_s_at", "205034_at", "221816_s_at", "219510_at", "217102_at", "208683_at",
-    "215510_at", "218533_s_at", "215633_x_at", "221928_at", "214806_at", "204540_at",
-    "221916_at", "216693_x_at", "209500_x_at", "209524_at", "207118_s_at", "211040_x_at",
-    "218430_s_at", "217404_s_at", "205848_at", "214915_at", "216010_x_at", "204631_at",
-    "202687_s_at", "221634_at", "220886_at", "202239_at", "204218_at", "221241_s_at",
-    "209862_s_at", "217019_at", "210593_at", "216103_at")
+SIGNATURE_PROBES = tuple("""
+219340_s_at 217771_at 202418_at 206295_at 201091_s_at 204015_s_at 200726_at 200965_s_at
+210314_x_at 221882_s_at 217767_at 219588_s_at 204073_s_at 212567_s_at 211382_s_at
+201663_s_at 221344_at 210028_s_at 218782_s_at 201664_at 219724_s_at 204014_at
+212014_x_at 202240_at 204740_at 208180_s_at 204768_s_at 203391_at 211762_s_at 218914_at
+221028_s_at 211779_x_at 218883_s_at 204888_s_at 217815_at 201368_at 201288_at
+201068_s_at 218478_s_at 214919_s_at 209835_x_at 217471_at 203306_s_at 205034_at
+221816_s_at 219510_at 217102_at 208683_at 215510_at 218533_s_at 215633_x_at 221928_at
+214806_at 204540_at 221916_at 216693_x_at 209500_x_at 209524_at 207118_s_at 211040_x_at
+218430_s_at 217404_s_at 205848_at 214915_at 216010_x_at 204631_at 202687_s_at 221634_at
+220886_at 202239_at 204218_at 221241_s_at 209862_s_at 217019_at 210593_at 216103_at
+""".split())
 
 
 def installed_arff() -> pathlib.Path | None:
@@ -346,8 +345,7 @@ def load_arrays(path: pathlib.Path):
 
 def load(data_config):
   """(train, test) sources.Dataset pair; registered as data.name='gse7390' in sources.py."""
-  from fedjax_lab.data import sources  # pylint: disable=g-import-not-at-top
   path = resolve_path(data_config)
   x, y, columns, _, note = load_arrays(path)
   log.info(note)
-  return sources._split(x, y, 2, columns, NAME, CLASS_NAMES, data_config)  # pylint: disable=protected-access
+  return split_pool(x, y, 2, columns, NAME, CLASS_NAMES, data_config)

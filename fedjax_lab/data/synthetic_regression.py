@@ -22,6 +22,7 @@ few for a regression study across sites.
 
 import numpy as np
 
+from fedjax_lab.data.dataset import Dataset
 from fedjax_lab.errors import ConfigError
 
 NAME = "synthetic_regression"
@@ -31,7 +32,6 @@ X_RANGE = 2 * np.pi
 
 def load(data_config):
   """(train, test) sources.Dataset pair; registered as data.name='synthetic_regression'."""
-  from fedjax_lab.data import sources  # pylint: disable=g-import-not-at-top
   c = data_config.regression
   if c.function not in FUNCTIONS:
     raise ConfigError("data.regression.function", f"unknown '{c.function}'; allowed: "
@@ -48,6 +48,6 @@ def load(data_config):
   n_test = max(1, int(round(len(x) * data_config.test_fraction)))
   test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
   y_train = f[train_idx] + c.noise * rng.standard_normal(len(train_idx))
-  make = lambda idx, y: sources.Dataset(x=x[idx].astype(np.float32), y=y.astype(np.float32),
-                                        num_classes=1, columns={}, name=NAME)
+  make = lambda idx, y: Dataset(x=x[idx].astype(np.float32), y=y.astype(np.float32),
+                                num_classes=1, columns={}, name=NAME)
   return make(train_idx, y_train), make(test_idx, f[test_idx])

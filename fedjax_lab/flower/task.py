@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lab import keys as lab_keys
 from fedjax_lab.data import federated
 from fedjax_lab.errors import ConfigError
 
@@ -88,8 +89,7 @@ class SiteClient:
 
   def train(self, params, round_index: int):
     """(delta leaves, mean local loss): the lab's client update of this site in this round."""
-    rng = jax.random.fold_in(jax.random.fold_in(self.exp.keys["client"], round_index),
-                             self.site)
+    rng = lab_keys.site_key(self.exp.keys["client"], round_index, self.site)
     out = self._update(params, {}, self.data.idx[0], self.data.count[0], rng, self.data)
     return leaves(out.delta), float(out.train_loss)
 

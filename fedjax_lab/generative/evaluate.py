@@ -181,7 +181,7 @@ def main(argv=None):
   import argparse
   import ml_collections
   from fedjax_lab import runs
-  from fedjax_lab.generative.train import load_data
+  from fedjax_lab.data import sources
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", default=None, help="folder for grids and eval.json "
@@ -191,7 +191,7 @@ def main(argv=None):
   out = args.out or os.path.join(args.workdir, "eval")
   record = runs.read_run(args.workdir)
   config = _config_from_flat(record["config"])
-  _, train, test = load_data(config)
+  train, test = sources.load_dataset(config.data)
   result = evaluate(vae, dec, train, test, config.eval, config.seed)
   result["grids"] = save_grids(vae, dec, out, class_names=info["class_names"])
   os.makedirs(out, exist_ok=True)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab import aggregators
+from fedjax_lab import keys as lab_keys
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.privacy import clipping, mechanism, randomness, sampling
 from fedjax_lab.privacy.shares import expected_batch
@@ -56,7 +57,7 @@ def round_keys(seed: int, secret: list[int] | None = None) -> dict:
   root = jax.random.key(seed)
   if secret is not None:
     root = randomness.secret_key(secret)
-  return {name: jax.random.fold_in(root, i) for name, i in _SECRET_PURPOSES}
+  return lab_keys.purpose_keys(root, _SECRET_PURPOSES)
 
 
 class RoundMetrics(NamedTuple):
@@ -266,8 +267,7 @@ class FederatedVAE:
     r = state["round"]
     num_sites = data.idx.shape[0]
     site_ids = jnp.arange(num_sites)
-    round_key = jax.random.fold_in(keys["client"], r)
-    client_keys = jax.vmap(lambda s: jax.random.fold_in(round_key, s))(site_ids)
+    client_keys = lab_keys.site_keys(keys["client"], r, site_ids)
     shared = state["server"]["params"]
     messages, sites, metrics = jax.vmap(
         self.client_update, in_axes=(None, 0, 0, 0, 0, None))(

@@ -32,7 +32,7 @@ from fedjax_lab import cli  # first: sets up the CPU devices before jax
 from absl import app, flags
 
 # configs/dpd_fvae.py[:decoder|all|pbmc]; a bad key, value or file: one line, exit 2.
-_CONFIG = cli.define_config_flag(os.path.join(cli.ROOT, "configs", "dpd_fvae.py"))
+_CONFIG = cli.define_config_flag(os.path.join(cli.CONFIGS, "dpd_fvae.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (required).")
 
 log = logging.getLogger("fedjax_lab.generative")

@@ -58,54 +58,21 @@ from jax import lax
 import jax.numpy as jnp
 
 from fedjax_lab.privacy.noise import check_nonnegative as _check_nonnegative
+from fedjax_lab.privacy import ghost
 from fedjax_lab.privacy.noise import privatize  # noqa: F401  (the API: clip, then noise)
+from fedjax_lab.privacy.per_example import PyTree, clip_factors  # noqa: F401  (clip_factors: API)
+from fedjax_lab.privacy.per_example import global_sq_norms, leading_size, scale_rows
 
-PyTree = Any
 Method = Literal["auto", "vmap", "ghost"]
 _METHODS = ("auto", "vmap", "ghost")
-# Norms and sums in full float32 even where the backend would default to
-# TF32/bf16 passes (GPU, TPU): a norm computed less precisely than the sum it
-# bounds could let an example's clipped contribution exceed clip_norm. Free on
-# CPU, where float32 matmuls are always exact float32.
-_EXACT = lax.Precision.HIGHEST
 
 
-# Module layout: this file is the clipping API (factors, microbatching, the vmap path, the
-# method choice); ghost.py is the ghost-norm engine; noise.py adds the Gaussian noise.
+# Module layout: this file is the clipping API (microbatching, the vmap path, the method
+# choice); per_example.py has the clip factors both paths share; ghost.py is the ghost-norm
+# engine; noise.py adds the Gaussian noise.
 # ---------------------------------------------------------------------------
-# Clipping factors and microbatching, shared by both paths.
+# Microbatching, shared by both paths.
 # ---------------------------------------------------------------------------
-
-
-def clip_factors(norms: jax.Array, clip_norm: jax.Array,
-                 weights: Optional[jax.Array] = None) -> jax.Array:
-  """Per-example multipliers w_i * min(1, clip_norm / norm_i).
-
-  Args:
-    norms: [B] per-example gradient L2 norms.
-    clip_norm: scalar clipping threshold C >= 0.
-    weights: [B] optional example weights (0 for padding rows).
-
-  Returns:
-    [B] factors; 0 where the norm is not finite (NaN-safe).
-  """
-  # `norms > clip_norm` (not clip_norm / norms) so norm 0 and clip_norm 0
-  # never divide 0 by 0.
-  safe = jnp.where(norms > clip_norm, clip_norm / jnp.where(
-      norms > 0, norms, 1.0), 1.0)
-  factors = jnp.where(jnp.isfinite(norms), safe, 0.0)
-  if weights is not None:
-    factors = factors * weights
-  return factors
-
-
-def _leading_size(tree: PyTree) -> int:
-  sizes = {x.shape[0] for x in jax.tree.leaves(tree)}
-  if len(sizes) != 1:
-    raise ValueError(
-        f"every leaf of the batch must have the same leading (batch) axis; "
-        f"got sizes {sorted(sizes)}.")
-  return sizes.pop()
 
 
 def _microbatched(chunk_fn: Callable[..., tuple[PyTree, jax.Array, jax.Array]],
@@ -149,23 +116,6 @@ def _microbatched(chunk_fn: Callable[..., tuple[PyTree, jax.Array, jax.Array]],
   return total, norms.reshape(-1)[:size], losses.reshape(-1)[:size]
 
 
-def _global_sq_norms(per_example_tree: PyTree) -> jax.Array:
-  """[B] squared L2 norms over all leaves of a tree with leading axis B."""
-  leaves = jax.tree.leaves(per_example_tree)
-  return sum(
-      jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
-              .reshape(x.shape[0], -1), axis=1) for x in leaves)
-
-
-def _scale_rows(x: jax.Array, factors: jax.Array) -> jax.Array:
-  """x * factors along axis 0, with rows of factor 0 set to exactly 0.
-
-  `where`, not a bare product, so a NaN/inf row with factor 0 becomes 0.
-  """
-  f = factors.reshape((-1,) + (1,) * (x.ndim - 1))
-  return jnp.where(f != 0, x * f.astype(x.dtype), jnp.zeros((), x.dtype))
-
-
 # ---------------------------------------------------------------------------
 # The generic path: vmap(grad) over examples.
 # ---------------------------------------------------------------------------
@@ -177,10 +127,10 @@ def _vmap_chunk(loss_fn, params, clip_norm):
   def chunk_fn(batch, weights):
     losses, grads = jax.vmap(jax.value_and_grad(loss_fn),
                              in_axes=(None, 0))(params, batch)
-    norms = jnp.sqrt(_global_sq_norms(grads))
+    norms = jnp.sqrt(global_sq_norms(grads))
     factors = clip_factors(norms, clip_norm, weights)
     grad_sum = jax.tree.map(
-        lambda g: jnp.sum(_scale_rows(g, factors), axis=0), grads)
+        lambda g: jnp.sum(scale_rows(g, factors), axis=0), grads)
     return grad_sum, norms, losses
 
   return chunk_fn
@@ -216,7 +166,7 @@ def clipped_grad_sum(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     (grad_sum, norms [B]) with return_norms=True.
   """
   _check_nonnegative("clip_norm", clip_norm)
-  size = _leading_size(batch)
+  size = leading_size(batch)
   weights = jnp.ones((size,), jnp.float32) if weights is None else weights
   grad_sum, norms, _ = _microbatched(
       _vmap_chunk(loss_fn, params, clip_norm), batch, weights,
@@ -261,7 +211,6 @@ def _choose(module, params, inputs, method, model_state, apply_kwargs):
     raise ValueError(f"method must be one of {_METHODS}, got {method!r}.")
   if method == "vmap" or (method == "auto" and model_state):
     return "vmap", None
-  from fedjax_lab.privacy import ghost  # it builds on this module's factors
   layers, problem = ghost.trace_layers(module, params, inputs, model_state, apply_kwargs)
   if problem is None:
     return "ghost", layers
@@ -311,13 +260,12 @@ def make_clipped_grad_sum(module: nn.Module,
 
   def fn(params, inputs, labels, weights, clip_norm, model_state=None):
     _check_nonnegative("clip_norm", clip_norm)
-    size = _leading_size(inputs)
+    size = leading_size(inputs)
     if weights is None:
       weights = jnp.ones((size,), jnp.float32)
     path, layers = _choose(module, params, inputs, method, model_state,
                            apply_kwargs)
     if path == "ghost":
-      from fedjax_lab.privacy import ghost
       chunk_fn = ghost.ghost_chunk(module, example_loss, params, clip_norm, layers,
                                    model_state, apply_kwargs)
     else:

@@ -13,8 +13,8 @@ from jax import lax
 import jax.extend.core as jex_core
 import jax.numpy as jnp
 
-from fedjax_lab.privacy.clipping import (_EXACT, PyTree, _global_sq_norms, _leading_size,
-                                         _scale_rows, clip_factors)
+from fedjax_lab.privacy.per_example import (EXACT, PyTree, clip_factors, global_sq_norms,
+                                            leading_size, scale_rows)
 
 # ---------------------------------------------------------------------------
 # The ghost path for Flax linen modules.
@@ -82,7 +82,7 @@ def trace_layers(module: nn.Module, params: PyTree, inputs: PyTree,
   """Traces the model abstractly; returns (layers, reason-or-None)."""
   layers: list[_Layer] = []
   problems: list[str] = []
-  batch_size = _leading_size(inputs)
+  batch_size = leading_size(inputs)
 
   def interceptor(next_fun, args, kwargs, context):
     module_ = context.module
@@ -225,9 +225,9 @@ def _layer_norms_and_sum(layer: _Layer, layer_params: PyTree, x: jax.Array,
 
     def dense_sum(factors):
       keep = (factors != 0).astype(jnp.float32)
-      scaled_g = _scale_rows(float_g, factors)
-      return pack(jnp.matmul(_scale_rows(float_x, keep).T, scaled_g,
-                             precision=_EXACT),
+      scaled_g = scale_rows(float_g, factors)
+      return pack(jnp.matmul(scale_rows(float_x, keep).T, scaled_g,
+                             precision=EXACT),
                   jnp.sum(scaled_g, axis=0))
 
     return sq, dense_sum
@@ -247,29 +247,29 @@ def _layer_norms_and_sum(layer: _Layer, layer_params: PyTree, x: jax.Array,
   if t * (k + o) < k * o:
     # Ghost norm: ||a^T g||_F^2 = sum_{p,q} (a_p . a_q)(g_p . g_q), cost
     # T^2 (k + o) instead of T k o.
-    gram_a = jnp.einsum("btk,bsk->bts", a, a, precision=_EXACT)
-    gram_g = jnp.einsum("bto,bso->bts", g3, g3, precision=_EXACT)
+    gram_a = jnp.einsum("btk,bsk->bts", a, a, precision=EXACT)
+    gram_g = jnp.einsum("bto,bso->bts", g3, g3, precision=EXACT)
     sq = jnp.sum(gram_a * gram_g, axis=(1, 2)) + bias_sq
 
     def ghost_sum(factors):
       keep = (factors != 0).astype(jnp.float32)
-      scaled_g = _scale_rows(g3, factors)
+      scaled_g = scale_rows(g3, factors)
       return pack(
-          jnp.einsum("btk,bto->ko", _scale_rows(a, keep), scaled_g,
-                     precision=_EXACT),
+          jnp.einsum("btk,bto->ko", scale_rows(a, keep), scaled_g,
+                     precision=EXACT),
           jnp.sum(scaled_g, axis=(0, 1)))
 
     return sq, ghost_sum
 
   # Materialize the per-example kernel gradients of this layer only; the
   # clipped sum is then a weighted sum of them, with no extra pass over a.
-  per_example = jnp.einsum("btk,bto->bko", a, g3, precision=_EXACT)
+  per_example = jnp.einsum("btk,bto->bko", a, g3, precision=EXACT)
   sq = jnp.sum(jnp.square(per_example), axis=(1, 2)) + bias_sq
 
   def materialized_sum(factors):
     return pack(
-        jnp.sum(_scale_rows(per_example, factors), axis=0),
-        jnp.sum(_scale_rows(jnp.sum(g3, axis=1), factors), axis=0))
+        jnp.sum(scale_rows(per_example, factors), axis=0),
+        jnp.sum(scale_rows(jnp.sum(g3, axis=1), factors), axis=0))
 
   return sq, materialized_sum
 
@@ -289,10 +289,10 @@ def _per_example_norms_and_sum(layer, layer_params, x, g):
   per_example = jax.vmap(one)(x, g)
 
   def per_example_sum(factors):
-    return jax.tree.map(lambda v: jnp.sum(_scale_rows(v, factors), axis=0),
+    return jax.tree.map(lambda v: jnp.sum(scale_rows(v, factors), axis=0),
                         per_example)
 
-  return _global_sq_norms(per_example), per_example_sum
+  return global_sq_norms(per_example), per_example_sum
 
 
 def _tapped_forward(module, variables, inputs, apply_kwargs):
@@ -378,7 +378,7 @@ def _structure_problem(module, params, model_state, inputs, apply_kwargs,
 
     # As in the ghost path: activations leave the vjp as its aux output.
     outputs, vjp_fn, activations = jax.vjp(
-        forward, _zero_perturbations(layers, _leading_size(x)), has_aux=True)
+        forward, _zero_perturbations(layers, leading_size(x)), has_aux=True)
     return outputs, vjp_fn(jax.tree.map(jnp.zeros_like, outputs)), [
         jnp.sum(a) for a in activations.values()
     ]
@@ -417,7 +417,7 @@ def ghost_chunk(module, example_loss, params, clip_norm, layers,
     inputs, labels = batch
 
     forward = _tapped_forward(module, variables, inputs, apply_kwargs)
-    zeros = _zero_perturbations(layers, _leading_size(inputs))
+    zeros = _zero_perturbations(layers, leading_size(inputs))
     # Differentiating w.r.t. the perturbations only (params closed over)
     # makes this backward pass skip every weight gradient.
     outputs, vjp_fn, activations = jax.vjp(forward, zeros, has_aux=True)
