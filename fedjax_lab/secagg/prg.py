@@ -152,12 +152,27 @@ def expand_masks_host(keys: list[list[bytes]], signs, n_words: int) -> np.ndarra
   """The same sums as expand_masks with `cryptography`'s ChaCha20 (OpenSSL) on the host.
 
   keys: per row, a list of 32-byte keys; signs: matching lists in {-1, 0, +1}. Returns
-  [len(keys), n_words] uint32. Row by row, through one reused buffer (signed_keystream_sum):
-  no [rows, slots, n_words] array is ever formed.
+  [len(keys), n_words] uint32. Each distinct key is expanded once, into a reused buffer of a
+  few rows, and added to (or subtracted from) every row that holds it: a pairwise mask key
+  sits in both its sites' rows with opposite signs, so a simulated cohort expands each pair's
+  keystream once (the same words either site would make). No [rows, slots, n_words] array is
+  ever formed.
   """
   out = np.zeros((len(keys), n_words), np.uint32)
+  uses = {}  # key -> [(row, sign)], in first-seen order
+  for r, (row, row_signs) in enumerate(zip(keys, signs)):
+    for key, sign in zip(row, row_signs):
+      if sign:
+        uses.setdefault(key, []).append((r, sign))
   rows = max(1, min(16, _BUFFER_BYTES // max(4 * n_words, 1)))
   buffer = np.empty((rows, n_words), np.uint32)
-  for r, (row, row_signs) in enumerate(zip(keys, signs)):
-    signed_keystream_sum(row, row_signs, n_words, out[r], buffer)
+  zeros = bytes(4 * n_words)
+  items = list(uses.items())
+  for start in range(0, len(items), rows):
+    chunk = items[start:start + rows]
+    for i, (key, _) in enumerate(chunk):
+      _keystream_into(key, zeros, buffer[i])
+    for i, (_, targets) in enumerate(chunk):
+      for r, sign in targets:
+        (np.add if sign > 0 else np.subtract)(out[r], buffer[i], out=out[r])
   return out

@@ -26,6 +26,16 @@ secret needed for unmasking has fewer than t shares: it never returns a wrong su
 
 The server (`Server`) holds only what it is sent: public keys, ciphertexts it routes, the
 masked rows and the unmasking shares; `Server.unmask` works from exactly those.
+
+Simulation shortcut (secure_sum only; `PairSecrets`): the two ends of a pair derive the same
+values, X25519(c_u, c_v^PK) = X25519(c_v, c_u^PK), the share-encryption key of the direction
+u -> v (derived by u to encrypt, by v to decrypt), and the pairwise mask key s_uv with its
+ChaCha20 keystream. A deployment computes each at both ends, in separate processes; the
+simulation computes each once and hands it to both Site objects, so a round makes half the
+agreements, key derivations and keystreams, with bit-for-bit the same keys, ciphertexts'
+plaintexts and masked rows. Every primitive is still run for real: each agreement is an
+X25519 of a site's own private key, every share is encrypted by its sender and decrypted and
+checked by its recipient, every masked row holds its full PRG expansions.
 """
 
 import contextlib
@@ -73,11 +83,29 @@ class UnmaskResponse(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- a site
-class Site:
-  """One site's protocol state (its secrets never leave this object except as shares)."""
+class PairSecrets:
+  """SIMULATION ONLY: the values both ends of a pair derive, computed by the first end that
+  needs them and read by the second (see the module docstring). Keys: ("c", lo, hi) the
+  X25519 of the share-encryption keys, ("share", sender, recipient) that direction's AEAD key,
+  ("mask", lo, hi) the pairwise mask key. Only secure_sum, which simulates every site in one
+  process, passes one to its Sites; Sites built without one compute everything themselves."""
 
-  def __init__(self, site: int, salt: bytes, threshold: int):
-    self.id, self.salt, self.t = site, salt, threshold
+  def __init__(self):
+    self._values = {}
+
+  def get(self, name: tuple, compute):
+    value = self._values.get(name)
+    if value is None:
+      value = self._values[name] = compute()
+    return value
+
+
+class Site:
+  """One site's protocol state (its secrets never leave this object except as shares, or in
+  simulation through `pairs`, a PairSecrets shared by the simulated cohort)."""
+
+  def __init__(self, site: int, salt: bytes, threshold: int, pairs: PairSecrets | None = None):
+    self.id, self.salt, self.t, self._pairs = site, salt, threshold, pairs
     self._c_sk, self.c_public = crypto.generate_keypair()
     self._s_sk, self.s_public = crypto.generate_keypair()
     self._seed = os.urandom(32)  # b_u
@@ -101,32 +129,45 @@ class Site:
     self._roster, self._neighbours = roster, tuple(neighbours)
     holders = sorted(self._neighbours + (self.id,))
     xs = [h + 1 for h in holders]
-    b_shares = shamir.split(self._seed, self.t, xs)
-    s_shares = shamir.split(crypto.private_bytes(self._s_sk), self.t, xs)
+    b_shares, s_shares = shamir.split_many([self._seed, crypto.private_bytes(self._s_sk)],
+                                           self.t, [xs, xs])
+    nonces = os.urandom(crypto.NONCE_BYTES * len(holders))
     out = []
-    for holder, bs, ss in zip(holders, b_shares, s_shares):
+    for i, (holder, bs, ss) in enumerate(zip(holders, b_shares, s_shares)):
       if holder == self.id:
         self._held[self.id] = (bs, ss)
         continue
-      key = crypto.share_key(self._c_shared(holder), self.salt, self.id, holder)
+      key = self._share_key(self.id, holder)
       plain = (self.id.to_bytes(4, "big") + holder.to_bytes(4, "big")
                + shamir.encode(bs[1]) + shamir.encode(ss[1]))
+      nonce = nonces[i * crypto.NONCE_BYTES:(i + 1) * crypto.NONCE_BYTES]
       out.append(EncryptedShare(self.id, holder,
-                                crypto.encrypt(key, plain, self.salt, self.id, holder)))
+                                crypto.encrypt(key, plain, self.salt, self.id, holder, nonce)))
     return out
+
+  def _pair(self, name: tuple, compute):
+    return compute() if self._pairs is None else self._pairs.get(name, compute)
 
   def _c_shared(self, peer: int) -> bytes:
     """X25519 of the share-encryption keys with `peer`, once per pair (both directions)."""
     if peer not in self._shared:
-      self._shared[peer] = crypto.exchange(self._c_sk, self._roster[peer].c_public)
+      self._shared[peer] = self._pair(
+          ("c", min(self.id, peer), max(self.id, peer)),
+          lambda: crypto.exchange(self._c_sk, self._roster[peer].c_public))
     return self._shared[peer]
+
+  def _share_key(self, sender: int, recipient: int) -> bytes:
+    """The AEAD key of the direction sender -> recipient (this site is one of the two)."""
+    peer = recipient if sender == self.id else sender
+    return self._pair(("share", sender, recipient), lambda: crypto.share_key(
+        self._c_shared(peer), self.salt, sender, recipient))
 
   def receive_shares(self, messages: list[EncryptedShare]) -> None:
     """Decrypt the shares neighbours sent (AEAD: altered or re-routed messages are refused)."""
     for m in messages:
       if m.recipient != self.id or m.sender not in self._neighbours:
         raise Abort(f"site {self.id}: a share from {m.sender} it does not expect")
-      key = crypto.share_key(self._c_shared(m.sender), self.salt, m.sender, self.id)
+      key = self._share_key(m.sender, self.id)
       plain = crypto.decrypt(key, m.message, self.salt, m.sender, self.id)
       if plain[:8] != m.sender.to_bytes(4, "big") + self.id.to_bytes(4, "big"):
         raise Abort(f"site {self.id}: share message names the wrong route")
@@ -143,8 +184,10 @@ class Site:
     keys, signs = [crypto.self_mask_key(self._seed, self.salt)], [1]
     for v in self._neighbours:
       if v in u2:
-        keys.append(crypto.mask_key(self._s_sk, self.s_public, self._roster[v].s_public,
-                                    self.salt))
+        keys.append(self._pair(
+            ("mask", min(self.id, v), max(self.id, v)),
+            lambda: crypto.mask_key(self._s_sk, self.s_public, self._roster[v].s_public,
+                                    self.salt)))
         signs.append(1 if v > self.id else -1)
       else:
         keys.append(bytes(32))
@@ -405,7 +448,8 @@ def secure_sum(updates, key, config: SecAggConfig = SecAggConfig(), *, dropouts=
     with clock("host_server"):
       server = Server(K, k, t, config.bits, salt)
     with clock("host_sites"):
-      sites = [Site(u, salt, t) for u in range(K)]
+      pairs = PairSecrets()  # simulation only: see the module docstring
+      sites = [Site(u, salt, t, pairs) for u in range(K)]
       ads = [s.advertise() for s in sites]
     with clock("host_server"):
       roster, graph = server.collect_keys(ads)
