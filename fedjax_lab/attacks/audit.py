@@ -104,6 +104,22 @@ def epsilon_estimate(scores_in, scores_out, delta: float, confidence: float = 0.
   return max(0.0, float(eps))
 
 
+def canary_estimate(scores_in, null_std: float, delta: float) -> float:
+  """Andrew et al. 2024's ESTIMATE from random-direction canaries: NOT a lower bound.
+
+  An excluded canary's score (a cosine with the released delta, or a sum of T of them) is
+  N(0, null_std^2) in high dimension, null_std^2 = 1/d (T/d): its direction is independent of
+  the model. The included canaries' scores are taken as N(mu null_std, null_std^2): mu is
+  their mean over null_std, and the estimate is the epsilon of mu-GDP at `delta`. It assumes
+  the Gaussian trade-off curve the Gaussian mechanism has; it can exceed the true epsilon of
+  another mechanism, and says nothing with guarantee.
+  """
+  s = _scores("scores_in", scores_in)
+  if not null_std > 0:
+    raise ValueError(f"null_std must be > 0, got {null_std}")
+  return _gdp_epsilon(float(np.mean(s)) / null_std, delta)
+
+
 def _gdp_epsilon(mu: float, delta: float) -> float:
   """The epsilon of mu-GDP at delta (Dong, Roth & Su 2019, Cor. 2.13), in the log domain."""
   from scipy import optimize, stats  # pylint: disable=g-import-not-at-top
