@@ -95,16 +95,15 @@ def main():
   p.add_argument("--plot-only", action="store_true")
   args = p.parse_args()
   rows = json.load(open(OUT)) if os.path.exists(OUT) else []
-  if not args.plot_only:
-    rows = []
-    for seed in range(args.repeats):
-      for eps in args.epsilons:
-        rows.append(run_one("dp", eps, seed))
+  if not args.plot_only:  # resumes: a (kind, claimed, seed) already in the file is kept
+    done = {(r["kind"], r["claimed"], r["seed"]) for r in rows}
+    plan = ([("dp", e, 0, 1.0) for e in args.epsilons] + [("no_dp", None, 0, 1.0)]
+            + [("broken", e, 0, 4.0) for e in args.broken]
+            + [("dp", e, s, 1.0) for s in range(1, args.repeats) for e in args.epsilons])
+    for kind, eps, seed, broken in plan:
+      if (kind, eps, seed) not in done:
+        rows.append(run_one(kind, eps, seed, broken))
         json.dump(rows, open(OUT, "w"), indent=1)
-    rows.append(run_one("no_dp", None, 0))
-    for eps in args.broken:
-      rows.append(run_one("broken", eps, 0, broken=4.0))
-    json.dump(rows, open(OUT, "w"), indent=1)
   plot(rows)
 
 
