@@ -138,6 +138,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.aggregator = ml_collections.ConfigDict(dict(
       robust="none", pre="none", f=0, trim=config_dict.placeholder(int), tau=1.0,
       iters=config_dict.placeholder(int), bucket_size=2))
+  # In-run canary audit (fedjax_lab/attacks/canaries.py, docs/audit.md; Andrew et al. 2024):
+  # canaries > 0 adds that many canary sites, each sending clip_norm * its random unit
+  # direction (drawn from canary_seed, public) in the rounds it takes part in; which ones are
+  # in (probability 1/2) is drawn like the DP mechanism's randomness. 0: off, nothing changes.
+  # break_noise_divisor: a DELIBERATE BUG for auditing the auditor: the released noise's
+  # multiplier is divided by it while the accountant's claim stays; 1.0 in any real run.
+  c.audit = ml_collections.ConfigDict(dict(canaries=0, canary_seed=0, break_noise_divisor=1.0))
   return c
 
 
@@ -245,6 +252,8 @@ def validate(config) -> None:
   robust.validate(config)
   byzantine.validate(config)
   standardize.resolve(config)  # data.standardize against dp.level and optim.public_data
+  from fedjax_lab.attacks import canaries
+  canaries.validate(config)
 
 
 def secagg_max_cohort(config) -> int:

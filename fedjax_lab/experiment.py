@@ -19,6 +19,7 @@ from fedjax_lab import algorithms, evaluation, evaluation_robustness, losses, op
 from fedjax_lab import keys as lab_keys
 from fedjax_lab import sharding
 from fedjax_lab.algorithms import fedavg
+from fedjax_lab.attacks import canaries
 from fedjax_lab.client import (ClientConfig, ExampleDP, make_client_update,
                                make_public_objective)
 from fedjax_lab.data import federated, partition, public, sources, standardize
@@ -147,6 +148,12 @@ class Experiment:
 
     self.client_update = client_update_with()
     self.fedbn = config.algorithm.batch_stats == "local"
+    self.canaries = canaries.make(config, self.privacy, self.data.num_sites, jax.eval_shape(
+        self.model.init, self.keys["init"], self.train.x[:2])[0])
+    if config.audit.break_noise_divisor != 1.0:
+      log.warning("audit.break_noise_divisor=%g: a DELIBERATELY BROKEN run (the noise is "
+                  "divided by it, the claimed epsilon is not): it only audits the auditor",
+                  config.audit.break_noise_divisor)
     self.algorithm = algorithms.make_algorithm(algorithms.AlgorithmContext(
         config=config, model=self.model, client_update=self.client_update,
         client_tx=self.client_tx, server_tx=self.server_tx, num_sites=self.data.num_sites,
@@ -158,7 +165,8 @@ class Experiment:
                          else config.sites_per_chunk),
         example_dp=example_dp, make_client_update=client_update_with, loss=self.loss,
         secure_sum=self._secure_sum(),
-        like=jax.eval_shape(self.model.init, self.keys["init"], self.train.x[:2])[0]))
+        like=jax.eval_shape(self.model.init, self.keys["init"], self.train.x[:2])[0],
+        canaries=self.canaries))
     self.round_fn = self.algorithm.round
     self.rounds_per_step = config.rounds_per_step
     step = (self.round_fn if self.rounds_per_step == 1

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from fedjax_lab import divergence, evaluation, evaluation_robustness, runs
-from fedjax_lab.attacks import record
+from fedjax_lab.attacks import canaries, record
 from fedjax_lab.checkpoint import Checkpointer
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.logging import MetricsLogger
@@ -67,6 +67,8 @@ def run(self, workdir: str) -> dict:
     runs.write_run(workdir, cfg)
   ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep)
   state = self.init_state()
+  # The canary audit's adversary knows the initialisation (seeded, no private data).
+  w0 = canaries.flat(state.params) if self.canaries is not None else None
   start, meta = 0, {"bytes_total": 0, "seconds_total": 0.0}
   if self.privacy is not None:  # what the accountant composes; checked again on resume
     meta.update(noise_multiplier=self.privacy.noise_multiplier,
@@ -121,6 +123,9 @@ def run(self, workdir: str) -> dict:
              cfg.optim.public_data, min(cfg.optim.public_batch_size, len(self.public)))
   completed, result = start, None
   watch = divergence.Watch(cfg, state.params)
+  scorer = canaries.Scorer(self.canaries, meta) if self.canaries is not None else None
+  if scorer is not None:
+    scorer.observe(state.params)
   # Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the round in flight, save, then stop.
   stop = {"signal": None}
   handlers = {s: signal.signal(s, lambda num, _: stop.update(signal=num))
@@ -134,6 +139,8 @@ def run(self, workdir: str) -> dict:
       t0 = time.perf_counter()
       before = jax.tree.map(np.array, state) if record.wants(cfg, completed + 1) else None
       state, metrics = self.step(state, self.data, self.keys["sampling"], self.keys["client"])
+      if scorer is not None:  # rounds_per_step is 1 (canaries.validate)
+        scorer.observe(state.params)
       if before is not None and primary:  # attack.record_sites: off by default
         record.save(self, before, completed + 1, workdir)
       losses = np.atleast_1d(np.asarray(metrics.train_loss))
@@ -185,6 +192,8 @@ def run(self, workdir: str) -> dict:
         stop["signal"] = signal.SIGTERM  # another process was: stop after the same round
       if (completed % cfg.checkpoint.every == 0 or completed == cfg.rounds or stop["signal"]
           or self._over_budget(completed + self.rounds_per_step)):
+        if scorer is not None:
+          scorer.save(meta)
         ckpt.save(completed, state, meta)
   finally:
     for s, h in handlers.items():
@@ -234,6 +243,10 @@ def run(self, workdir: str) -> dict:
   # AUC, macro-F1, bootstrap intervals, per-site metrics, eval.robustness (new keys only).
   if self.task == "classification":
     summary.update(evaluation_robustness.final_metrics(self, state))
+  if scorer is not None:
+    summary["audit"] = canaries.report(
+        self, scorer, w0,
+        summary.get("privacy", {}).get("guarantees"), cfg.dp.delta, summary["epsilon"])
   if primary:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

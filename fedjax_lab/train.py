@@ -69,6 +69,9 @@ def main(argv):
   if not primary:
     return
   # First: the last two lines stay the test_accuracy line (or the centralized one) and the JSON.
+  if "audit" in summary:  # audit.canaries > 0: beside the claim, the estimate and the bound
+    from fedjax_lab.attacks import canaries
+    print("\n".join(canaries.format_lines(summary["audit"])))
   if summary.get("test_auc") is not None:  # evaluation_robustness.final_metrics
     ci = lambda key: ("" if summary.get(key) is None else
                       " [{:.3f}, {:.3f}]".format(*summary[key]))

@@ -59,6 +59,7 @@ class AlgorithmContext(NamedTuple):
   secure_sum: Callable | None = None
   loss: Any = None           # losses.Loss of model.loss (None: cross-entropy)
   like: Any = None           # the parameters' shapes (jax.ShapeDtypeStruct leaves)
+  canaries: Any = None       # attacks.canaries.Canaries (audit.canaries > 0), else None
 
 
 class Algorithm(NamedTuple):

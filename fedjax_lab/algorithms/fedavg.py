@@ -32,6 +32,7 @@ import optax
 from fedjax_lab import aggregators, algorithms, sharding
 from fedjax_lab import keys as lab_keys
 from fedjax_lab.keys import sample_cohort  # noqa: F401  (API: scaffold, tests)
+from fedjax_lab.attacks import canaries as canaries_lib
 from fedjax_lab.aggregators import AdaptiveClip, clip_by_global_norm  # noqa: F401 (API)
 from fedjax_lab.algorithms import RoundMetrics, round_metrics  # noqa: F401 (API)
 from fedjax_lab.data.federated import FederatedData
@@ -212,7 +213,7 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
                server_objective: Callable | None = None,
                aggregator: aggregators.Aggregator | None = None,
                secure_sum: Callable | None = None, byzantine_sites: int = 0,
-               flip_labels: bool = False) -> Callable:
+               flip_labels: bool = False, canaries=None) -> Callable:
   """Returns round_fn(state, data, sampling_rng, client_rng) -> (state, RoundMetrics).
 
   `client_update` is `client.make_client_update(...)`; the keys are the run's per-purpose
@@ -239,6 +240,9 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
   the fly as before. `byzantine_sites`: the first that many slots of every cohort are
   Byzantine (attacks/byzantine.py); `flip_labels`: they train on flipped labels
   (y -> num_classes - 1 - y), inside the vmap like any site.
+
+  `canaries` (attacks/canaries.Canaries, audit.canaries > 0): the round's canary sites'
+  updates, summed, join the sites' sum before the chain's server steps (noise, divisor).
   """
   if aggregator is None:
     aggregator = make_aggregator(site_dp, cohort_size)
@@ -331,14 +335,21 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
     if keep_updates:
       sums["delta"] = aggregators.reduce_stacked(aggregator, per_site.pop("update"), weights,
                                                  in_cohort, state.clip_norm, rnd, shared)
-    return dict(sums=sums, per_site=per_site, rnd=rnd, shared=shared, weights=weights,
-                cohort_overflow=cohort_overflow, round_rng=round_rng)
+    ctx = dict(sums=sums, per_site=per_site, rnd=rnd, shared=shared, weights=weights,
+               cohort_overflow=cohort_overflow, round_rng=round_rng)
+    if canaries is not None:
+      ctx["canaries"] = canaries_lib.round_sum(canaries, sampling_rng, t)
+    return ctx
 
   def finish(state: ServerState, data: FederatedData, ctx, sent_total, secagg_metrics=None):
     """The server's end: the chain's server steps (last to first), the server optimizer."""
     rnd, sums, per_site = ctx["rnd"], ctx["sums"], ctx["per_site"]
+    total = sent_total["delta"]
+    if canaries is not None:  # as if their rows were in the sum
+      unravel = jax.flatten_util.ravel_pytree(total)[1]
+      total = jax.tree.map(jnp.add, total, unravel(ctx["canaries"]))
     mean_delta, agg_state, agg_metrics = aggregator.server(
-        sent_total["delta"], state.clip_norm, rnd, ctx["shared"], per_site["stats"])
+        total, state.clip_norm, rnd, ctx["shared"], per_site["stats"])
     params, opt_state = server_step(server_tx, mean_delta, state.opt_state, state.params,
                                     server_objective, state.model_state, ctx["round_rng"], data)
 
@@ -440,7 +451,8 @@ def build(ctx):
                         server_objective=ctx.server_objective,
                         sites_per_chunk=ctx.sites_per_chunk, aggregator=aggregator,
                         secure_sum=ctx.secure_sum, byzantine_sites=cfg.attack.num_sites,
-                        flip_labels=byzantine.flips_labels(cfg.attack.name))
+                        flip_labels=byzantine.flips_labels(cfg.attack.name),
+                        canaries=ctx.canaries)
   init = lambda params, model_state: init_server_state(
       params, model_state, ctx.server_tx, ctx.num_sites, fedbn, aggregator=aggregator,
       local_params=tuple(cfg.algorithm.local_params))

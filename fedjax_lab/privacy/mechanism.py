@@ -214,8 +214,12 @@ class SiteNoise(NamedTuple):
 
 
 def site_noise(plan: PrivacyPlan, config) -> SiteNoise:
+  # audit.break_noise_divisor: a DELIBERATE BUG that audits the auditor (attacks/canaries.py):
+  # the released noise shrinks while the accountant's claim stays. 1.0 in every real run.
+  broken = config.get("audit", {}).get("break_noise_divisor", 1.0)
   return SiteNoise(
-      noise_multiplier=plan.update_noise_multiplier, count_stddev=plan.count_noise_multiplier,
+      noise_multiplier=plan.update_noise_multiplier / broken,
+      count_stddev=plan.count_noise_multiplier,
       coordinated=config.dp.noise == "coordinated", max_cohort=plan.slots,
       grid=secagg_delta.grid(config, plan.slots) if config.secagg.enabled else None,
       cohort_groups=0 if plan.mf is None else plan.mf.groups,

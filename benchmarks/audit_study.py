@@ -1,0 +1,111 @@
+r"""The in-run canary audit on digits, site-level DP (configs/digits_dp.py:site with
+dp.noise=coordinated, audit.canaries=1000): claimed epsilon vs Andrew et al.'s estimate vs the
+one-run 95% lower bound, with all iterates observed and the final model only.
+
+  python benchmarks/audit_study.py --repeats 3          # eps 1 2 4 8, no DP, broken runs
+  python benchmarks/audit_study.py --plot-only          # the plot from audit_study.json
+
+dp.noise=coordinated: the released sum then carries exactly the accountant's sigma (parallel
+noise tops it up to the slots, ~sqrt(103) times more, and the audit would measure that).
+Repetition r uses config.seed = r and audit.canary_seed = r (fresh noise, cohorts, inclusion
+draws and directions). The broken runs divide the noise multiplier by 4 and keep the claim
+(audit.break_noise_divisor=4: a DELIBERATE bug). Writes benchmarks/audit_study.json and
+benchmarks/audit_study.png.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import fedjax_lab  # noqa: E402
+
+fedjax_lab.setup_cpu_devices()
+OUT = os.path.join(HERE, "audit_study.json")
+
+
+def config(epsilon, seed, canaries=1000, broken=1.0):
+  spec = importlib.util.spec_from_file_location(
+      "digits_dp", os.path.join(HERE, "..", "configs", "digits_dp.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("site")
+  c.seed, c.checkpoint.every = seed, c.rounds
+  c.log.progress, c.log.tensorboard = False, False
+  c.dp.noise, c.dp.randomness = "coordinated", "seeded"
+  if epsilon is None:
+    c.dp.level, c.dp.target_epsilon = "none", None
+  else:
+    c.dp.target_epsilon = float(epsilon)
+  c.audit.canaries, c.audit.canary_seed, c.audit.break_noise_divisor = canaries, seed, broken
+  return c
+
+
+def run_one(kind, epsilon, seed, broken=1.0):
+  from fedjax_lab.experiment import Experiment
+  s = Experiment(config(epsilon, seed, broken=broken)).run(tempfile.mkdtemp())
+  a = s["audit"]
+  row = {"kind": kind, "claimed": epsilon, "seed": seed, "test_accuracy": s["test_accuracy"]}
+  for obs in ("all_iterates", "final_model"):
+    row[obs] = {k: a[obs][k] for k in ("estimate", "lower_bound_95")}
+  print(json.dumps(row), flush=True)
+  return row
+
+
+def plot(rows):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  dp = [r for r in rows if r["kind"] == "dp"]
+  eps = sorted({r["claimed"] for r in dp})
+  ax.plot(eps, eps, "k--", label="claimed (accountant)")
+  for obs, marker in (("all_iterates", "o"), ("final_model", "s")):
+    for key, fill, name in (("estimate", None, "estimate"), ("lower_bound_95", "none",
+                                                             "95% lower bound")):
+      mean = [np.mean([r[obs][key] for r in dp if r["claimed"] == e]) for e in eps]
+      lo = [np.min([r[obs][key] for r in dp if r["claimed"] == e]) for e in eps]
+      hi = [np.max([r[obs][key] for r in dp if r["claimed"] == e]) for e in eps]
+      ax.errorbar(eps, mean, yerr=[np.subtract(mean, lo), np.subtract(hi, mean)],
+                  marker=marker, mfc=fill, capsize=3, label=f"{name}, {obs}")
+  for r in rows:
+    if r["kind"] == "broken":
+      ax.plot(r["claimed"], r["all_iterates"]["lower_bound_95"], "rx", ms=9)
+  ax.plot([], [], "rx", label="lower bound, broken run (sigma/4)")
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log", base=2)
+  ax.set_xlabel("claimed epsilon (delta 1e-5)")
+  ax.set_ylabel("epsilon")
+  ax.set_title("canary audit, digits site-level DP, m=1000 (min/mean/max over seeds)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(HERE, "audit_study.png"), dpi=120)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4, 8])
+  p.add_argument("--broken", type=float, nargs="+", default=[1, 2, 4])
+  p.add_argument("--plot-only", action="store_true")
+  args = p.parse_args()
+  rows = json.load(open(OUT)) if os.path.exists(OUT) else []
+  if not args.plot_only:  # resumes: a (kind, claimed, seed) already in the file is kept
+    done = {(r["kind"], r["claimed"], r["seed"]) for r in rows}
+    plan = ([("dp", e, 0, 1.0) for e in args.epsilons] + [("no_dp", None, 0, 1.0)]
+            + [("broken", e, 0, 4.0) for e in args.broken]
+            + [("dp", e, s, 1.0) for s in range(1, args.repeats) for e in args.epsilons])
+    for kind, eps, seed, broken in plan:
+      if (kind, eps, seed) not in done:
+        rows.append(run_one(kind, eps, seed, broken))
+        json.dump(rows, open(OUT, "w"), indent=1)
+  plot(rows)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,63 @@
+r"""What the in-run canary audit costs: configs/digits_dp.py:site with audit.canaries=m vs 0.
+
+  python benchmarks/canary_overhead.py                      # m = 1000, 100 rounds, 2 repeats
+  python benchmarks/canary_overhead.py --canaries 1000 --rounds 200
+
+Times Experiment.run (compilation, rounds, evaluation, checkpoints, summary: the whole run) of
+the same config with and without canaries, alternating, and prints the median of each and
+`RATIO canaries/plain=...`. The canaries add one [m] x [m, d] product to the jitted round
+and, on the host, two parameter copies and one [m, d] x [d] product per round (the scores).
+"""
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fedjax_lab  # noqa: E402
+
+fedjax_lab.setup_cpu_devices()
+
+
+def config(canaries: int, rounds: int):
+  here = os.path.dirname(os.path.abspath(__file__))
+  spec = importlib.util.spec_from_file_location(
+      "digits_dp", os.path.join(here, "..", "configs", "digits_dp.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("site")
+  c.rounds, c.checkpoint.every = rounds, rounds
+  c.log.progress, c.log.tensorboard = False, False
+  c.dp.noise, c.dp.randomness = "coordinated", "seeded"
+  c.audit.canaries = canaries
+  return c
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--canaries", type=int, default=1000)
+  p.add_argument("--rounds", type=int, default=100)
+  p.add_argument("--repeats", type=int, default=2)
+  args = p.parse_args()
+  from fedjax_lab.experiment import Experiment
+  times = {0: [], args.canaries: []}
+  for _ in range(args.repeats):
+    for m in times:
+      exp = Experiment(config(m, args.rounds))
+      t0 = time.perf_counter()
+      exp.run(tempfile.mkdtemp())
+      times[m].append(time.perf_counter() - t0)
+      print(f"canaries={m}: {times[m][-1]:.2f} s", flush=True)
+  plain, with_c = statistics.median(times[0]), statistics.median(times[args.canaries])
+  import jax
+  print(f"{jax.devices()[0].platform}, {args.rounds} rounds, m={args.canaries}: plain "
+        f"{plain:.2f} s, with canaries {with_c:.2f} s")
+  print(f"RATIO canaries/plain={with_c / plain:.3f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,143 @@
+"""Lower bounds and estimates of epsilon from membership scores (the statistics of
+fedjax_lab/attacks/audit.py, which documents each; kept apart so that the training round's
+in-run canaries (attacks/canaries.py) use them without importing the audit's trainers)."""
+
+import numpy as np
+
+LOWER_BOUNDS = ("clopper_pearson", "one_run")
+ESTIMATES = ("gdp", "one_run_fdp")
+
+
+def _scores(name: str, values) -> np.ndarray:
+  a = np.asarray(values, dtype=np.float64)
+  if a.ndim != 1 or a.size == 0:
+    raise ValueError(f"{name} must be a non-empty 1-D array of scores, got shape {a.shape}")
+  if not np.all(np.isfinite(a)):
+    raise ValueError(f"{name} has {int(np.sum(~np.isfinite(a)))} non-finite scores (NaN/inf); "
+                     "clip or drop them before auditing")
+  return a
+
+
+def _auditor(scores_in, scores_out, delta: float, confidence: float):
+  if not 0.5 < confidence < 1:
+    raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
+  if not 0 < delta < 1:
+    raise ValueError(f"delta must be in (0, 1), got {delta}")
+  s_in, s_out = _scores("scores_in", scores_in), _scores("scores_out", scores_out)
+  from jax_privacy import auditing  # pylint: disable=g-import-not-at-top
+  return auditing, auditing.CanaryScoreAuditor(s_in, s_out)
+
+
+def epsilon_lower_bound(scores_in, scores_out, delta: float, confidence: float = 0.95,
+                        method: str = "clopper_pearson") -> float:
+  """A lower bound on epsilon at `delta`, holding with probability `confidence` (a float >= 0)
+  for every (eps, delta)-DP mechanism, under the method's independence assumption (module
+  docstring)."""
+  if method not in LOWER_BOUNDS:
+    hint = (f"; {method!r} is an estimate that assumes a Gaussian trade-off curve: use "
+            "epsilon_estimate") if method in ESTIMATES else ""
+    raise ValueError(f"method must be one of {', '.join(LOWER_BOUNDS)}, got {method!r}{hint}")
+  auditing, auditor = _auditor(scores_in, scores_out, delta, confidence)
+  significance = 1.0 - confidence
+  if method == "clopper_pearson":
+    eps = auditor.epsilon_clopper_pearson(significance, delta, one_sided=True,
+                                          threshold_strategy=auditing.Bonferroni())
+  else:
+    eps = auditor.epsilon_one_run(significance, delta)
+  return max(0.0, float(eps))
+
+
+def epsilon_estimate(scores_in, scores_out, delta: float, confidence: float = 0.95,
+                     method: str = "gdp") -> float:
+  """An ESTIMATE of epsilon at `delta` that assumes a Gaussian trade-off curve; not a lower
+  bound (it can exceed the true epsilon of a non-Gaussian mechanism): never a verdict."""
+  if method not in ESTIMATES:
+    raise ValueError(f"method must be one of {', '.join(ESTIMATES)}, got {method!r}")
+  _, auditor = _auditor(scores_in, scores_out, delta, confidence)
+  significance = 1.0 - confidence
+  if method == "gdp":
+    eps = _epsilon_from_gdp(auditor, significance, delta)
+  else:
+    eps = auditor.epsilon_one_run_fdp(significance, delta)
+  return max(0.0, float(eps))
+
+
+def canary_estimate(scores_in, null_std: float, delta: float) -> float:
+  """Andrew et al. 2024's ESTIMATE from random-direction canaries: NOT a lower bound.
+
+  An excluded canary's score (a cosine with the released delta, or a sum of T of them) is
+  N(0, null_std^2) in high dimension, null_std^2 = 1/d (T/d): its direction is independent of
+  the model. The included canaries' scores are taken as N(mu null_std, null_std^2): mu is
+  their mean over null_std, and the estimate is the epsilon of mu-GDP at `delta`. It assumes
+  the Gaussian trade-off curve the Gaussian mechanism has; it can exceed the true epsilon of
+  another mechanism, and says nothing with guarantee.
+  """
+  s = _scores("scores_in", scores_in)
+  if not null_std > 0:
+    raise ValueError(f"null_std must be > 0, got {null_std}")
+  return _gdp_epsilon(float(np.mean(s)) / null_std, delta)
+
+
+def _gdp_epsilon(mu: float, delta: float) -> float:
+  """The epsilon of mu-GDP at delta (Dong, Roth & Su 2019, Cor. 2.13), in the log domain."""
+  from scipy import optimize, stats  # pylint: disable=g-import-not-at-top
+  if mu <= 0:
+    return 0.0
+
+  def gap(eps):
+    a = stats.norm.logcdf(-eps / mu + mu / 2)
+    b = eps + stats.norm.logcdf(-eps / mu - mu / 2)
+    return a + np.log1p(-np.exp(min(b - a, 0.0))) - np.log(delta) if b < a else -np.inf
+
+  if gap(0.0) <= 0:
+    return 0.0
+  hi = 1.0
+  while gap(hi) > 0:
+    hi *= 2
+  return float(optimize.brentq(gap, 0.0, hi, xtol=1e-9))
+
+
+def _epsilon_from_gdp(auditor, significance: float, delta: float) -> float:
+  """Nasr et al. 2023 through Gaussian DP, one-sided (members score higher).
+
+  The Clopper-Pearson upper bounds on FPR and FNR at every threshold, Bonferroni-corrected
+  over the 2 T bounds, give mu >= Phi^-1(1 - FPR_ub) - Phi^-1(FNR_ub) at each threshold; the
+  largest such mu is turned into epsilon at delta. jax-privacy 2.0.0's epsilon_from_gdp takes
+  |mu| instead, and a negative value of this difference is no evidence at all (identical
+  score distributions then give eps ~2 from the extreme thresholds), so it is recomputed here
+  from the auditor's counts.
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  fn = np.asarray(auditor._fn_counts)  # pylint: disable=protected-access
+  tn = np.asarray(auditor._tn_counts)  # pylint: disable=protected-access
+  n_pos, n_neg = int(fn[-1]), int(tn[-1])
+  alpha = significance / (2 * len(fn))
+  upper = lambda k, n: np.where(k < n, stats.beta.ppf(1 - alpha, k + 1, np.maximum(n - k, 1)),
+                                1.0)
+  fpr_ub, fnr_ub = upper(n_neg - tn, n_neg), upper(fn, n_pos)
+  ok = (fpr_ub < 1 - delta) & (fnr_ub < 1 - delta)
+  if not np.any(ok):
+    return 0.0
+  mu = float(np.max(stats.norm.isf(fpr_ub[ok]) - stats.norm.ppf(fnr_ub[ok])))
+  return _gdp_epsilon(mu, delta)
+
+
+def verdict(scores: dict, claimed_epsilon: float | None, delta: float,
+            confidence: float = 0.95, method: str = "one_run") -> dict:
+  """The audit's verdict: ONE pre-chosen lower-bound method over a Bonferroni-corrected family.
+
+  `scores` maps each score (e.g. "white_box", "black_box") to (scores_in, scores_out); each
+  bound is taken at confidence 1 - (1 - confidence) / len(scores), so the chance that ANY of
+  them exceeds the true epsilon of a correct mechanism is at most 1 - confidence. privacy_bug
+  is True when the largest bound exceeds the claim; estimates never enter a verdict.
+  """
+  if not scores:
+    raise ValueError("scores must name at least one score: {name: (scores_in, scores_out)}")
+  each = 1.0 - (1.0 - confidence) / len(scores)
+  bounds = {name: epsilon_lower_bound(s_in, s_out, delta, each, method)
+            for name, (s_in, s_out) in scores.items()}
+  top = max(bounds.values())
+  return {"method": method, "confidence": confidence, "bonferroni_family": len(scores),
+          "confidence_each": each, "lower_bounds": bounds, "lower_bound": top,
+          "claimed_epsilon": claimed_epsilon,
+          "privacy_bug": claimed_epsilon is not None and top > claimed_epsilon}

@@ -1,0 +1,270 @@
+"""In-run canary audit of site-level DP-FedAvg (audit.canaries=m; docs/audit.md).
+
+Andrew, Kairouz, Oh, Oprea, McMahan & Suriyakumar, "One-shot Empirical Privacy Estimation
+for Federated Learning" (ICLR 2024), with the one-run lower bound of Steinke, Nasr &
+Jagielski (NeurIPS 2023). One training run, no extra rounds:
+
+  * m canary sites, canary j with a fixed random unit direction u_j in parameter space
+    (`directions`: NumPy, from audit.canary_seed; public: the adversary knows every u_j).
+  * Each canary is in the population independently with probability 1/2 (`included`), drawn
+    from the run's sampling key: secret under dp.randomness=secret, from config.seed under
+    seeded, exactly like the cohorts. The adversary does not know who is in.
+  * An included canary takes part in each round independently with the real sites' rate q
+    (Poisson, the accountant's sampling_prob; without DP cohort_size / num_sites) and sends
+    clip_norm * u_j: a unit direction clipped like any update. It is added to the round's sum
+    of the sites' updates before the server's step (`round_sum`), inside the jitted round:
+    the canaries cost a gather of the ~q m/2 rows taking part per round, not m trainings.
+
+Accounting (why the real sites' epsilon is unchanged): the accountant analyses each site
+under add/remove adjacency with Poisson sampling at rate q, and the Poisson subsampled
+Gaussian's epsilon depends on q, sigma and the steps only, not on how many others are in the
+population: the other sites' contributions, canaries included, are the same in both
+neighbouring data sets. The canaries are sampled at the same q independently of the real
+sites, add no noise share and take no slot (the real sites' truncation, noise top-up and
+expected-cohort divisor are those of the real population), so the released noise is exactly
+what it is without them. So q is kept: num_sites for the accounting stays the real sites'.
+Each canary itself is Poisson at q, clipped to C and covered by the same noise: it faces the
+headline mechanism (the "models" guarantee row) and is never truncated, so that row's
+epsilon is the claim the audit tests.
+
+Scores (`Scorer`), from what an adversary sees (the released models, w_0 included):
+  all_iterates  sum over rounds t of cos(u_j, w_{t+1} - w_t). For a direction independent of
+                the deltas (an excluded canary) each cosine is a coordinate of a uniform unit
+                vector, variance 1/d, so the sum's null is N(0, T/d). Andrew et al. score
+                every iterate by its cosine; with Poisson participation in about q T rounds
+                the sum accumulates the canary's signal where a maximum keeps one round's.
+  final_model   cos(u_j, w_T - w_0), null N(0, 1/d).
+From each: the ESTIMATE (`audit.canary_estimate`: mu = mean of the included canaries'
+standardised scores, epsilon of mu-GDP at delta; assumes a Gaussian trade-off curve, not a
+bound) and the one-run LOWER BOUND at 95% (audit.epsilon_lower_bound, method one_run; each
+observation at 95% on its own).
+
+Not audited: example level (dp.level=example: refused), adaptive clipping, matrix-
+factorization noise, robust aggregators, rounds_per_step > 1 and algorithms other than
+fedavg / fedprox (refused with the key to change). Under secure aggregation the canaries are
+added to the secure sum's output, which equals the sum with their rows in it up to their
+rows' rounding onto the grid; the server sees only that sum and the released models.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lab.errors import ConfigError
+
+# fold_in tags of the canaries' draws under the run's sampling key.
+_INCLUDED = 0xCA7A0001
+_PARTICIPATES = 0xCA7A0002
+
+
+def validate(config) -> None:
+  """ConfigError naming the key unless the canary audit can run on this config."""
+  a = config.audit
+  if not (isinstance(a.canaries, int) and a.canaries >= 0):
+    raise ConfigError("audit.canaries", f"must be an integer >= 0 (0: no audit), got "
+                      f"{a.canaries}")
+  if not (isinstance(a.canary_seed, int) and a.canary_seed >= 0):
+    raise ConfigError("audit.canary_seed", f"must be an integer >= 0, got {a.canary_seed}")
+  if not a.break_noise_divisor >= 1.0:
+    raise ConfigError("audit.break_noise_divisor", f"must be >= 1 (1: no deliberate bug), "
+                      f"got {a.break_noise_divisor}")
+  if a.break_noise_divisor != 1.0 and config.dp.level != "site":
+    raise ConfigError("audit.break_noise_divisor", "the deliberate bug shrinks site-level "
+                      "DP's noise; use dp.level=site or leave it at 1.0")
+  if not a.canaries:
+    return
+  refuse = [
+      ("dp.level", config.dp.level == "example", "example-level canaries (white-box gradient "
+       "canaries) are not implemented; use dp.level=site or none"),
+      ("algorithm.name", config.algorithm.name not in ("fedavg", "fedprox"),
+       "canary sites join FedAvg's round; use fedavg or fedprox"),
+      ("rounds_per_step", config.rounds_per_step != 1, "the audit scores every round's model; "
+       "use rounds_per_step=1"),
+      ("dp.adaptive_clip", config.dp.adaptive_clip, "canaries are clipped to a fixed norm; "
+       "use dp.adaptive_clip=False"),
+      ("dp.mechanism", config.dp.get("mechanism", "gaussian") != "gaussian",
+       "canaries take part like Poisson-sampled sites; use dp.mechanism=gaussian"),
+      ("aggregator.robust", config.aggregator.robust != "none" or config.aggregator.pre != "none"
+       or config.attack.name != "none", "canaries join the plain sum; use aggregator.robust="
+       "none, aggregator.pre=none and attack.name=none"),
+      ("algorithm.local_params", bool(config.algorithm.local_params),
+       "canary directions span every parameter; leave algorithm.local_params empty")]
+  for key, bad, why in refuse:
+    if bad:
+      raise ConfigError(key, f"with audit.canaries > 0: {why}")
+
+
+def directions(seed: int, m: int, d: int) -> np.ndarray:
+  """[m, d] float32: canary j's unit direction u_j, isotropic (normalised Gaussian)."""
+  g = np.random.default_rng(seed).standard_normal((m, d))
+  return (g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float32)
+
+
+def included(sampling_key, m: int) -> jax.Array:
+  """[m] bool: which canaries are in the population, each with probability 1/2."""
+  return jax.random.bernoulli(jax.random.fold_in(sampling_key, _INCLUDED), 0.5, (m,))
+
+
+def participates(sampling_key, t, m: int, rate: float) -> jax.Array:
+  """[m] bool: the included canaries that take part in round t (each at `rate`)."""
+  key = jax.random.fold_in(jax.random.fold_in(sampling_key, _PARTICIPATES), t)
+  return included(sampling_key, m) & jax.random.bernoulli(key, rate, (m,))
+
+
+class Canaries(NamedTuple):
+  """What the round needs: the directions on device, the rate, the weight of one canary's
+  update in the round's sum, clip_norm / cohort_size (the sites' updates enter that sum
+  already divided by the expected cohort, site DP's expected_mean member, or weighted by
+  their share of the cohort without DP: 1 / cohort_size on average), and `slots`, the most
+  canaries a round gathers (P(Binomial(m, rate) > slots) < 1e-12: no round ever has more)."""
+  directions: jax.Array  # [m, d]
+  rate: float
+  weight: float
+  slots: int
+
+
+def round_sum(canaries: Canaries, sampling_key, t) -> jax.Array:
+  """[d]: the round's canary updates summed, to add to the sites' sum (ravel order). Only
+  the `slots` rows of the taking-part canaries are read, not all m."""
+  m = canaries.directions.shape[0]
+  take = participates(sampling_key, t, m, canaries.rate)
+  idx = jnp.nonzero(take, size=canaries.slots, fill_value=0)[0]
+  valid = (jnp.arange(canaries.slots) < take.sum()).astype(jnp.float32)
+  return canaries.weight * (valid @ canaries.directions[idx])
+
+
+def make(config, privacy, num_sites: int, like) -> Canaries | None:
+  """The run's canaries (None with audit.canaries=0); `like`: the parameters' shapes."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  m = config.audit.canaries
+  if not m:
+    return None
+  d = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(like))
+  if privacy is not None:  # the accountant's q (privacy/): the canaries share it
+    rate = float(privacy.sampling_prob)
+  else:  # no DP: the cohort is drawn without replacement; canaries at its inclusion rate
+    rate = config.cohort_size / num_sites
+  weight = float(config.dp.clip_norm) / config.cohort_size
+  slots = int(min(m, stats.binom.isf(1e-12, m, rate) + 1))
+  return Canaries(jnp.asarray(directions(config.audit.canary_seed, m, d)), rate, weight, slots)
+
+
+@jax.jit
+def _ravel(params):
+  return jax.flatten_util.ravel_pytree(params)[0]
+
+
+def flat(params) -> np.ndarray:
+  """The parameters as one float64 vector, in the order of the canary directions."""
+  return np.asarray(_ravel(params), np.float64)
+
+
+def cosines(u: np.ndarray, delta: np.ndarray) -> np.ndarray:
+  """[m]: cos(u_j, delta) for unit rows u_j (0 for a zero delta)."""
+  norm = float(np.linalg.norm(delta))
+  return u @ delta / norm if norm > 0 else np.zeros(len(u))
+
+
+@jax.jit
+def _observe(last, params, total, rounds):
+  """Adds the round's delta over its norm to `total` on the device (no host sync)."""
+  w = _ravel(params).astype(jnp.float32)
+  delta = w - last
+  norm = jnp.linalg.norm(delta)
+  unit = jnp.where(norm > 0, delta / jnp.where(norm > 0, norm, 1.0), 0.0)
+  return w, total + unit, rounds + (norm > 0).astype(jnp.int32)
+
+
+class Scorer:
+  """The all-iterates score. sum_t cos(u_j, Delta_t) = <u_j, sum_t Delta_t / ||Delta_t||>, so
+  the round adds one [d] vector (on the device, no host sync) and the [m, d] product is taken
+  once at the end. `save` puts the running sum in the checkpoint's meta, from which a resumed
+  run continues. `observe` takes the model after every round (and once before the first). A
+  round that left the model unchanged (secure aggregation aborted it) is not counted."""
+
+  def __init__(self, canaries: Canaries, meta: dict):
+    self.u = canaries.directions
+    d = self.u.shape[1]
+    self.total = jnp.asarray(meta.get("canary_unit_sum", np.zeros(d)), jnp.float32)
+    self.rounds = jnp.int32(meta.get("canary_rounds", 0))
+    self.last = None
+
+  def observe(self, params) -> None:
+    if self.last is None:
+      self.last = _ravel(params).astype(jnp.float32)
+    else:
+      self.last, self.total, self.rounds = _observe(self.last, params, self.total, self.rounds)
+
+  def save(self, meta: dict) -> None:
+    meta["canary_unit_sum"] = np.asarray(self.total, np.float64).tolist()
+    meta["canary_rounds"] = int(self.rounds)
+
+  def scores(self, w0: np.ndarray) -> dict:
+    """{observation: (scores, null standard deviation)}."""
+    u, d = np.asarray(self.u, np.float64), self.u.shape[1]
+    return {"all_iterates": (u @ np.asarray(self.total, np.float64),
+                             np.sqrt(max(int(self.rounds), 1) / d)),
+            "final_model": (cosines(u, np.asarray(self.last, np.float64) - w0),
+                            np.sqrt(1.0 / d))}
+
+
+# What each observation is, and which guarantee row (its "sees") it is compared with.
+_VIEWS = {"all_iterates": ("every round's released model (w_0 ... w_T)", "models"),
+          "final_model": ("the final model and its initialisation only (w_0, w_T)", "models")}
+
+
+def report(exp, scorer: Scorer, w0, guarantees: list[dict] | None, delta: float,
+           claimed_headline) -> dict:
+  """summary.json["audit"]: per observation the claimed epsilon of that adversary's guarantee
+  row, the ESTIMATE and the one-run lower bound at 95%."""
+  from fedjax_lab.attacks import bounds as audit
+  cfg = exp.config
+  m = cfg.audit.canaries
+  inc = np.asarray(included(exp.keys["sampling"], m))
+  rows = {}
+  for g in guarantees or []:  # headline first: a seeded run's "knows the seed" row comes after
+    rows.setdefault(g["sees"], g)
+  canaries = {"m": m, "included": int(inc.sum()), "seed": cfg.audit.canary_seed,
+              "rate": float(exp.canaries.rate), "level": "site"}
+  views = dict(_VIEWS)
+  if "sum" in rows and cfg.secagg.enabled:  # the server's row under secure aggregation
+    views["server_sum"] = ("the server under secure aggregation: every round's sum (= the "
+                           "all-iterates view; it also knows each round's cohort, which these "
+                           "scores do not use)", "sum")
+  out = {"estimate_is": "an ESTIMATE (Andrew et al. 2024: mu-GDP fitted to the included "
+                        "canaries' cosines against their N(0, var) null); NOT a bound",
+         "lower_bound_is": "Steinke et al. 2023 one-run lower bound, 95% for each observation",
+         "delta": delta}
+  if cfg.audit.break_noise_divisor != 1.0:
+    out["deliberately_broken"] = (f"noise multiplier divided by {cfg.audit.break_noise_divisor}"
+                                  " with the claim unchanged (audit.break_noise_divisor)")
+  scores = scorer.scores(w0)
+  for name, (view, sees) in views.items():
+    s, null_std = scores["all_iterates" if name == "server_sum" else name]
+    row = rows.get(sees)
+    claimed = row["epsilon"] if row is not None else claimed_headline
+    out[name] = {
+        "claimed": claimed, "observed": view,
+        "adversary": row["adversary"] if row is not None else "no DP: no claim",
+        "estimate": audit.canary_estimate(s[inc], null_std, delta),
+        "lower_bound_95": audit.epsilon_lower_bound(s[inc], s[~inc], delta, 0.95, "one_run"),
+        "canaries": canaries}
+  return out
+
+
+def format_lines(a: dict) -> list[str]:
+  """One line per observation: the claim, the estimate (labelled) and the lower bound."""
+  lines = []
+  for name in ("all_iterates", "final_model", "server_sum"):
+    if name not in a:
+      continue
+    r = a[name]
+    claim = "none (no DP)" if r["claimed"] is None else f"{r['claimed']:.3f}"
+    lines.append(f"canary audit ({name}; {r['canaries']['included']} of "
+                 f"{r['canaries']['m']} canaries in): claimed epsilon {claim}, estimate (not a "
+                 f"bound) {r['estimate']:.3f}, 95% lower bound {r['lower_bound_95']:.3f}"
+                 + (" [DELIBERATELY BROKEN RUN]" if "deliberately_broken" in a else ""))
+  return lines

@@ -1,0 +1,139 @@
+"""The in-run canary audit (fedjax_lab/attacks/canaries.py), each number against an
+independent reference: NumPy draws and recomputed cosines, the mu-GDP curve solved here with
+SciPy, and tiny runs whose bound must be large (no DP) or within the claim (DP)."""
+
+import jax
+import numpy as np
+import pytest
+from scipy import optimize, stats
+from test_experiment import set_keys
+
+from fedjax_lab.attacks import audit, canaries
+from fedjax_lab.errors import ConfigError
+
+
+def _tiny(**overrides):
+  from fedjax_lab.config import default_config
+  c = default_config()
+  c.data.name, c.data.partition = "digits", "iid"
+  c.data.num_sites, c.cohort_size, c.rounds = 200, 20, 20
+  c.client.local_steps, c.client.batch_size, c.client.lr = 2, 4, 0.1
+  c.model.hidden = (16,)
+  c.dp.clip_norm = 0.5
+  c.log.progress, c.log.tensorboard = False, False
+  c.checkpoint.every = 100
+  c.audit.canaries = 400
+  return set_keys(c, overrides)
+
+
+def test_directions_are_normalised_gaussians_drawn_from_the_seed():
+  u = canaries.directions(7, 50, 300)
+  g = np.random.default_rng(7).standard_normal((50, 300))
+  np.testing.assert_allclose(u, g / np.sqrt((g ** 2).sum(1, keepdims=True)), rtol=1e-6)
+  assert not np.allclose(u, canaries.directions(8, 50, 300))
+  # isotropic: a fixed coordinate of unit vectors has variance 1/d
+  many = canaries.directions(0, 4000, 300)
+  assert abs(np.var(many[:, 0]) * 300 - 1) < 0.1
+
+
+def test_inclusion_is_one_half_and_participation_q_per_round():
+  key = jax.random.key(3)
+  m, q = 20000, 0.1
+  inc = np.asarray(canaries.included(key, m))
+  assert abs(inc.mean() - 0.5) < 5 * np.sqrt(0.25 / m)
+  takes = np.stack([np.asarray(canaries.participates(key, t, m, q)) for t in range(5)])
+  assert not takes[:, ~inc].any()  # only included canaries ever take part
+  rate = takes[:, inc].mean()
+  assert abs(rate - q) < 5 * np.sqrt(q * (1 - q) / takes[:, inc].size)
+  assert not np.array_equal(takes[0], takes[1])  # fresh draws every round
+  # another sampling key (another seed, or the secret) draws another inclusion
+  assert (inc != np.asarray(canaries.included(jax.random.key(4), m))).mean() > 0.4
+
+
+def test_scores_match_a_numpy_recomputation_from_saved_models():
+  from fedjax_lab.experiment import Experiment
+  exp = Experiment(_tiny(**{"dp.level": "site", "dp.noise_multiplier": 1.0,
+                            "audit.canaries": 50, "rounds": 4}))
+  state = exp.init_state()
+  scorer = canaries.Scorer(exp.canaries, {})
+  models = [np.asarray(jax.flatten_util.ravel_pytree(state.params)[0], np.float64)]
+  scorer.observe(state.params)
+  for _ in range(4):
+    state, _ = exp.step(state, exp.data, exp.keys["sampling"], exp.keys["client"])
+    models.append(np.asarray(jax.flatten_util.ravel_pytree(state.params)[0], np.float64))
+    scorer.observe(state.params)
+  u = canaries.directions(0, 50, models[0].size).astype(np.float64)
+  cos = lambda v: u @ v / np.linalg.norm(v)
+  want_all = sum(cos(b - a) for a, b in zip(models, models[1:]))
+  s = scorer.scores(models[0])
+  np.testing.assert_allclose(s["all_iterates"][0], want_all, atol=2e-5)
+  np.testing.assert_allclose(s["final_model"][0], cos(models[-1] - models[0]), atol=2e-5)
+  assert s["all_iterates"][1] == pytest.approx(np.sqrt(4 / models[0].size))
+
+
+def test_estimate_is_mu_gdp_epsilon_of_the_mean_standardised_cosine():
+  d, mu, delta = 10000, 1.3, 1e-5
+  rng = np.random.default_rng(0)
+  cos_in = rng.normal(mu / np.sqrt(d), 1 / np.sqrt(d), 5000)
+  got = audit.canary_estimate(cos_in, 1 / np.sqrt(d), delta)
+  m = cos_in.mean() * np.sqrt(d)
+  # Dong, Roth & Su 2019, Cor. 2.13: delta(eps) of mu-GDP, solved independently here
+  gap = lambda e: stats.norm.cdf(-e / m + m / 2) - np.exp(e) * stats.norm.cdf(-e / m - m / 2) - delta
+  assert got == pytest.approx(optimize.brentq(gap, 0, 50), rel=1e-6)
+  true = optimize.brentq(lambda e: stats.norm.cdf(-e / mu + mu / 2)
+                         - np.exp(e) * stats.norm.cdf(-e / mu - mu / 2) - delta, 0, 50)
+  assert got == pytest.approx(true, rel=0.05)
+  assert audit.canary_estimate(rng.normal(0, 1 / np.sqrt(d), 5000), 1 / np.sqrt(d), delta) < 0.3
+
+
+def test_no_dp_run_lower_bound_is_clearly_positive(tmp_path):
+  from fedjax_lab.experiment import Experiment
+  s = Experiment(_tiny()).run(str(tmp_path))
+  a = s["audit"]
+  assert a["all_iterates"]["claimed"] is None
+  assert a["all_iterates"]["lower_bound_95"] > 1.0
+  assert a["final_model"]["lower_bound_95"] > 1.0
+  assert 150 < a["all_iterates"]["canaries"]["included"] < 250
+
+
+def test_dp_run_lower_bound_stays_within_the_claim(tmp_path):
+  from fedjax_lab.experiment import Experiment
+  s = Experiment(_tiny(**{"dp.level": "site", "dp.noise": "coordinated",
+                          "dp.target_epsilon": 2.0})).run(str(tmp_path))
+  a = s["audit"]
+  models_row = next(g for g in s["privacy"]["guarantees"] if g["sees"] == "models")
+  for obs in ("all_iterates", "final_model"):
+    assert a[obs]["claimed"] == pytest.approx(models_row["epsilon"])
+    assert 0 <= a[obs]["lower_bound_95"] <= a[obs]["claimed"]
+  assert "ESTIMATE" in a["estimate_is"] and "NOT a bound" in a["estimate_is"]
+  assert "deliberately_broken" not in a
+
+
+@pytest.mark.parametrize("key,value", [("dp.level", "example"), ("rounds_per_step", 2),
+                                       ("dp.adaptive_clip", True)])
+def test_unsupported_settings_are_refused_naming_the_key(key, value):
+  from fedjax_lab import config as config_lib
+  c = _tiny(**{"dp.level": "site", "dp.noise_multiplier": 1.0, key: value})
+  with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    config_lib.validate(c)
+
+
+def test_the_deliberate_bug_needs_site_dp():
+  from fedjax_lab import config as config_lib
+  with pytest.raises(ConfigError, match="audit.break_noise_divisor"):
+    config_lib.validate(_tiny(**{"audit.break_noise_divisor": 4.0}))
+
+
+def test_secure_aggregation_reports_the_servers_row(tmp_path):
+  """Under secure aggregation the server sees each round's sum: the audit adds its view,
+  compared with the server's own guarantee row ("sees": "sum"), not the headline."""
+  from fedjax_lab.experiment import Experiment
+  s = Experiment(_tiny(**{"dp.level": "site", "dp.noise": "coordinated",
+                          "dp.noise_multiplier": 1.0, "secagg.enabled": True, "rounds": 2,
+                          "audit.canaries": 50})).run(str(tmp_path))
+  a, rows = s["audit"], s["privacy"]["guarantees"]
+  server = next(g for g in rows if g["sees"] == "sum")
+  assert a["server_sum"]["claimed"] == pytest.approx(server["epsilon"])
+  assert a["server_sum"]["adversary"] == server["adversary"]
+  assert a["server_sum"]["claimed"] > a["all_iterates"]["claimed"]  # no amplification
+  assert a["server_sum"]["lower_bound_95"] == a["all_iterates"]["lower_bound_95"]
