@@ -1,4 +1,4 @@
-"""Only what pyproject.toml cannot say: configs/ (at the top of the checkout, where the README's
+"""Only what pyproject.toml cannot say: configs/ (at the top of the checkout, where the docs'
 commands name it) ships inside the package as fedjax_lab/configs, so an installed lab finds its
 configs from any folder (runs.CONFIGS)."""
 

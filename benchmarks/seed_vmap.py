@@ -5,7 +5,7 @@ r"""Seeds as a vmapped axis of one compiled round vs the same seeds run one afte
 
 An ablation repeats a config over seeds. The round is a pure function of (state, data,
 sampling key, client key), so `jax.vmap(exp.round_fn, in_axes=(0, None, 0, 0))` trains S
-seeds in one step (README, "Seeds as an axis"). Workload: the round_throughput reference
+seeds in one step (docs/running.md, "Seeds as an axis"). Workload: the round_throughput reference
 (digits, 100 sites x 15, MLP 64-128-10, 3 local SGD steps of batch 5, FedAvg) with 10 sites a
 round (S10, a typical cross-device cohort) and with all 100 (S100). "sequential" runs the
 lab's own jitted round once per seed, each round; "vmapped" runs all seeds in one call.

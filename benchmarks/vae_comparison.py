@@ -7,7 +7,7 @@ set (5 trials) and Frechet distance. Writes a markdown table (stdout and --out).
 Rows under DP: sync=all (the whole VAE clipped, noised, released), sync=decoder with
 dp.encoder=private (the sound DPD-fVAE: whole-VAE DP-SGD, only the decoder released) and
 sync=decoder with dp.encoder=paper (the paper's: only the decoder's gradient clipped and
-noised; its epsilon is NOT a proven bound, README).
+noised; its epsilon is NOT a proven bound, docs/dp.md).
 """
 
 import argparse

@@ -13,11 +13,14 @@ q, sigma and steps, hence the same epsilon:
                the noise that central DP-SGD needs.
   coordinated: every site adds N(0, sigma^2 C^2 / 10), so the summed noise is exactly
                central DP-SGD's. The headline epsilon is that of anyone who sees the released
-               models; the server, which (without secure aggregation: assumed, not
-               implemented) sees each weakly noised update, gets a larger one, listed with
-               the others in summary.json["privacy"]["guarantees"] (docs/privacy.md):
-               released models 2.00, one site knowing its share 2.12, the server as
-               implemented (each update carries sigma/sqrt(10)) 170.7.
+               models; the server, which (without secure aggregation) sees each weakly
+               noised update, gets a larger one, listed with the others in
+               summary.json["privacy"]["guarantees"] (docs/privacy.md): released models
+               2.00, one site knowing its share 2.12, the server (each update carries
+               sigma/sqrt(10)) 170.7.
+  secure:      coordinated, with secagg.enabled (docs/secure_aggregation.md): the server
+               learns only the sum, so its epsilon is the released models' 2.00 as long as
+               no site colludes with it (2.12 with one colluding site).
 Measured on a 2-core CPU (~40 s each; mean of 3 seeds): central 0.921, coordinated 0.901,
 parallel 0.617 (benchmarks/dopamine_comparison.py sweeps epsilon and draws the plot).
 """

@@ -51,7 +51,7 @@ def get_config(arg: str = "decoder"):
       delta=1e-5,
       encoder="private",        # example level, sync=decoder: private (sound) | paper
       accountant="rdp",
-      randomness="auto",        # secret | seeded | auto: as the lab's dp.randomness (README)
+      randomness="auto",        # secret | seeded | auto: as the lab's dp.randomness (docs/dp.md)
       mechanism="gaussian",     # the only one here (the lab's tree | blt | ... are FedAvg's)
   ))
   c.eval = ml_collections.ConfigDict(dict(

@@ -9,7 +9,7 @@ r"""Gradient inversion of a digits site's update (fedjax_lab/attacks/inversion.p
           hidden) with BatchNorm, 1 local SGD step at batch 1 (lr 0.1), 20 rounds: the
           setting the paper finds leaks most. The fresh site is site 0 at round 20.
 :site15   100 sites of 15 digits, 3 local steps at batch 5: a harder target.
-Recorded updates are a site's private data in the clear (README, Attacks).
+Recorded updates are a site's private data in the clear (docs/attacks.md).
 """
 
 from fedjax_lab.attacks.inversion import DEFAULTS

@@ -96,7 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
   # classes in unknown_classes (held out of training), the AUROC of max-softmax rejection.
   c.eval.update(dict(bootstrap=1000, robustness=False, robustness_noise=(0.1, 0.3, 1.0),
                      robustness_mask=(0.1, 0.3, 0.5), unknown_classes=()))
-  # Secure aggregation (fedjax_lab/secagg, README "Secure aggregation"): the server learns only
+  # Secure aggregation (fedjax_lab/secagg, docs/secure_aggregation.md): the server learns only
   # the sum of the round's updates. neighbours: k sites each site masks with (SecAgg+; unset:
   # the whole cohort, Bonawitz et al.); threshold: Shamir t of k + 1 (unset: a majority);
   # bits: the modulus 2^bits of the masked sum; clip_range: every coordinate of the update a
@@ -130,7 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
                                             inversion=ml_collections.ConfigDict(),
                                             name="none", num_sites=0,
                                             scale=config_dict.placeholder(float)))
-  # Robust aggregation (fedjax_lab/robust.py, README "Robust aggregation"): robust replaces the
+  # Robust aggregation (fedjax_lab/robust.py, docs/robust_aggregation.md): robust replaces the
   # weighted mean (none: the sum, as ever); pre: pre-aggregation in front of it; f: the
   # Byzantine updates the rule tolerates; trim: trimmed_mean's cut per side (unset: f); tau:
   # centered_clipping's radius; iters: geometric_median's Weiszfeld steps (unset: 10) or

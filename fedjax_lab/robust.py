@@ -10,7 +10,7 @@ same). `f` is the number of Byzantine updates the rule is configured to tolerate
 Threat model: f of the cohort's sites send arbitrary updates (attacks/byzantine.py); the
 server sees every update in the clear, so none of this composes with secure aggregation, and
 none of it with site-level DP's noise, whose sensitivity is the mean's (config.py refuses
-both; README "Robust aggregation").
+both; docs/robust_aggregation.md).
 """
 
 import jax
@@ -335,8 +335,8 @@ def validate(config) -> None:
                       f"{n}, f={a.f}; lower f")
   if config.secagg.enabled:
     raise ConfigError("secagg.enabled", "robust aggregators need the individual updates, "
-                      "which secure aggregation hides; set it False (README \"Robust "
-                      "aggregation\": what does work under it)")
+                      "which secure aggregation hides; set it False "
+                      "(docs/robust_aggregation.md: what does work under it)")
   if config.dp.level == "site":
     raise ConfigError("dp.level", "site-level DP's noise is calibrated to the mean's "
                       "sensitivity (C / cohort), not a robust reducer's; use dp.level=none or "

@@ -18,7 +18,7 @@ checkpoints, so an interrupted sweep finishes where it stopped. Outputs in --out
               train loss over rounds, mean +- std band over seeds, one line per grid point)
 `compare` writes the same files for existing workdirs, one row each (label: the workdir's name).
 
-Seeds run one after another, each a full run: vmapping them (README, "Seeds as an axis")
+Seeds run one after another, each a full run: vmapping them (docs/running.md, "Seeds as an axis")
 would also share one partition of the data over the sites, which a seed draws, and
 benchmarks/sweep_seeds.py measures what it would save (benchmarks/RESULTS.md).
 """

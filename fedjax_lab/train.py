@@ -33,7 +33,7 @@ def main(argv):
   from fedjax_lab.errors import ConfigError
   from fedjax_lab.experiment import Experiment
   cli.quiet_logs()
-  try:  # one process per host: every process runs this same command (README, multi-host)
+  try:  # one process per host: every process runs this same command (docs/running.md, multi-host)
     sharding.initialize_distributed()
   except ValueError as e:
     cli.fail(str(e))

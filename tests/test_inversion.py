@@ -221,7 +221,7 @@ def test_recorded_update_is_the_one_the_round_used(tmp_path):
 
 
 def test_cli_attacks_a_fresh_site_and_writes_leakage_and_grid(tmp_path):
-  """`python -m fedjax_lab.attacks.inversion` as the README runs it (a fresh one-image site,
+  """`python -m fedjax_lab.attacks.inversion` as docs/attacks.md runs it (a fresh one-image site,
   tiny CNN, 20 Adam steps): leakage.json holds SSIM/PSNR/RDLV that agree with each other
   (RDLV = (SSIM - prior SSIM) / prior SSIM) and the PNG grid exists."""
   import json

@@ -3,17 +3,18 @@ per-site keys, arithmetic on stacked site arrays (leaves [sites, ...]), and the 
 methods whose every site keeps its own model (ProxSkip, RandCom, D-SGD), which differ only in
 their `step`.
 
-`site_gradient(params, site_idx, site_count, rng, step, data) -> (loss, grads)` is
+`site_gradient(params, site_idx, site_count, rng, step, data) -> (loss, grads)` wraps
 client.make_site_gradient, the ONE place every algorithm touches data (minibatches, DP-SGD's
-clipping and noise), so a site sees the same minibatch sequence under every algorithm. Its objective is the site's mean
-cross-entropy plus the l2 term of `model.l2`:
+clipping and noise), so a site sees the same minibatch sequence under every algorithm. Its
+objective is the site's `model.loss` (losses.py: cross-entropy for classification, mse or FAR's
+batch loss for regression) plus the l2 term of `model.l2`:
 
-  f_i(w) = mean_{k in site i} CE(model(w, x_k), y_k) + (l2 / 2) ||w||^2,
+  f_i(w) = mean_{k in site i} CE(model(w, x_k), y_k) + (l2 / 2) ||w||^2   (cross-entropy),
 
-strongly convex for a linear model when l2 > 0 (FedAvg gets the same term through
-`optax.add_decayed_weights` in front of its client optimizer, see experiment.py). The
-reported loss is the cross-entropy alone, as FedAvg reports it. The round functions take
-any function with this signature, so tests drive them with exact gradients of a quadratic.
+strongly convex for a linear model when l2 > 0 (FedAvg takes the same gradient: the l2 term
+is added in make_site_gradient for every algorithm). The reported loss is `model.loss`
+alone, without the l2 term. The round functions take any function with this signature, so
+tests drive them with exact gradients of a quadratic.
 """
 
 from typing import Any, Callable, NamedTuple

@@ -11,7 +11,7 @@ trains the same config with the lab (Experiment.run) and prints both: accuracy, 
 bytes. Writes OUT/flower.json, OUT/lab/ (a lab workdir) and OUT/comparison.json; the
 processes' logs are OUT/logs/*.log.
 
-Real hospitals (README, "Flower"): run `flower-superlink` (with TLS: --ssl-* files, and
+Real hospitals (docs/studies.md, Flower): run `flower-superlink` (with TLS: --ssl-* files, and
 --enable-supernode-auth) on the coordinator, `flower-supernode --superlink <host>:<port>
 --root-certificates ca.pem --node-config "partition-id=<i>"` at each hospital with this
 repository on PYTHONPATH, and `flwr run fedjax_lab/flower/app <connection>` from a machine

@@ -12,5 +12,5 @@ labelled synthetic data set that can be shared.
   sample.py    python -m fedjax_lab.generative.sample --workdir D --out synth.npz
   evaluate.py  classifier-on-synthetic accuracy, Frechet distance, per-class image grids
 
-Privacy: see README "Federated VAE with a DP decoder (DPD-fVAE)" for what epsilon covers.
+Privacy: see docs/dp.md ("The federated VAE (DPD-fVAE): what epsilon covers").
 """

@@ -7,7 +7,7 @@ denominator, refreshed from Hessian-vector products every `update_interval` upda
                     update = m_hat / denominator(nu, n)
 
 `lax.cond` skips the refresh between refreshes outside vmap (under vmap it becomes select
-and both branches run; README, Sharp edges). The probe key lives in the state, so
+and both branches run; docs/sharp_edges.md). The probe key lives in the state, so
 `optim.reseed_probes` can give every site and round its own probes.
 """
 

@@ -2,9 +2,9 @@
 
 The headline epsilon of a run (summary.json `epsilon`) is that of anyone who sees the models
 the server releases. It is not the epsilon of every party: the server chooses the cohort (so
-amplification by sampling the cohort does not hold against it) and, with no secure
-aggregation implemented, sees each site's update; under coordinated noise each site knows its
-own share of the noise, so k colluding sites face only what the others added. Each entry here
+amplification by sampling the cohort does not hold against it) and, unless secure aggregation
+(secagg.enabled) hides them, sees each site's update; under coordinated noise each site knows
+its own share of the noise, so k colluding sites face only what the others added. Each entry here
 names the adversary, what it sees and what is assumed, and its epsilon is computed with
 dp-accounting for the mechanism THAT adversary faces:
 
@@ -13,6 +13,7 @@ dp-accounting for the mechanism THAT adversary faces:
   server, site level                 sigma (parallel) or                none: it picks the cohort
                                      sigma / sqrt(max cohort) (coordinated, updates in the clear)
   server, example level              sigma (parallel) or sigma/sqrt(K)  q (each site's batches)
+  server, secagg.enabled             sigma (it sees the sum only)       none (site), q (example)
   k colluding sites, coordinated     sigma sqrt(1 - k/K) (example level, K fixed)    q
                                      sigma / sqrt(k + 1) (site level: a Poisson cohort can
                                      hold just the k sites and the target)           none
@@ -265,8 +266,8 @@ def guarantees(m: Mechanism) -> list[Guarantee]:
   protocol = ("secure aggregation (secagg): it receives masked vectors and learns "
               f"{sum_view}; it is semi-honest (follows the protocol); the sum of quantized "
               "noised updates is within total variation secagg_tv of a post-processing of the "
-              "noisy sum, paid for in delta (privacy/secagg_delta.py; README, Secure "
-              "aggregation (3))")
+              "noisy sum, paid for in delta (privacy/secagg_delta.py; docs/secure_aggregation.md, "
+              "Composition with coordinated noise, (3))")
   if m.secure_aggregation:
     server = ("the server, which sees only the sums of the SecAgg+ graph's connected "
               "components (secure aggregation), no site colluding with it" if components else

@@ -19,7 +19,7 @@ Levels (`dp.level`):
                The epsilon printed is the accountant's number for the decoder's noisy steps,
                but it is NOT a proven (epsilon, delta) bound: the hidden encoder carries every
                example's influence into the other examples' decoder gradients, so a step's
-               sensitivity is not clip_norm (README, "What epsilon covers").
+               sensitivity is not clip_norm (docs/dp.md, "what epsilon covers").
   site     DP-FedAvg on what is released: every site's update of the shared parameters is
            clipped to clip_norm, each joined site adds its coordinated share sigma/sqrt(n) of
            the round's n, the sum is divided by the expected participants
@@ -97,7 +97,7 @@ class Plan:
               f"decoder's {self.steps} noisy DP-SGD steps alone (the paper's DPD-fVAE claim); "
               "the encoder trains on the same examples without noise and shapes every "
               "decoder gradient, so one step's sensitivity to " + unit + " is not bounded by "
-              "clip_norm and no (epsilon, delta) bound is established (README)")
+              "clip_norm and no (epsilon, delta) bound is established (docs/dp.md)")
     what = ("the whole VAE's per-example gradients clipped and noised at every step; only "
             "the decoder released" if self.level == "example" else
             "every site's released update clipped and noised; encoders never released")

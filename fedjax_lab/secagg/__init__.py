@@ -1,4 +1,4 @@
-"""Secure aggregation (SecAgg / SecAgg+) for fedjax_lab: see README "Secure aggregation".
+"""Secure aggregation (SecAgg / SecAgg+) for fedjax_lab: see docs/secure_aggregation.md.
 
   secure_sum(updates [K, d], key, SecAggConfig(...), dropouts=None) -> SecAggResult
   mask_update(...)  client side: quantize + mask, vmapped over the cohort inside jit

@@ -1,4 +1,4 @@
-"""Coordinated noise (Dopamine) through SecAgg: the numbers README "Secure aggregation" uses.
+"""Coordinated noise (Dopamine) through SecAgg: the numbers docs/secure_aggregation.md uses.
 
 Each site adds N(0, s^2) per coordinate to its clipped update (L2 norm <= C) BEFORE
 quantization, so clipping to [-c, c] and stochastic rounding are post-processing of the noised

@@ -19,7 +19,7 @@ Rounds (U_1 ⊇ U_2 ⊇ U_3 ⊇ U_4: the sites still in after each one):
                    than t). The server rebuilds the survivors' self masks and the dropped
                    sites' pairwise masks with their surviving neighbours, and removes them.
 (Bonawitz's ConsistencyCheck round, with signatures against a server that lies about U_3,
-is not implemented: the threat model here is a semi-honest server, see README.)
+is not implemented: the threat model here is a semi-honest server, see docs/secure_aggregation.md.)
 
 A round aborts, with a reason, when any U_i or the responders number fewer than t, or when a
 secret needed for unmasking has fewer than t shares: it never returns a wrong sum.
