@@ -56,7 +56,7 @@ from fedjax_lab.errors import ConfigError
 log = logging.getLogger("fedjax_lab")
 
 NAMES = ("digits", "pbmc68k", "synthetic_expression", "gse7390", "synthetic_regression",
-         "tfds:<name>", "file")
+         "tfds:<name>", "file", "cifar100_pachinko", "emnist62")
 REGRESSION_SOURCES = ("synthetic_regression",)
 FILE_EXTENSIONS = (".npz", ".csv", ".h5ad")
 SYNTHETIC_DTYPES = ("float32", "float16")
@@ -118,6 +118,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.label_key = "label"         # tfds feature holding y
   c.download = False            # tfds:*: download and prepare if absent (needs internet);
                                 # gse7390: fetch GEO's series matrix once (cached, gse7390.py)
+  c.mock = False                # cifar100_pachinko / emnist62: tfds.testing.mock_data
   c.test_fraction = 0.2         # sources without a test split: stratified split
   c.split_seed = 0
   c.num_sites = 100
@@ -761,3 +762,7 @@ from fedjax_lab.data import gse7390 as _gse7390  # pylint: disable=g-import-not-
 _SOURCES["gse7390"] = _gse7390.load
 from fedjax_lab.data import synthetic_regression as _synthetic_regression  # pylint: disable=g-import-not-at-top,wrong-import-position
 _SOURCES["synthetic_regression"] = _synthetic_regression.load
+# CIFAR-100 Pachinko / EMNIST-62 benchmarks, prepared once from TFDS (data/tfds_federated.py).
+from fedjax_lab.data import tfds_federated as _tfds_federated  # pylint: disable=g-import-not-at-top,wrong-import-position
+for _name in _tfds_federated.NAMES:
+  _SOURCES[_name] = lambda data_config, _name=_name: _tfds_federated.load(_name, data_config)
