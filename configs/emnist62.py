@@ -3,7 +3,8 @@ r"""FedAvg / FedAdam on EMNIST-62 (digits and letters): Reddi et al. 2021's EMNI
   python train.py --config configs/emnist62.py                                # FedAdam
   python train.py --config configs/emnist62.py --config.server.optimizer=sgd \
       --config.server.lr=1.0 --config.client.lr=0.1                           # FedAvg
-  python train.py --config configs/emnist62.py --config.data.mock=True --config.rounds=1
+  python train.py --config configs/emnist62.py --config.data.mock=True --config.rounds=1 \
+      --config.client.local_steps=2 --config.data.num_sites=340               # offline smoke
 
 Data (fedjax_lab/data/tfds_federated.py): tfds `emnist/byclass` (697,932 train / 116,323
 test, 62 classes) split over 3,400 sites (TFF's federated EMNIST has 3,400 writers) by a
