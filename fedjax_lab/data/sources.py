@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_lab.data import files, gse7390, synthetic_expression, synthetic_regression
-from fedjax_lab.data import tfds_source
+from fedjax_lab.data import tfds_federated, tfds_source
 # Re-exported: the public names of this module before it was split by source.
 from fedjax_lab.data.dataset import Dataset, split_pool, stratified_split  # noqa: F401
 from fedjax_lab.data.files import FILE_EXTENSIONS  # noqa: F401
@@ -54,7 +54,7 @@ from fedjax_lab.data.synthetic_expression import (  # noqa: F401
 from fedjax_lab.errors import ConfigError
 
 NAMES = ("digits", "pbmc68k", "synthetic_expression", "gse7390", "synthetic_regression",
-         "tfds:<name>", "file")
+         "tfds:<name>", "file", "cifar100_pachinko", "emnist62")
 REGRESSION_SOURCES = ("synthetic_regression",)
 
 
@@ -68,6 +68,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.label_key = "label"         # tfds feature holding y
   c.download = False            # tfds:*: download and prepare if absent (needs internet);
                                 # gse7390: fetch GEO's series matrix once (cached, gse7390.py)
+  c.mock = False                # cifar100_pachinko / emnist62: tfds.testing.mock_data
   c.test_fraction = 0.2         # sources without a test split: stratified split
   c.split_seed = 0
   c.num_sites = 100
@@ -162,3 +163,6 @@ _SOURCES = {
     "gse7390": gse7390.load,
     "synthetic_regression": synthetic_regression.load,
 }
+# CIFAR-100 Pachinko / EMNIST-62 benchmarks, prepared once from TFDS (data/tfds_federated.py).
+for _name in tfds_federated.NAMES:
+  _SOURCES[_name] = lambda data_config, _name=_name: tfds_federated.load(_name, data_config)

@@ -37,7 +37,8 @@ from fedjax_lab.errors import ConfigError
 
 KEY = "data.standardize"
 MODES = ("auto", "none", "global", "per_site", "public")
-_BUNDLED = ("digits", "pbmc68k", "synthetic_expression", "synthetic_regression")
+_BUNDLED = ("digits", "pbmc68k", "synthetic_expression", "synthetic_regression",
+            "cifar100_pachinko", "emnist62")
 
 
 def resolve(config) -> tuple[str, str]:

@@ -12,7 +12,7 @@ import jax
 import optax
 
 from fedjax_lab.errors import ArgumentError
-from fedjax_lab.models import cnn, linear, mlp, resnet
+from fedjax_lab.models import benchmark_models, cnn, linear, mlp, resnet
 
 _MODELS = {
     "mlp": mlp.MLP,
@@ -20,6 +20,8 @@ _MODELS = {
     "cnn": cnn.CNN,
     "resnet": resnet.ResNet,
     "linear": linear.Linear,
+    "resnet18_gn": benchmark_models.ResNet18GN,
+    "emnist_cnn": benchmark_models.EmnistCNN,
 }
 MODEL_NAMES = tuple(_MODELS)
 NORMS = ("batch", "group", "none")
