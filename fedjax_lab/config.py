@@ -338,7 +338,7 @@ def _validate_algorithm(config):
 
 def check_sites(config):
   """The checks that need data.num_sites; with data.partition=by_column they run once the
-  column has set it (partition.resolve_num_sites)."""
+  column has set it (resolve_num_sites)."""
   from fedjax_lab import algorithms
   n, name = config.data.num_sites, config.algorithm.name
   origin = (f" (data.partition=by_column: data.column '{config.data.column}' has {n} distinct "
@@ -490,3 +490,21 @@ def _validate_task(config):
                           ("attack.record_sites", tuple(config.attack.record_sites), "()")):
     if value:
       raise ConfigError(key, f"implemented for classification only and {where}; set it {off}")
+
+
+def resolve_num_sites(train, config) -> str | None:
+  """data.partition=by_column: sets config.data.num_sites to the column's number of distinct
+  values, then runs the checks that need it (cohort_size <= num_sites, ...:
+  config.check_sites). Returns the line for the start log when that changed num_sites, else
+  None. Other partitions: nothing to do."""
+  from fedjax_lab.data.partition import column_num_sites  # pylint: disable=g-import-not-at-top
+  data = config.data
+  if data.partition != "by_column":
+    return None
+  num_sites, note = column_num_sites(train, data.column), None
+  if num_sites != data.num_sites:
+    note = (f"data.num_sites={data.num_sites} replaced by {num_sites}: data.partition="
+            f"by_column makes one site per distinct value of data.column='{data.column}'")
+    data.num_sites = num_sites
+  check_sites(config)
+  return note

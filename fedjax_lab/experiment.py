@@ -95,7 +95,7 @@ class Experiment:
     train, test, unknown = evaluation_robustness.hold_out_classes(config, train, test)
     # holdout:F takes the public calibration set out of `train` before it is partitioned.
     train, self.public = public.load(config.optim.public_data, config.data, train)
-    sites_note = partition.resolve_num_sites(train, config)  # by_column: the column's count
+    sites_note = config_lib.resolve_num_sites(train, config)  # by_column: the column's count
     if config.data.num_sites > len(train.y):
       raise ConfigError("data.num_sites", f"{config.data.num_sites} sites > {len(train.y)} "
                         "training examples; use fewer sites")

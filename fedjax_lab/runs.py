@@ -64,7 +64,7 @@ def resumable(key: str) -> bool:
 def identity(flat: dict) -> dict:
   """The keys of a flat config that make a run that run: all but RESUMABLE_KEYS, and under
   data.partition=by_column not data.num_sites, which the column sets when the data loads
-  (partition.resolve_num_sites), so a config saying otherwise is the same run."""
+  (config.resolve_num_sites), so a config saying otherwise is the same run."""
   derived = ("data.num_sites",) if flat.get("data.partition") == "by_column" else ()
   return {k: v for k, v in flat.items() if not resumable(k) and k not in derived}
 

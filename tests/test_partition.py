@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from fedjax_lab import config as config_lib
 from fedjax_lab.data import partition as partition_lib
 from fedjax_lab.data import sources
 from fedjax_lab.errors import ConfigError
@@ -128,14 +129,14 @@ def test_by_column_takes_num_sites_from_the_column():
   c.data.update(dict(partition="by_column", column="donor", num_sites=20))
   c.cohort_size = 2
   assert len(partition_lib.partition(train, c.data, 0)) == 3  # num_sites=20 is not used
-  note = partition_lib.resolve_num_sites(train, c)
+  note = config_lib.resolve_num_sites(train, c)
   assert c.data.num_sites == 3
   assert note.startswith("data.num_sites=20 replaced by 3")
-  assert partition_lib.resolve_num_sites(train, c) is None  # nothing changes now
+  assert config_lib.resolve_num_sites(train, c) is None  # nothing changes now
   c.cohort_size = 5
   with pytest.raises(ConfigError, match=r"cohort_size: 5 > data.num_sites=3 \(data.partition="
                      r"by_column: data.column 'donor' has 3 distinct values\)"):
-    partition_lib.resolve_num_sites(train, c)
+    config_lib.resolve_num_sites(train, c)
 
 
 def test_quantity_skew_sizes_vary_and_respect_min_examples():

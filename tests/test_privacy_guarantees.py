@@ -19,6 +19,7 @@ from dp_accounting import pld, rdp
 
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.client import ClientConfig, make_client_update
+from fedjax_lab import config as config_lib
 from fedjax_lab.config import validate
 from fedjax_lab.data.federated import from_partition
 from fedjax_lab.errors import ConfigError
@@ -340,7 +341,7 @@ def _plan(c):
   train, test = sources.load_dataset(c.data)
   train, _, _ = hold_out_classes(c, train, test)
   train, _ = public.load(c.optim.public_data, c.data, train)
-  partition.resolve_num_sites(train, c)
+  config_lib.resolve_num_sites(train, c)
   sites = partition.partition(train, c.data, c.seed)
   d = None
   if c.secagg.enabled and c.dp.level == "site":  # the grid enters sigma: the row length

@@ -17,7 +17,7 @@
   classes and every site holds AT MOST classes_per_site classes.
 - `by_column`: one site per distinct value of `train.columns[data.column]` (sorted values;
   e.g. the "batch" of a synthetic cell, the donor of a sample). The column sets the number of
-  sites: `data.num_sites` is ignored here, and `resolve_num_sites` (called by the Experiment)
+  sites: `data.num_sites` is ignored here, and `config.resolve_num_sites` (called by the Experiment)
   overwrites it with the number of distinct values, saying so in the log when they differ. A
   column with one value is a ConfigError naming data.column.
 - `quantity_skew`: site sizes min_examples + a share of the rest proportional to lognormal
@@ -202,24 +202,6 @@ def column_num_sites(train, column: str) -> int:
                       "data.partition=by_column would make one site; choose a column with "
                       "at least 2 values or another data.partition")
   return len(values)
-
-
-def resolve_num_sites(train, config) -> str | None:
-  """data.partition=by_column: sets config.data.num_sites to the column's number of distinct
-  values, then runs the checks that need it (cohort_size <= num_sites, ...:
-  config.check_sites). Returns the line for the start log when that changed num_sites, else
-  None. Other partitions: nothing to do."""
-  from fedjax_lab import config as config_lib  # pylint: disable=g-import-not-at-top
-  data = config.data
-  if data.partition != "by_column":
-    return None
-  num_sites, note = column_num_sites(train, data.column), None
-  if num_sites != data.num_sites:
-    note = (f"data.num_sites={data.num_sites} replaced by {num_sites}: data.partition="
-            f"by_column makes one site per distinct value of data.column='{data.column}'")
-    data.num_sites = num_sites
-  config_lib.check_sites(config)
-  return note
 
 
 def _by_column(train, column: str) -> list[np.ndarray]:
