@@ -232,7 +232,7 @@ def run(self, workdir: str) -> dict:
       summary["privacy"].update(
           update_noise_multiplier=self.privacy.update_noise_multiplier,
           count_noise_multiplier=self.privacy.count_noise_multiplier,
-          final_clip_norm=float(state.clip_norm))
+          final_clip_norm=float(state.aggregator_state))
     elif site_dp and cfg.secagg.enabled:  # the sites add more than the accountant composes
       summary["privacy"]["update_noise_multiplier"] = self.privacy.update_noise_multiplier
   if cfg.secagg.enabled:

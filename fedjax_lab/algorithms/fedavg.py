@@ -50,9 +50,10 @@ class ServerState(NamedTuple):
   opt_state: Any         # the server optimizer's state
   site_model_state: Any  # what each site keeps (FedBN statistics), leaves [sites, ...]; else {}
   round: jax.Array       # int32 rounds completed
-  # The aggregator chain's state (aggregators.chain): adaptive clipping's C_t, the next
-  # round's clip norm (float32), the one stateful aggregator today; else {}.
-  clip_norm: Any
+  # The aggregator chain's state (aggregators.chain): adaptive clipping's C_t (the next
+  # round's clip norm, float32), matrix-factorization noise's state, centered clipping's
+  # center; {} for a stateless chain.
+  aggregator_state: Any
   # The parameters each site keeps (algorithm.local_params): {path: [sites, ...]}; else {}.
   site_params: Any = {}
 
@@ -173,7 +174,7 @@ def init_server_state(params, model_state, server_tx, num_sites: int, fedbn: boo
       if param_path(path) in local_param_paths(params, local_params)}
   return ServerState(params=params, model_state=model_state, opt_state=server_tx.init(params),
                      site_model_state=site_state, round=jnp.zeros((), jnp.int32),
-                     clip_norm=agg_state, site_params=site_params)
+                     aggregator_state=agg_state, site_params=site_params)
 
 
 def server_step(server_tx: optax.GradientTransformationExtraArgs, mean_delta, opt_state,
@@ -297,7 +298,7 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
 
     rnd = aggregators.RoundInfo(t=t, client_rng=client_rng, cohort=cohort,
                                 in_cohort=in_cohort, num_in=num_in)
-    shared = aggregator.broadcast(state.clip_norm, rnd, {})
+    shared = aggregator.broadcast(state.aggregator_state, rnd, {})
 
     def site_fn(params, local, ms, idx, count, rng, weight, in_k, site, byz, data):
       """One site: its update through the chain's site transforms, and its terms of the
@@ -334,7 +335,7 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
             in_cohort, cohort, byz, data)
     if keep_updates:
       sums["delta"] = aggregators.reduce_stacked(aggregator, per_site.pop("update"), weights,
-                                                 in_cohort, state.clip_norm, rnd, shared)
+                                                 in_cohort, state.aggregator_state, rnd, shared)
     ctx = dict(sums=sums, per_site=per_site, rnd=rnd, shared=shared, weights=weights,
                cohort_overflow=cohort_overflow, round_rng=round_rng)
     if canaries is not None:
@@ -349,7 +350,7 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
       unravel = jax.flatten_util.ravel_pytree(total)[1]
       total = jax.tree.map(jnp.add, total, unravel(ctx["canaries"]))
     mean_delta, agg_state, agg_metrics = aggregator.server(
-        total, state.clip_norm, rnd, ctx["shared"], per_site["stats"])
+        total, state.aggregator_state, rnd, ctx["shared"], per_site["stats"])
     params, opt_state = server_step(server_tx, mean_delta, state.opt_state, state.params,
                                     server_objective, state.model_state, ctx["round_rng"], data)
 
@@ -362,7 +363,7 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
 
     new_state = ServerState(params=params, model_state=model_state, opt_state=opt_state,
                             site_model_state=site_model_state, round=rnd.t + 1,
-                            clip_norm=agg_state,
+                            aggregator_state=agg_state,
                             site_params=scatter_sites(state.site_params, rnd.cohort,
                                                       per_site["local"]))
     metrics = round_metrics(sums["loss"], 2 * rnd.num_in,

@@ -92,7 +92,7 @@ def _through_chain(exp, state, t: int, site: int, ids, mask, delta):
   rnd = aggregators.RoundInfo(t=jnp.int32(t), client_rng=exp.keys["client"],
                               cohort=jnp.asarray(ids), in_cohort=jnp.asarray(mask),
                               num_in=jnp.asarray(mask).sum())
-  shared = chain.broadcast(state.clip_norm, rnd, {})
+  shared = chain.broadcast(state.aggregator_state, rnd, {})
   info = aggregators.SiteInfo(site=jnp.int32(site), weight=jnp.float32(1.0),
                               present=jnp.float32(1.0))
   return chain.site(delta, info, shared)[0]
