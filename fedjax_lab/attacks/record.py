@@ -8,7 +8,7 @@ anyone who reads the workdir can attack it.
 
 Rather than threading a recording output through the vmapped, sharded round, the site's
 update is recomputed from the state before the round with the round's own keys
-(fedavg.make_round: round_rng = fold_in(client_rng, t), site key = fold_in(round_rng, site);
+(round.make_round: round_rng = fold_in(client_rng, t), site key = fold_in(round_rng, site);
 site-level DP's clipping and noise share by the round's own chain members, so it is the
 update the round used (tests/test_inversion.py checks it against the round).
 """
@@ -35,7 +35,7 @@ def wants(config, round_number: int) -> bool:
 
 
 def cohort(exp, t: int):
-  """(cohort ids [K], in_cohort mask [K]) of round t (0-based), as fedavg.make_round draws them."""
+  """(cohort ids [K], in_cohort mask [K]) of round t (0-based), as round.make_round draws them."""
   rng = jax.random.fold_in(exp.keys["sampling"], t)
   cfg = exp.config
   if cfg.dp.level != "site":
