@@ -18,7 +18,7 @@ from fedjax_lab import config as config_lib
 from fedjax_lab import algorithms, evaluation, evaluation_robustness, losses, optim, run_loop
 from fedjax_lab import keys as lab_keys
 from fedjax_lab import sharding
-from fedjax_lab.algorithms import fedavg
+from fedjax_lab.algorithms import round as lab_round
 from fedjax_lab.attacks import canaries
 from fedjax_lab.client import (ClientConfig, ExampleDP, make_client_update,
                                make_public_objective)
@@ -66,7 +66,8 @@ def centralized_config(config):
 
 
 def _flat_params(params) -> dict:
-  return {fedavg.param_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {lab_round.param_path(p): leaf
+          for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def state_local(state) -> dict:
@@ -184,7 +185,7 @@ class Experiment:
                                   out_shardings=sharding.replicated(self.mesh))
     # Each site's own model: the global parameters with its kept ones (algorithm.local_params).
     self.evaluate_personal = jax.jit(
-        jax.vmap(lambda p, local, ms: class_eval(fedavg.merge_local(p, local), ms),
+        jax.vmap(lambda p, local, ms: class_eval(lab_round.merge_local(p, local), ms),
                  in_axes=(None, 0, 0 if self.fedbn else None)),
         out_shardings=sharding.replicated(self.mesh))
     state = self.init_state()
@@ -267,15 +268,16 @@ class Experiment:
     noise = mechanism.site_noise(self.privacy, cfg)
     adaptive = None
     if cfg.dp.adaptive_clip:
-      adaptive = fedavg.AdaptiveClip(target_quantile=cfg.dp.target_quantile,
-                                     clip_lr=cfg.dp.clip_lr, count_stddev=noise.count_stddev)
-    return fedavg.SiteDP(clip_norm=cfg.dp.clip_norm, noise_multiplier=noise.noise_multiplier,
-                         coordinated=noise.coordinated, max_cohort=noise.max_cohort,
-                         adaptive=adaptive, grid=noise.grid, cohort_groups=noise.cohort_groups,
-                         group_rate=noise.group_rate,
-                         correlated=self.privacy.noise,
-                         like=(None if self.privacy.mf is None else jax.eval_shape(
-                             self.model.init, self.keys["init"], self.train.x[:2])[0]))
+      adaptive = lab_round.AdaptiveClip(target_quantile=cfg.dp.target_quantile,
+                                        clip_lr=cfg.dp.clip_lr, count_stddev=noise.count_stddev)
+    return lab_round.SiteDP(clip_norm=cfg.dp.clip_norm,
+                            noise_multiplier=noise.noise_multiplier,
+                            coordinated=noise.coordinated, max_cohort=noise.max_cohort,
+                            adaptive=adaptive, grid=noise.grid, cohort_groups=noise.cohort_groups,
+                            group_rate=noise.group_rate,
+                            correlated=self.privacy.noise,
+                            like=(None if self.privacy.mf is None else jax.eval_shape(
+                                self.model.init, self.keys["init"], self.train.x[:2])[0]))
 
   def epsilon(self, rounds: int) -> float | None:
     if self.privacy is None:
@@ -294,7 +296,7 @@ class Experiment:
         raise ConfigError("algorithm.local_params", f"'{pattern}' matches no parameter of "
                           f"model.name={self.config.model.name}; its parameters: "
                           f"{', '.join(paths)}")
-    if patterns and len(fedavg.local_param_paths(params, patterns)) == len(paths):
+    if patterns and len(lab_round.local_param_paths(params, patterns)) == len(paths):
       raise ConfigError("algorithm.local_params", f"{patterns} keeps every parameter at the "
                         "sites: nothing would be federated")
 

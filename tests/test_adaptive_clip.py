@@ -112,7 +112,7 @@ def test_round_clips_to_the_state_clip_norm_and_updates_it_from_the_site_norms()
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert float(metrics.clip_norm) == clip
   want = _numpy_next_clip(clip, norms[chosen], np.ones(len(chosen)), 0.0, 4, 0.3, 0.5)
-  np.testing.assert_allclose(float(new.clip_norm), want, rtol=1e-5)
+  np.testing.assert_allclose(float(new.aggregator_state), want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("calibrated", [False, True])
@@ -182,12 +182,12 @@ def test_crash_then_rerun_resumes_to_the_same_params_and_clip_norm(tmp_path):
   # init_state() and a resumed one from the checkpoint, so C_t can only come from there.
   exp = Experiment(c)
   full = exp.run(str(tmp_path / "full"))
-  full_clip = float(exp.final_state.clip_norm)
+  full_clip = float(exp.final_state.aggregator_state)
   # Dies during round 3; rounds 1-2 are checkpointed at round 2.
   crash_during_step(exp, str(tmp_path / "crashed"), 3)
   resumed = exp.run(str(tmp_path / "crashed"))
   assert resumed["params_sha256"] == full["params_sha256"]
-  assert float(exp.final_state.clip_norm) == full_clip
+  assert float(exp.final_state.aggregator_state) == full_clip
   assert resumed["privacy"] == full["privacy"]
   rows = {d: [json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")]
           for d in ("full", "crashed")}

@@ -115,7 +115,7 @@ def _round_with(site_dp, cohort=4, sites=8, hidden=16, clip=None):
   state = fedavg.init_server_state(params, ms, optax.sgd(1.0), sites, False,
                                    clip_norm=site_dp.clip_norm if adaptive else None)
   if clip is not None:
-    state = state._replace(clip_norm=jnp.float32(clip))
+    state = state._replace(aggregator_state=jnp.float32(clip))
   return x, y, params, state, round_fn, data
 
 

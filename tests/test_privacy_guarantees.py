@@ -75,7 +75,7 @@ def test_an_empty_cohort_still_noises_the_adaptive_clipping_count():
   noises = []
   for key in _empty_cohort_keys(site_dp, cohort, sites, 120):
     new, _ = round_fn(state, data, key, key)
-    frac = gamma - np.log(float(new.clip_norm) / 1.0) / lr
+    frac = gamma - np.log(float(new.aggregator_state) / 1.0) / lr
     noises.append((frac - 0.5) * cohort)
   noises = np.array(noises)  # without the server's noise every entry would be 0
   want = np.sqrt(site_dp.max_cohort) * count_std

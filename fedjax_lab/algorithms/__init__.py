@@ -23,7 +23,7 @@ An `Algorithm` is
                                         False`: it jits its own halves, the experiment calls
                                         it as it is
 built from the three seams of docs/design.md: the client update (client.make_local_update),
-the aggregator chain (aggregators.py) and the server optax step (fedavg.server_step).
+the aggregator chain (aggregators.py) and the server optax step (round.server_step).
 The experiment jits `round` (and fuses several with lax.scan); per-site state lives in the
 state as stacked arrays [sites, ...] in fields named site_*, sharded like the data.
 """
@@ -46,7 +46,7 @@ class AlgorithmContext(NamedTuple):
   server_tx: optax.GradientTransformationExtraArgs
   num_sites: int
   mesh: Any
-  site_dp: Any = None        # fedavg.SiteDP for dp.level="site", else None
+  site_dp: Any = None        # round.SiteDP for dp.level="site", else None
   # client.make_public_objective(...) when server.optimizer is a curvature one, else None.
   server_objective: Callable | None = None
   sites_per_chunk: int = 0   # config.sites_per_chunk resolved (sharding.map_sum_sites)
@@ -55,7 +55,7 @@ class AlgorithmContext(NamedTuple):
   # with the algorithm's correction (client.make_client_update's other arguments bound).
   make_client_update: Callable | None = None
   # secagg.round.SecureSum when secagg.enabled (the algorithm declares SECURE_AGGREGATION =
-  # True and passes it to fedavg.make_round), else None.
+  # True and passes it to round.make_round), else None.
   secure_sum: Callable | None = None
   loss: Any = None           # losses.Loss of model.loss (None: cross-entropy)
   like: Any = None           # the parameters' shapes (jax.ShapeDtypeStruct leaves)

@@ -13,7 +13,7 @@ step, ||a_i||_1 = tau_i):
   Δ = tau_eff Σ_{i in S} p_i d_i
   x = ServerOpt(x, -Δ)
 
-In the lab it is the FedAvg round (fedavg.make_round) with one more aggregator,
+In the lab it is the FedAvg round (round.make_round) with one more aggregator,
 `normalized()`, in front of the weighted mean: the three seams need nothing else. tau_i comes
 from the client seam: client.local_epochs = E > 0 gives tau_i = ceil(E n_i / B), at most
 client.local_steps (client.site_num_steps); with E = 0 every tau_i = client.local_steps and
@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import aggregators, algorithms
-from fedjax_lab.algorithms import common, fedavg
+from fedjax_lab.algorithms import common
+from fedjax_lab.algorithms import round as lab_round
 from fedjax_lab.errors import ConfigError
 
 
@@ -64,12 +65,12 @@ def build(ctx):
   cfg = ctx.config
   client_update = ctx.make_client_update(local_epochs=cfg.client.local_epochs)
   agg = aggregator()
-  round_fn = fedavg.make_round(client_update, ctx.server_tx, cohort_size=cfg.cohort_size,
-                               weighting=cfg.server.weighting, mesh=ctx.mesh,
-                               min_sites_per_device=cfg.min_sites_per_device,
-                               server_objective=ctx.server_objective,
-                               sites_per_chunk=ctx.sites_per_chunk, aggregator=agg,
-                               secure_sum=ctx.secure_sum)
-  init = lambda params, model_state: fedavg.init_server_state(
+  round_fn = lab_round.make_round(client_update, ctx.server_tx, cohort_size=cfg.cohort_size,
+                                  weighting=cfg.server.weighting, mesh=ctx.mesh,
+                                  min_sites_per_device=cfg.min_sites_per_device,
+                                  server_objective=ctx.server_objective,
+                                  sites_per_chunk=ctx.sites_per_chunk, aggregator=agg,
+                                  secure_sum=ctx.secure_sum)
+  init = lambda params, model_state: lab_round.init_server_state(
       params, model_state, ctx.server_tx, ctx.num_sites, False, aggregator=agg)
   return algorithms.Algorithm(init=init, round=round_fn)

@@ -32,7 +32,7 @@ import optax
 from fedjax_lab import aggregators, algorithms, client, sharding
 from fedjax_lab import keys as lab_keys
 from fedjax_lab.algorithms import Algorithm, common
-from fedjax_lab.algorithms.fedavg import gather_sites, server_step
+from fedjax_lab.algorithms.round import config_aggregator, gather_sites, server_step
 from fedjax_lab.data.federated import FederatedData
 
 PER_SITE_STATE = True  # c_i, leaves [sites, ...]
@@ -93,7 +93,7 @@ def make_round(site_gradient: common.SiteGradient, server_tx: optax.GradientTran
 
   `site_gradient`: common.make_site_gradient (or any function with its signature; tests use
   exact gradients). `server_objective`: the public curvature objective of a curvature
-  ServerOpt (fedavg.server_step).
+  ServerOpt (round.server_step).
   """
   client_update = make_client_update(site_gradient, local_steps, lr)
   if aggregator is None:
@@ -173,9 +173,8 @@ def build(ctx):
   """Under example-level DP every local step is a DP-SGD step, so y_i, dy_i and
   dc_i = -c - dy_i / (local_steps eta_l) are functions of privatized gradients and of the
   public c: post-processing, accounted like FedAvg's DP-SGD (local_steps steps a round)."""
-  from fedjax_lab.algorithms import fedavg
   cfg = ctx.config
-  aggregator = fedavg.config_aggregator(cfg, None, ctx.like)
+  aggregator = config_aggregator(cfg, None, ctx.like)
   site_gradient = common.make_site_gradient(ctx.model, cfg.client.batch_size,
                                             cfg.client.shuffle, cfg.model.l2, dp=ctx.example_dp,
                                             loss=ctx.loss)

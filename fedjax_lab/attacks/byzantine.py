@@ -8,7 +8,7 @@ sampled cohorts, every round has exactly f Byzantine sites among its cohort.
 Threat model (as ByzFL's, LPD-EPFL): the Byzantine sites collude and are omniscient: they see
 the honest sites' updates of the round (and, for the optimised attacks, the server's
 aggregation rule) before sending their own. The label-flipping sites train like any site,
-inside the vmap, on labels y -> num_classes - 1 - y (fedavg.make_round's flip_labels); the
+inside the vmap, on labels y -> num_classes - 1 - y (round.make_round's flip_labels); the
 others replace their rows of the cohort's stacked updates after the vmap, in the same jit,
 in front of the pre-aggregation and the reducer (`attacked` wraps the chain's reduce).
 Updates are the lab's deltas (new - old parameters, minus the learning rate times a

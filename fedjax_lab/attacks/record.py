@@ -8,7 +8,7 @@ anyone who reads the workdir can attack it.
 
 Rather than threading a recording output through the vmapped, sharded round, the site's
 update is recomputed from the state before the round with the round's own keys
-(fedavg.make_round: round_rng = fold_in(client_rng, t), site key = fold_in(round_rng, site);
+(round.make_round: round_rng = fold_in(client_rng, t), site key = fold_in(round_rng, site);
 site-level DP's clipping and noise share by the round's own chain members, so it is the
 update the round used (tests/test_inversion.py checks it against the round).
 """
@@ -35,7 +35,7 @@ def wants(config, round_number: int) -> bool:
 
 
 def cohort(exp, t: int):
-  """(cohort ids [K], in_cohort mask [K]) of round t (0-based), as fedavg.make_round draws them."""
+  """(cohort ids [K], in_cohort mask [K]) of round t (0-based), as round.make_round draws them."""
   rng = jax.random.fold_in(exp.keys["sampling"], t)
   cfg = exp.config
   if cfg.dp.level != "site":
@@ -92,7 +92,7 @@ def _through_chain(exp, state, t: int, site: int, ids, mask, delta):
   rnd = aggregators.RoundInfo(t=jnp.int32(t), client_rng=exp.keys["client"],
                               cohort=jnp.asarray(ids), in_cohort=jnp.asarray(mask),
                               num_in=jnp.asarray(mask).sum())
-  shared = chain.broadcast(state.clip_norm, rnd, {})
+  shared = chain.broadcast(state.aggregator_state, rnd, {})
   info = aggregators.SiteInfo(site=jnp.int32(site), weight=jnp.float32(1.0),
                               present=jnp.float32(1.0))
   return chain.site(delta, info, shared)[0]

@@ -99,18 +99,18 @@ class Server:
   example-weighted mean, or aggregator.robust's reducer), server optimizer."""
 
   def __init__(self, exp):
-    from fedjax_lab.algorithms import fedavg
+    from fedjax_lab.algorithms import round as lab_round
     self.exp = exp
     state = exp.init_state()
     self.params = jax.device_get(state.params)
     self.opt_state = exp.server_tx.init(self.params)
-    self.aggregator = fedavg.config_aggregator(exp.config, None, self.params)
+    self.aggregator = lab_round.config_aggregator(exp.config, None, self.params)
     self.agg_state = self.aggregator.init()
     self.round = 0
 
   def aggregate(self, deltas: list[list[np.ndarray]], counts: list[int]):
     """The chain's site transforms, then the sum in site order (or its reduce step on the
-    stacked deltas), then its server steps: what fedavg.make_round does on device."""
+    stacked deltas), then its server steps: what round.make_round does on device."""
     from fedjax_lab import aggregators
     n = len(deltas)
     weights = np.asarray(counts, np.float32) / np.float32(sum(counts))

@@ -203,7 +203,7 @@ def example_noise(plan: PrivacyPlan, config) -> ExampleNoise:
 
 
 class SiteNoise(NamedTuple):
-  """What DP-FedAvg's aggregator uses at site level (algorithms/fedavg.SiteDP's numbers)."""
+  """What DP-FedAvg's aggregator uses at site level (algorithms/round.SiteDP's numbers)."""
   noise_multiplier: float            # the update's: z, or z_update under adaptive clipping
   count_stddev: float | None         # adaptive clipping's count noise (None without it)
   coordinated: bool
