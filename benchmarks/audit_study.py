@@ -17,12 +17,10 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-import fedjax_lab  # noqa: E402
+import fedjax_lab  # the installed lab (requirements.txt installs it editable)
 
 fedjax_lab.setup_cpu_devices()
 OUT = os.path.join(HERE, "audit_study.json")

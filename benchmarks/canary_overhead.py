@@ -13,12 +13,10 @@ import argparse
 import importlib.util
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fedjax_lab  # noqa: E402
+import fedjax_lab  # the installed lab (requirements.txt installs it editable)
 
 fedjax_lab.setup_cpu_devices()
 

@@ -200,10 +200,12 @@ def test_cache_round_trip_reads_npz_not_tfds(cifar, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,extra", [
-    ("cifar100_pachinko", ["--config.model.features=4,4,4,4"]),
+    ("cifar100_pachinko", ["--config.model.features=4,4,4,4", "--config.cohort_size=2",
+                           "--config.client.local_steps=1"]),
     # The EMNIST CNN takes seconds a local step on 2 CPU cores, and the end-of-run per-site
     # metrics cost sites x classes x test examples: fewer of both here.
-    ("emnist62", ["--config.client.local_steps=2", "--config.data.num_sites=340"]),
+    ("emnist62", ["--config.client.local_steps=1", "--config.data.num_sites=34",
+                  "--config.cohort_size=2"]),
 ])
 def test_train_py_runs_one_round_on_mock_data(name, extra, cifar, emnist, tmp_path):
   data = (cifar if name == "cifar100_pachinko" else emnist)[0]
