@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from test_experiment import assert_exits_2_with_one_line, crash_during_step, tiny_config
 
-from fedjax_lab.algorithms import fedavg
 from fedjax_lab.experiment import Experiment
 from fedjax_lab.privacy import mf_noise
 
@@ -108,14 +107,15 @@ def test_epsilon_and_every_row_from_brute_force_sensitivity(case, tmp_path):
 def record_cohorts(monkeypatch):
   """{round: site ids} of the cohorts the run actually trained, read out of the compiled
   round as it runs."""
-  seen, real = {}, fedavg.cyclic_cohort
+  from fedjax_lab.algorithms import round as lab_round
+  seen, real = {}, lab_round.cyclic_cohort
 
   def recording(sampling_rng, t, *args):
     cohort = real(sampling_rng, t, *args)
     jax.debug.callback(lambda t, c: seen.__setitem__(int(t), np.asarray(c)), t, cohort)
     return cohort
 
-  monkeypatch.setattr(fedavg, "cyclic_cohort", recording)
+  monkeypatch.setattr(lab_round, "cyclic_cohort", recording)
   return seen
 
 
