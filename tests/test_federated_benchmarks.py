@@ -215,5 +215,8 @@ def test_train_py_runs_one_round_on_mock_data(name, extra, cifar, emnist, tmp_pa
        "--workdir", str(tmp_path / "run"), *extra],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  summary = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert 0.0 <= summary["test_accuracy"] <= 1.0
+  # Mock images are random: accuracy means nothing; the run must have trained its one round
+  # on the cached split's sites.
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["rounds_completed"] == 1
+  assert summary["config"]["data"]["mock"] is True
