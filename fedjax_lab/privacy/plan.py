@@ -35,7 +35,7 @@ class PrivacyPlan(NamedTuple):
   count_noise_multiplier: float | None = None
   # Poisson samples are truncated to `slots` (sampling.py): the batch of a site (example
   # level) or the cohort (site level). P(a draw of the unit's overflows during the run) <=
-  # overflow_bound, paid for by the delta the accountant does not get (_TRUNCATION_SHARE).
+  # overflow_bound, paid for by the delta the accountant does not get (TRUNCATION_SHARE).
   slots: int = 0
   overflow_bound: float = 0.0
   # "secret": the DP noise and sampling come from OS entropy kept in the checkpoint; "seeded":
@@ -74,13 +74,13 @@ class PrivacyPlan(NamedTuple):
 # The share of dp.delta set aside for truncated Poisson samples (sampling.py): the accountant
 # composes at delta (1 - share), and the slots are sized so (1 + e^eps) P(overflow) <= share
 # delta, so (eps, dp.delta) holds for the run as it is really sampled.
-_TRUNCATION_SHARE = 1e-3
+TRUNCATION_SHARE = 1e-3
 
 
 def accountant_delta(config) -> float:
   """dp.delta less the truncation's share and, with secure aggregation, the quantization's
   (secagg_delta.SECAGG_SHARE): what dp-accounting is asked for."""
-  share = _TRUNCATION_SHARE + (secagg_delta.SECAGG_SHARE if config.secagg.enabled else 0.0)
+  share = TRUNCATION_SHARE + (secagg_delta.SECAGG_SHARE if config.secagg.enabled else 0.0)
   return config.dp.delta * (1 - share)
 
 
@@ -126,7 +126,7 @@ def privacy_plan(config, site_counts: np.ndarray,
     each at rate batch_size / its size; or the cohort at every round)."""
     accountant = accounting.Accountant(z, q, accountant_delta_, dp.accountant)
     eps = accountant.epsilon_after(total_steps)
-    overflow_bound = _TRUNCATION_SHARE * dp.delta / (1 + math.exp(min(eps, 700.0)))
+    overflow_bound = TRUNCATION_SHARE * dp.delta / (1 + math.exp(min(eps, 700.0)))
     tail = overflow_bound / total_steps
     if dp.level == "example":
       slots = sampling.site_slots(site_counts, config.client.batch_size, tail)

@@ -54,8 +54,8 @@ import math
 import numpy as np
 
 from fedjax_lab.privacy import accounting, guarantees, sampling
+from fedjax_lab.privacy.plan import TRUNCATION_SHARE
 
-TRUNCATION_SHARE = 1e-3
 SEES = ("models", "sum", "updates")
 LEVELS = ("none", "example", "site")
 ENCODER_MODES = ("private", "paper")
