@@ -12,7 +12,7 @@ r"""Gradient inversion of a digits site's update (fedjax_lab/attacks/inversion.p
 Recorded updates are a site's private data in the clear (docs/attacks.md).
 """
 
-from fedjax_lab.attacks.inversion import DEFAULTS
+from fedjax_lab.attacks.inversion_attack import DEFAULTS
 from fedjax_lab.config import default_config
 
 
