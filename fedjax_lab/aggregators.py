@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab.privacy import adaptive_clipping
+from fedjax_lab.secagg.quantization import decode_sum, quantize
 
 # Site noise keys hang off fold_in(client_rng, _SITE_NOISE), a value no round index reaches,
 # so they never coincide with a round's client-training keys fold_in(client_rng, t).
@@ -352,7 +353,6 @@ def gaussian_noise(noise_multiplier: float, coordinated: bool,
 def on_grid(tree, key, clip_range: float, levels: int):
   """Each value clipped to [-clip_range, clip_range] and stochastically rounded onto secure
   aggregation's grid (step 2 clip_range / levels), as the secure sum encodes one site's row."""
-  from fedjax_lab.secagg.quantization import decode_sum, quantize
   leaves = jax.tree.leaves(tree)
   keys = jax.random.split(key, len(leaves))
   out = [decode_sum(quantize(l.reshape(-1), k, clip_range, levels)[0], 1, clip_range, levels,

@@ -15,6 +15,7 @@ import os
 import sys
 
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from fedjax_lab import config as config_lib
@@ -50,7 +51,6 @@ def quiet_logs():
   """Keeps a command's output to its own lines: orbax logs every checkpoint save at INFO,
   and JAX logs at INFO each accelerator backend it tries (`Unable to initialize backend
   'tpu'`) on a machine without one. Call before anything imports jax."""
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)
   for name in ("jax._src.xla_bridge", "orbax", "absl"):
     logging.getLogger(name).setLevel(logging.WARNING)

@@ -2,11 +2,19 @@
 
 Configs in configs/ start from `default_config()` and override; `validate()` runs before
 anything is loaded or compiled and raises `ConfigError` naming the key and the allowed values.
+
+Importing this module imports no jax, so a program may build and check the keys of a config
+before it sets its CPU devices up (fedjax_lab.setup_cpu_devices does nothing once jax is
+imported). The checks that need a module importing jax (algorithms, models, optim, the
+privacy mechanisms, ...) import it inside the function that checks: marked "jax-free parse".
 """
 
 import ml_collections
 from ml_collections import config_dict
 
+from fedjax_lab.data import public, standardize
+from fedjax_lab.data import sources
+from fedjax_lab.data.partition import column_num_sites
 from fedjax_lab.errors import ConfigError
 
 BATCH_STATS = ("average", "local")
@@ -19,12 +27,11 @@ _FREE_FORM = ("client.optimizer_args", "server.optimizer_args", "attack.inversio
 
 
 def default_config() -> ml_collections.ConfigDict:
-  from fedjax_lab.data.sources import default_data_config
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.rounds = 50
   c.cohort_size = 10              # sites per round; = data.num_sites for full participation
-  c.data = default_data_config()
+  c.data = sources.default_data_config()
   c.model = ml_collections.ConfigDict(dict(
       name="mlp", hidden=(128,), features=(32, 64), norm="none", dropout=0.0, image_shape=(),
       # l2: the objective of every algorithm is the mean loss + (l2 / 2) ||w||^2.
@@ -183,8 +190,7 @@ def _positive(key, value, integer=False):
 
 def validate(config) -> None:
   """Checks every key the core reads; data-dependent checks happen when data loads."""
-  from fedjax_lab import algorithms, models, optim
-  from fedjax_lab.data import public, standardize
+  from fedjax_lab import algorithms, models, optim  # jax-free parse
   known = _flatten(default_config())
   for key in _flatten(config):
     if key not in known:
@@ -222,7 +228,8 @@ def validate(config) -> None:
   if config.data.partition != "by_column":  # else once the column gives num_sites (partition.py)
     check_sites(config)
   _positive("eval.every", config.eval.every, integer=True)
-  from fedjax_lab import evaluation_robustness  # eval.bootstrap / robustness* / unknown_classes
+  # eval.bootstrap / robustness* / unknown_classes
+  from fedjax_lab import evaluation_robustness  # jax-free parse
   evaluation_robustness.check_config(config)
   _positive("checkpoint.every", config.checkpoint.every, integer=True)
   _positive("rounds_per_step", config.rounds_per_step, integer=True)
@@ -247,12 +254,12 @@ def validate(config) -> None:
     raise ConfigError("attack.record_sites", "with secagg.enabled the server receives masked "
                       "vectors and learns only their sum: there is no site update to record; "
                       "study attacks with secagg.enabled=False")
-  from fedjax_lab import robust
-  from fedjax_lab.attacks import byzantine
+  from fedjax_lab import robust  # jax-free parse
+  from fedjax_lab.attacks import byzantine  # jax-free parse
   robust.validate(config)
   byzantine.validate(config)
   standardize.resolve(config)  # data.standardize against dp.level and optim.public_data
-  from fedjax_lab.attacks import canaries
+  from fedjax_lab.attacks import canaries  # jax-free parse
   canaries.validate(config)
 
 
@@ -265,7 +272,7 @@ def secagg_max_cohort(config) -> int:
 
 def _validate_secagg(config):
   """Settings that cannot work with secure aggregation, each with the reason."""
-  from fedjax_lab import algorithms
+  from fedjax_lab import algorithms  # jax-free parse
   s = config.secagg
   if not s.enabled:
     return
@@ -299,12 +306,12 @@ def _validate_secagg(config):
                       "private cohort size move the sum, which privacy/secagg_delta.py bounds "
                       "only when the sum's noise does not grow with the cohort; use "
                       "dp.noise=coordinated")
-  from fedjax_lab.privacy.secagg_delta import check_secagg
+  from fedjax_lab.privacy.secagg_delta import check_secagg  # jax-free parse
   check_secagg(config, secagg_max_cohort(config))
 
 
 def _validate_local_params(config):
-  from fedjax_lab import algorithms
+  from fedjax_lab import algorithms  # jax-free parse
   local = config.algorithm.local_params
   if not local:
     return
@@ -326,7 +333,7 @@ def _validate_local_params(config):
 
 def _validate_algorithm(config):
   """The algorithm's own keys and constraints: its module's validate (algorithms/*.py)."""
-  from fedjax_lab import algorithms
+  from fedjax_lab import algorithms  # jax-free parse
   if config.model.l2 < 0:
     raise ConfigError("model.l2", f"must be >= 0, got {config.model.l2}")
   if config.client.local_epochs < 0:
@@ -339,7 +346,7 @@ def _validate_algorithm(config):
 def check_sites(config):
   """The checks that need data.num_sites; with data.partition=by_column they run once the
   column has set it (resolve_num_sites)."""
-  from fedjax_lab import algorithms
+  from fedjax_lab import algorithms  # jax-free parse
   n, name = config.data.num_sites, config.algorithm.name
   origin = (f" (data.partition=by_column: data.column '{config.data.column}' has {n} distinct "
             "values)" if config.data.partition == "by_column" else "")
@@ -356,7 +363,7 @@ def check_sites(config):
 
 def _validate_mechanism(config):
   """dp.mechanism / dp.participation: what the matrix-factorization accounting assumes."""
-  from fedjax_lab.privacy import mechanism
+  from fedjax_lab.privacy import mechanism  # jax-free parse
   dp = config.dp
   _one_of("dp.mechanism", dp.mechanism, mechanism.MECHANISMS)
   _one_of("dp.participation", dp.participation, mechanism.PARTICIPATION)
@@ -420,7 +427,7 @@ def _validate_dp(config):
   _validate_mechanism(config)
   if dp.level == "none":
     return
-  from fedjax_lab import optim
+  from fedjax_lab import optim  # jax-free parse
   if config.eval.centralized_baseline:
     raise ConfigError("eval.centralized_baseline", "trains a second model on the same private "
                       "data and publishes its accuracy, which no epsilon covers; set it False "
@@ -461,15 +468,14 @@ def _validate_adaptive_clip(config):
     raise ConfigError("dp.adaptive_clip", f"adaptive clipping is implemented for site-level "
                       f"DP-FedAvg only, got dp.level={dp.level}; allowed with it: site")
   if dp.noise_multiplier > 0:  # a calibrated one is checked by privacy.plan.privacy_plan
-    from fedjax_lab.privacy.adaptive_clipping import adaptive_clip_noise
+    from fedjax_lab.privacy.adaptive_clipping import adaptive_clip_noise  # jax-free parse
     adaptive_clip_noise(config, dp.noise_multiplier)
 
 
 def _validate_task(config):
   """model.loss against the task of data.name (classification, or regression for
   data/sources.REGRESSION_SOURCES) and the keys a regression task cannot use."""
-  from fedjax_lab import losses
-  from fedjax_lab.data import sources
+  from fedjax_lab import losses  # jax-free parse
   task = sources.task_of(config.data.name)
   losses.check(config.model.loss, task, config.model.far_alpha, config.model.far_base)
   if config.model.loss == "far" and config.dp.level == "example":
@@ -497,7 +503,6 @@ def resolve_num_sites(train, config) -> str | None:
   values, then runs the checks that need it (cohort_size <= num_sites, ...:
   config.check_sites). Returns the line for the start log when that changed num_sites, else
   None. Other partitions: nothing to do."""
-  from fedjax_lab.data.partition import column_num_sites  # pylint: disable=g-import-not-at-top
   data = config.data
   if data.partition != "by_column":
     return None

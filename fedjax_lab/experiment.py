@@ -12,9 +12,11 @@ import logging
 import os
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from fedjax_lab import config as config_lib
+from fedjax_lab import secagg
 from fedjax_lab import algorithms, evaluation, evaluation_robustness, losses, optim, run_loop
 from fedjax_lab import keys as lab_keys
 from fedjax_lab import sharding
@@ -29,6 +31,7 @@ from fedjax_lab.privacy import clipping, mechanism, randomness, secagg_delta
 from fedjax_lab.privacy.plan import PrivacyPlan
 # Re-exported: run_loop and the tests use them; they live apart so run_loop needs nothing here.
 from fedjax_lab.state import params_sha256, place_state  # noqa: F401
+
 
 log = logging.getLogger("fedjax_lab")
 
@@ -80,7 +83,6 @@ def draw_secret() -> list[int]:
   on every process of a run."""
   words = np.frombuffer(os.urandom(4 * randomness.SECRET_WORDS), np.uint32).copy()
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     words = np.asarray(multihost_utils.broadcast_one_to_all(words))
   return [int(w) for w in words]
 
@@ -230,7 +232,6 @@ class Experiment:
     cfg = self.config
     if not cfg.secagg.enabled:
       return None
-    from fedjax_lab import secagg
     site_level = self.privacy is not None and cfg.dp.level == "site"
     max_cohort = mechanism.secure_sum_cohort(self.privacy, cfg)
     s = cfg.secagg

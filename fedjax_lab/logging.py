@@ -18,6 +18,7 @@ import sys
 
 import tqdm
 from tqdm.contrib import logging as tqdm_logging
+from tensorboardX import SummaryWriter
 
 _EVENTS_GLOB = "events.out.tfevents.*"
 
@@ -35,7 +36,6 @@ class MetricsLogger:
     kept = self._truncate_after(start_round)
     self._file = open(self.path, "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter
       tb_dir = os.path.join(workdir, "tensorboard")
       for old in glob.glob(os.path.join(tb_dir, _EVENTS_GLOB)):
         os.remove(old)  # rewritten below from metrics.jsonl: one events file per run

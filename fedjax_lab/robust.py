@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from fedjax_lab import aggregators
 from fedjax_lab.errors import ConfigError
+from fedjax_lab import algorithms
 
 ROBUST = ("none", "mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
           "centered_clipping")
@@ -299,7 +300,6 @@ def linear(config) -> bool:
 
 def validate(config) -> None:
   """aggregator.* keys and what they compose with (one-line ConfigErrors)."""
-  from fedjax_lab import algorithms
   a = config.aggregator
   if a.robust not in ROBUST:
     raise ConfigError("aggregator.robust", f"unknown '{a.robust}'; allowed: {', '.join(ROBUST)}")

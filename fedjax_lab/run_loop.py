@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from fedjax_lab import divergence, evaluation, evaluation_robustness, runs
@@ -34,7 +35,6 @@ def _any_process_signalled(signalled_here: bool) -> bool:
   """
   if jax.process_count() == 1:
     return signalled_here
-  from jax.experimental import multihost_utils
   return bool(np.any(multihost_utils.process_allgather(np.int32(signalled_here))))
 
 

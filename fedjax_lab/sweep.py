@@ -39,11 +39,13 @@ import fedjax_lab
 if __name__ == "__main__":  # the command (not the library): before anything imports jax
   fedjax_lab.setup_cpu_devices()
 
+from absl import logging as absl_logging  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedjax_lab import config as config_lib
-from fedjax_lab import runs
-from fedjax_lab.errors import ConfigError
+from fedjax_lab import config as config_lib  # noqa: E402
+from fedjax_lab import runs  # noqa: E402
+from fedjax_lab.errors import ConfigError  # noqa: E402
+from fedjax_lab.experiment import Experiment  # noqa: E402
 
 # Grid keys that set epsilon: accuracy vs epsilon draws one line through their values.
 EPSILON_KEYS = ("dp.target_epsilon", "dp.noise_multiplier")
@@ -142,7 +144,6 @@ def _label_text(label: dict) -> str:
 
 def run_points(points, report: Callable[[str], None] = print) -> list[dict]:
   """Trains every point not finished yet, in order; returns one row per point."""
-  from fedjax_lab.experiment import Experiment  # pylint: disable=g-import-not-at-top
   check_points(points)
   rows = []
   for i, point in enumerate(points, 1):
@@ -241,9 +242,9 @@ def _band(ax, runs_rows, key, label):
 
 def plot(rows, out: str) -> list[str]:
   """The PNGs of a sweep (see the module docstring); returns their paths."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # optional: pyplot is slow to import and only the plots need it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # optional: as matplotlib above
   stats, paths = table(rows), []
   name = lambda label: _label_text(label) or "run"
 
@@ -343,7 +344,6 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   compare = bool(argv) and argv[0] == "compare"
   args = _parser(compare).parse_args(argv[1:] if compare else argv)
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   try:
     if compare:

@@ -16,9 +16,17 @@ import sys
 
 import fedjax_lab
 
-from absl import app, flags
+# This module is the command (`fedjax-lab`, whose entry point imports it): the device layout
+# before anything imports jax; a process that has imported jax already keeps its devices.
+fedjax_lab.setup_cpu_devices()
 
-from fedjax_lab import cli  # imports no jax: console_main sets the CPU devices up first
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+
+from fedjax_lab import cli, divergence, runs, sharding  # noqa: E402
+from fedjax_lab.attacks import canaries  # noqa: E402
+from fedjax_lab.errors import ConfigError  # noqa: E402
+from fedjax_lab.experiment import Experiment  # noqa: E402
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string(
@@ -28,10 +36,6 @@ _WORKDIR = flags.DEFINE_string(
 
 def main(argv):
   del argv
-  import jax
-  from fedjax_lab import divergence, runs, sharding
-  from fedjax_lab.errors import ConfigError
-  from fedjax_lab.experiment import Experiment
   cli.quiet_logs()
   try:  # one process per host: every process runs this same command (docs/running.md, multi-host)
     sharding.initialize_distributed()
@@ -70,7 +74,6 @@ def main(argv):
     return
   # First: the last two lines stay the test_accuracy line (or the centralized one) and the JSON.
   if "audit" in summary:  # audit.canaries > 0: beside the claim, the estimate and the bound
-    from fedjax_lab.attacks import canaries
     print("\n".join(canaries.format_lines(summary["audit"])))
   if summary.get("test_auc") is not None:  # evaluation_robustness.final_metrics
     ci = lambda key: ("" if summary.get(key) is None else
@@ -120,7 +123,6 @@ def _check_aborts(config, summary):
 
 def console_main():
   """The `fedjax-lab` command (pyproject.toml) and `python train.py`."""
-  fedjax_lab.setup_cpu_devices()  # before anything imports jax: one XLA device per CPU core
   app.run(main, flags_parser=cli.parse_flags)
 
 

@@ -28,6 +28,7 @@ from fedjax_lab.algorithms import Algorithm, schedules
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.models import Model
+from fedjax_lab.algorithms import topology
 
 SiteGradient = Callable  # (params, site_idx [n_max], site_count, rng, step, data) -> (loss, grads)
 
@@ -226,14 +227,12 @@ def validate_per_site(config) -> None:
 
 def validate_gossip(config) -> None:
   """RandCom and D-SGD: validate_per_site and the graph's keys."""
-  from fedjax_lab.algorithms import topology
   validate_per_site(config)
   topology.validate(config)
 
 
 def check_gossip_sites(config) -> None:
   """Once data.num_sites is known: a torus needs a composite number of sites."""
-  from fedjax_lab.algorithms import topology
   if config.algorithm.topology == "torus":
     topology.from_config(config)  # raises if num_sites is prime
 

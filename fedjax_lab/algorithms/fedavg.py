@@ -17,6 +17,8 @@ from fedjax_lab.algorithms.round import (  # noqa: F401
     cyclic_cohort, gather_sites, init_server_state, local_param_paths, make_aggregator,
     make_round, merge_local, param_path, sample_cohort, scatter_sites, secure_round,
     server_step)
+from fedjax_lab import client
+from fedjax_lab.attacks import byzantine
 
 # The round sends one summed update, so secure aggregation can carry it (config.py); it
 # keeps algorithm.local_params at the sites (make_round); its chain may reduce (robust.py).
@@ -32,8 +34,6 @@ def validate(config) -> None:
 
 def build(ctx):
   """FedAvg (and FedProx: algorithm.name=fedprox adds client.prox_mu's proximal term)."""
-  from fedjax_lab import client
-  from fedjax_lab.attacks import byzantine
   cfg = ctx.config
   fedbn = cfg.algorithm.batch_stats == "local"
   client_update = ctx.client_update

@@ -31,6 +31,8 @@ from fedjax_lab.algorithms import RoundMetrics, round_metrics  # noqa: F401 (API
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.privacy.sampling import poisson_sample
 from fedjax_lab.secagg import round as secagg_round
+from fedjax_lab import robust
+from fedjax_lab.attacks import byzantine
 
 # fold_in tag (into the round's client key, beside the site ids) of the public minibatch a
 # curvature server optimizer takes its obj_fn on.
@@ -105,8 +107,6 @@ def make_aggregator(site_dp: SiteDP | None, cohort_size: int) -> aggregators.Agg
 def config_aggregator(config, site_dp: SiteDP | None, like=None) -> aggregators.Aggregator:
   """The round's chain from the config: make_aggregator's, or the robust chain of
   aggregator.* (robust.defense), attacked by attack.name's Byzantine sites when set."""
-  from fedjax_lab import robust
-  from fedjax_lab.attacks import byzantine
   dim = (None if like is None
          else sum(int(np.prod(a.shape)) for a in jax.tree.leaves(like)))
   chain = robust.defense(config, dim)

@@ -24,6 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
 
 from fedjax_lab.errors import ArgumentError, ConfigError, config_keys
 
@@ -177,8 +179,6 @@ def spectral_gap(topology: Topology, lazy: bool = False) -> float:
     if lazy:
       eig = (1.0 + eig) / 2.0
     return float(1.0 - max(abs(eig[0]), abs(eig[-2])))
-  import scipy.sparse as sp  # pylint: disable=g-import-not-at-top
-  import scipy.sparse.linalg as spla  # pylint: disable=g-import-not-at-top
   w = sp.coo_matrix((topology.edge_weights, (topology.receivers, topology.senders)),
                     shape=(n, n)).tocsr()
   w = w + sp.diags(topology.self_weights)

@@ -42,13 +42,23 @@ Perfectly separated scores give a finite bound, limited by the number of scores 
 scores an FPR below ~log(thresholds / (1 - confidence)) / n cannot be certified).
 """
 
+import json
 import os
+import tempfile
 
+from absl import app, flags
+import jax
 import numpy as np
 
+from fedjax_lab import cli
+from fedjax_lab.attacks import membership
 from fedjax_lab.attacks.bounds import (  # noqa: F401  (the audit's API)
     ESTIMATES, LOWER_BOUNDS, _auditor, _epsilon_from_gdp, _gdp_epsilon, _scores,
     canary_estimate, epsilon_estimate, epsilon_lower_bound, verdict)
+from fedjax_lab.data import sources
+from fedjax_lab.errors import ConfigError
+from fedjax_lab.experiment import Experiment
+from fedjax_lab.privacy import guarantees
 
 
 def canary_audit(config, num_canaries: int = 1000, seed: int = 0, workdir: str | None = None,
@@ -72,13 +82,6 @@ def canary_audit(config, num_canaries: int = 1000, seed: int = 0, workdir: str |
   config.seed and `seed`; the mode used is in the result. The result is also written to the
   run's summary.json under "audit".
   """
-  import json  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from fedjax_lab.attacks import membership  # pylint: disable=g-import-not-at-top
-  from fedjax_lab.data import sources  # pylint: disable=g-import-not-at-top
-  from fedjax_lab.experiment import Experiment  # pylint: disable=g-import-not-at-top
-  from fedjax_lab.privacy import guarantees  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   train, test = sources.load_dataset(config.data)
   d, m = train.x.reshape(len(train), -1).shape[1], num_canaries
@@ -162,8 +165,6 @@ def format_result(r: dict) -> list[str]:
 
 def main(argv):
   del argv
-  from fedjax_lab import cli  # pylint: disable=g-import-not-at-top
-  from fedjax_lab.errors import ConfigError  # pylint: disable=g-import-not-at-top
   cli.quiet_logs()  # each of the audit's checkpoints would log at INFO
   config, _ = cli.load_config(_CONFIG)
   if not (isinstance(config.audit.num_canaries, int) and config.audit.num_canaries > 0):
@@ -182,9 +183,7 @@ def main(argv):
   print(f"wrote {os.path.join(result['workdir'], 'summary.json')} (\"audit\")")
 
 
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from fedjax_lab import cli  # pylint: disable=g-import-not-at-top
+if __name__ == "__main__":  # the flags only for the command: importing defines none
   _CONFIG = cli.define_config_flag(os.path.join(cli.CONFIGS, "mia_audit.py"))
   _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the audited run (default: a "
                                  "new temporary folder); must be new or empty.")

@@ -3,6 +3,8 @@ fedjax_lab/attacks/audit.py, which documents each; kept apart so that the traini
 in-run canaries (attacks/canaries.py) use them without importing the audit's trainers)."""
 
 import numpy as np
+from jax_privacy import auditing
+from scipy import optimize, stats
 
 LOWER_BOUNDS = ("clopper_pearson", "one_run")
 ESTIMATES = ("gdp", "one_run_fdp")
@@ -24,7 +26,6 @@ def _auditor(scores_in, scores_out, delta: float, confidence: float):
   if not 0 < delta < 1:
     raise ValueError(f"delta must be in (0, 1), got {delta}")
   s_in, s_out = _scores("scores_in", scores_in), _scores("scores_out", scores_out)
-  from jax_privacy import auditing  # pylint: disable=g-import-not-at-top
   return auditing, auditing.CanaryScoreAuditor(s_in, s_out)
 
 
@@ -80,7 +81,6 @@ def canary_estimate(scores_in, null_std: float, delta: float) -> float:
 
 def _gdp_epsilon(mu: float, delta: float) -> float:
   """The epsilon of mu-GDP at delta (Dong, Roth & Su 2019, Cor. 2.13), in the log domain."""
-  from scipy import optimize, stats  # pylint: disable=g-import-not-at-top
   if mu <= 0:
     return 0.0
 
@@ -107,7 +107,6 @@ def _epsilon_from_gdp(auditor, significance: float, delta: float) -> float:
   score distributions then give eps ~2 from the extreme thresholds), so it is recomputed here
   from the auditor's counts.
   """
-  from scipy import stats  # pylint: disable=g-import-not-at-top
   fn = np.asarray(auditor._fn_counts)  # pylint: disable=protected-access
   tn = np.asarray(auditor._tn_counts)  # pylint: disable=protected-access
   n_pos, n_neg = int(fn[-1]), int(tn[-1])

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from fedjax_lab import aggregators
 from fedjax_lab.errors import ConfigError
+from fedjax_lab.data import sources
 
 ATTACKS = ("none", "sign_flip", "scaled", "label_flip", "ipm", "alie", "opt_ipm", "opt_alie")
 GRID = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
@@ -147,5 +148,4 @@ def validate(config) -> None:
 
 
 def _regression_sources():
-  from fedjax_lab.data import sources
   return getattr(sources, "REGRESSION_SOURCES", ())

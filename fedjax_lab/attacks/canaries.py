@@ -34,9 +34,9 @@ Scores (`Scorer`), from what an adversary sees (the released models, w_0 include
                 every iterate by its cosine; with Poisson participation in about q T rounds
                 the sum accumulates the canary's signal where a maximum keeps one round's.
   final_model   cos(u_j, w_T - w_0), null N(0, 1/d).
-From each: the ESTIMATE (`audit.canary_estimate`: mu = mean of the included canaries'
+From each: the ESTIMATE (`bounds.canary_estimate`: mu = mean of the included canaries'
 standardised scores, epsilon of mu-GDP at delta; assumes a Gaussian trade-off curve, not a
-bound) and the one-run LOWER BOUND at 95% (audit.epsilon_lower_bound, method one_run; each
+bound) and the one-run LOWER BOUND at 95% (bounds.epsilon_lower_bound, method one_run; each
 observation at 95% on its own).
 
 Not audited: example level (dp.level=example: refused), adaptive clipping, matrix-
@@ -52,7 +52,9 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 
+from fedjax_lab.attacks import bounds
 from fedjax_lab.errors import ConfigError
 
 # fold_in tags of the canaries' draws under the run's sampling key.
@@ -138,7 +140,6 @@ def round_sum(canaries: Canaries, sampling_key, t) -> jax.Array:
 
 def make(config, privacy, num_sites: int, like) -> Canaries | None:
   """The run's canaries (None with audit.canaries=0); `like`: the parameters' shapes."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
   m = config.audit.canaries
   if not m:
     return None
@@ -220,7 +221,6 @@ def report(exp, scorer: Scorer, w0, guarantees: list[dict] | None, delta: float,
            claimed_headline) -> dict:
   """summary.json["audit"]: per observation the claimed epsilon of that adversary's guarantee
   row, the ESTIMATE and the one-run lower bound at 95%."""
-  from fedjax_lab.attacks import bounds as audit
   cfg = exp.config
   m = cfg.audit.canaries
   inc = np.asarray(included(exp.keys["sampling"], m))
@@ -249,8 +249,8 @@ def report(exp, scorer: Scorer, w0, guarantees: list[dict] | None, delta: float,
     out[name] = {
         "claimed": claimed, "observed": view,
         "adversary": row["adversary"] if row is not None else "no DP: no claim",
-        "estimate": audit.canary_estimate(s[inc], null_std, delta),
-        "lower_bound_95": audit.epsilon_lower_bound(s[inc], s[~inc], delta, 0.95, "one_run"),
+        "estimate": bounds.canary_estimate(s[inc], null_std, delta),
+        "lower_bound_95": bounds.epsilon_lower_bound(s[inc], s[~inc], delta, 0.95, "one_run"),
         "canaries": canaries}
   return out
 

@@ -66,9 +66,9 @@ def evaluate(scores, labels, fprs=FPRS) -> dict:
 
 def plot_roc(curves: dict, path: str, title: str = "") -> str:
   """Log-log ROC curves {name: (scores, labels)} to `path` (png)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # optional: pyplot is slow to import and only the plots need it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # optional: as matplotlib above
   fig, ax = plt.subplots(figsize=(4.5, 4.5))
   lo = 1.0
   for name, (scores, labels) in curves.items():

@@ -153,9 +153,9 @@ def fit_power_law(rows, fpr: str) -> dict:
 
 
 def plot(rows, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # optional: pyplot is slow to import and only the plots need it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # optional: as matplotlib above
   fig, ax = plt.subplots(figsize=(4.5, 3.5))
   for f, mk in (("0.001", "o"), ("0.01", "s")):
     s = np.array([r["S"] for r in rows])

@@ -32,7 +32,7 @@ def _split_column(data_config) -> str | None:
 
 
 def _read_h5ad(path: pathlib.Path):
-  import anndata  # pylint: disable=g-import-not-at-top
+  import anndata  # optional: slow to import (pandas, h5py); only .h5ad files need it
   with warnings.catch_warnings():
     # Files from old anndata versions (like scanpy's pbmc68k) warn about their layout on
     # every read; they read correctly, and the user cannot act on the warning.
@@ -148,7 +148,7 @@ def _load_npz(path: pathlib.Path, data_config) -> tuple[Dataset, Dataset]:
 
 
 def _load_csv(path: pathlib.Path, label_column: str, data_config) -> tuple[Dataset, Dataset]:
-  import pandas as pd  # pylint: disable=g-import-not-at-top
+  import pandas as pd  # optional: slow to import; only CSV files need it
   try:
     frame = pd.read_csv(path)
   except pd.errors.EmptyDataError:
@@ -190,7 +190,7 @@ def _check_numeric_cells(series, path) -> None:
   """A column whose cells are mostly numbers is a feature column: a cell that is not one
   (a typo such as 'oops') is an error, not a reason to drop the whole column from the
   features as a site column. Columns of names (hospital, donor) stay site columns."""
-  import pandas as pd  # pylint: disable=g-import-not-at-top
+  import pandas as pd  # optional: slow to import; only CSV files need it
   if not pd.api.types.is_object_dtype(series) and not pd.api.types.is_string_dtype(series):
     return
   present = series.notna().to_numpy()

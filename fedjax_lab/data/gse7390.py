@@ -61,6 +61,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+from scipy.io import arff
 
 from fedjax_lab.data.dataset import split_pool
 from fedjax_lab.errors import ConfigError
@@ -276,7 +277,6 @@ def read_table(path: pathlib.Path) -> dict[str, np.ndarray]:
   if is_series_matrix(path):
     return read_series_matrix(path)
   if path.suffix.lower() == ".arff":
-    from scipy.io import arff  # pylint: disable=g-import-not-at-top
     try:
       records, _ = arff.loadarff(str(path))
     except Exception as e:  # scipy raises several types for a malformed file
@@ -287,7 +287,7 @@ def read_table(path: pathlib.Path) -> dict[str, np.ndarray]:
       table[name] = (np.array([v.decode() for v in col]) if col.dtype.kind in "SO"
                      else np.asarray(col, np.float64))
     return table
-  import pandas as pd  # pylint: disable=g-import-not-at-top
+  import pandas as pd  # optional: slow to import; only this table source needs it
   frame = pd.read_csv(path)
   return {c: (frame[c].to_numpy(np.float64) if frame[c].dtype.kind in "fiu"
               else frame[c].astype(str).to_numpy()) for c in frame.columns}

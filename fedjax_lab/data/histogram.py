@@ -45,9 +45,9 @@ def format_table(hist: np.ndarray, class_names: Sequence[str] = ()) -> str:
 def save_heatmap(hist: np.ndarray, path: str, class_names: Sequence[str] = (),
                  title: str = "") -> None:
   """Saves [sites, classes] counts as a heatmap PNG (sites down, classes across)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # optional: pyplot is slow to import and only the plots need it
   matplotlib.use("Agg")  # Headless: no display on servers.
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # optional: as matplotlib above
   num_sites, num_classes = hist.shape
   fig, ax = plt.subplots(
       figsize=(max(4.0, 0.4 * num_classes + 2), min(12.0, 2.5 + 0.12 * num_sites)))

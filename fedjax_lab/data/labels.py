@@ -28,7 +28,7 @@ def labels_to_codes(values: np.ndarray, key: str) -> tuple[np.ndarray, int, tupl
 
 def categorical_codes(series) -> tuple[np.ndarray, tuple[str, ...]]:
   """A pandas Series (categorical / object / bool) -> ([N] int32 codes, names); -1 = missing."""
-  import pandas as pd  # pylint: disable=g-import-not-at-top
+  import pandas as pd  # optional: slow to import; only table sources pass Series
   cat = series.astype("category") if not isinstance(series.dtype, pd.CategoricalDtype) else series
   cat = cat.cat.remove_unused_categories()
   return cat.cat.codes.to_numpy().astype(np.int32), tuple(str(c) for c in cat.cat.categories)
@@ -41,7 +41,7 @@ def _split_column(data_config) -> str | None:
 
 
 def is_categorical(series) -> bool:
-  import pandas as pd  # pylint: disable=g-import-not-at-top
+  import pandas as pd  # optional: slow to import; only table sources pass Series
   return (isinstance(series.dtype, pd.CategoricalDtype) or pd.api.types.is_object_dtype(series)
           or pd.api.types.is_string_dtype(series) or pd.api.types.is_bool_dtype(series))
 

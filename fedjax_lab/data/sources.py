@@ -143,7 +143,7 @@ def _check_two_classes(train: Dataset, test: Dataset, data_config) -> None:
 
 def _load_digits(data_config) -> tuple[Dataset, Dataset]:
   del data_config  # The split is a fixed contract.
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets  # optional: sklearn takes seconds to import; only digits needs it
   digits = datasets.load_digits()
   x = (digits.images / 16.0).reshape(len(digits.images), -1).astype(np.float32)
   y = digits.target.astype(np.int32)

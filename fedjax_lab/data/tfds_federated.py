@@ -38,6 +38,7 @@ import numpy as np
 from fedjax_lab.data import pachinko
 from fedjax_lab.data.dataset import Dataset
 from fedjax_lab.errors import ConfigError
+from fedjax_lab.data import partition
 
 log = logging.getLogger("fedjax_lab")
 
@@ -119,7 +120,7 @@ def load(name: str, data_config):
 
 def _read(name: str, split: str, keys: tuple[str, ...], data_config) -> dict:
   """{key: [N, ...] array} of one TFDS split, through `tfds.data_source` (no TensorFlow)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # optional: heavy (TensorFlow); only TFDS sources use it
   mock = bool(data_config.mock)
   context = (tfds.testing.mock_data(num_examples=MOCK_EXAMPLES[name][split],
                                     policy=tfds.testing.MockPolicy.USE_CODE)
@@ -165,7 +166,6 @@ def _build_cifar100_pachinko(data_config) -> dict:
 
 
 def _build_emnist62(data_config) -> dict:
-  from fedjax_lab.data import partition  # pylint: disable=g-import-not-at-top
   train = _read("emnist62", "train", ("image", "label"), data_config)
   test = _read("emnist62", "test", ("image", "label"), data_config)
   labels = Dataset(x=np.zeros((len(train["label"]), 0), np.float32),

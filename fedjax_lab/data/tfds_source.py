@@ -4,6 +4,7 @@ no TensorFlow)."""
 import pathlib
 import socket
 
+from absl import logging as absl_logging
 import numpy as np
 
 from fedjax_lab.data.dataset import Dataset, split_pool
@@ -33,9 +34,8 @@ def _check_internet(tfds_name: str) -> None:
 
 def load(data_config, tfds_name: str) -> tuple[Dataset, Dataset]:
   """Reads a whole TFDS data set with `tfds.data_source` (array_record; no TensorFlow)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # optional: heavy (TensorFlow); only TFDS sources use it
   data_dir = str(pathlib.Path(data_config.path).expanduser()) if data_config.path else None
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   verbosity = absl_logging.get_verbosity()
   # tfds warns about every empty version folder it looks at; the ConfigError below says it.
   absl_logging.set_verbosity(absl_logging.ERROR)

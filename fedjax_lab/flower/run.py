@@ -27,6 +27,12 @@ import subprocess
 import sys
 import time
 
+from fedjax_lab import cli
+from fedjax_lab import config as config_lib
+from fedjax_lab.errors import ConfigError
+from fedjax_lab.experiment import Experiment
+from fedjax_lab.flower import task
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 APP_DIR = os.path.join(ROOT, "fedjax_lab", "flower", "app")
 
@@ -123,8 +129,6 @@ def run_on_flower(config_spec: str, overrides: str, num_supernodes: int, out: st
 
 def run_lab(config_spec: str, overrides: str, workdir: str) -> dict:
   """The lab's own simulation of the same config (Experiment.run), timed end to end."""
-  from fedjax_lab.flower import task
-  from fedjax_lab.experiment import Experiment
   config = task.load_config(os.path.join(ROOT, config_spec), overrides)
   config.log.progress = config.log.tensorboard = False
   config.eval.centralized_baseline = False
@@ -145,11 +149,7 @@ def main(argv=None):
   p.add_argument("--out", default=None)
   p.add_argument("--no-lab", action="store_true")
   a = p.parse_args(argv)
-  from fedjax_lab import cli
-  from fedjax_lab.errors import ConfigError
-  from fedjax_lab.flower import task
   overrides = " ".join(a.set)
-  from fedjax_lab import config as config_lib
   try:
     config = task.load_config(os.path.join(ROOT, a.config), overrides)
     config_lib.validate(config)  # as train.py, before any process starts

@@ -11,6 +11,7 @@ Limits: FedAvg/FedProx without DP and with every site in every round (cohort_siz
 data.num_sites = number of SuperNodes); anything else is a ConfigError naming the key.
 """
 
+import ast
 import functools
 import shlex
 
@@ -19,15 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lab import aggregators, evaluation_robustness, runs, sweep
 from fedjax_lab import keys as lab_keys
+from fedjax_lab.algorithms import round as lab_round
 from fedjax_lab.data import federated
 from fedjax_lab.errors import ConfigError
+from fedjax_lab.experiment import Experiment
 
 
 def load_config(spec: str, overrides: str = ""):
   """The lab config of 'configs/x.py[:arg]' with 'key=value key=value' overrides applied."""
-  import ast
-  from fedjax_lab import runs, sweep
   config = runs.load_config_file(spec)
   for item in shlex.split(overrides or ""):
     key, _, value = item.partition("=")
@@ -60,7 +62,6 @@ def check(config, num_supernodes: int | None = None) -> None:
 
 
 def build(config):
-  from fedjax_lab.experiment import Experiment
   check(config)
   config.log.progress = config.log.tensorboard = False
   return Experiment(config)
@@ -99,7 +100,6 @@ class Server:
   example-weighted mean, or aggregator.robust's reducer), server optimizer."""
 
   def __init__(self, exp):
-    from fedjax_lab.algorithms import round as lab_round
     self.exp = exp
     state = exp.init_state()
     self.params = jax.device_get(state.params)
@@ -111,7 +111,6 @@ class Server:
   def aggregate(self, deltas: list[list[np.ndarray]], counts: list[int]):
     """The chain's site transforms, then the sum in site order (or its reduce step on the
     stacked deltas), then its server steps: what round.make_round does on device."""
-    from fedjax_lab import aggregators
     n = len(deltas)
     weights = np.asarray(counts, np.float32) / np.float32(sum(counts))
     rnd = aggregators.RoundInfo(t=jnp.int32(self.round), client_rng=self.exp.keys["client"],
@@ -140,7 +139,6 @@ class Server:
     self.params = optax.apply_updates(self.params, updates)
 
   def evaluate(self) -> dict:
-    from fedjax_lab import evaluation_robustness
     state = self.exp.init_state()._replace(params=self.params)
     result = self.exp.evaluate(state)
     probs = evaluation_robustness.make_predictor(self.exp.model, 2048)(

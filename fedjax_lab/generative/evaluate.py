@@ -10,15 +10,20 @@ r"""Synthetic data: draw it, and judge it against the real data.
 * one PNG grid per class of decoded samples (images only), and one of all classes.
 """
 
+import argparse
 import json
 import os
-import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+
+from fedjax_lab import checkpoint, runs
+from fedjax_lab.data import sources
+from fedjax_lab.generative import models
 
 
 class Classifier(nn.Module):
@@ -116,9 +121,9 @@ def evaluate(vae, dec_params, train, test, eval_config, seed: int) -> dict:
 def save_grids(vae, dec_params, out_dir: str, seed: int = 0, per_class: int = 64,
                class_names=()) -> list[str]:
   """PNG grids of decoded samples: grid_class_<k>.png per class and grid_all.png."""
-  import matplotlib
+  import matplotlib  # optional: pyplot is slow to import and only the grids need it
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # optional: as matplotlib above
   if len(vae.input_shape) == 1 and int(np.sqrt(vae.dim)) ** 2 != vae.dim:
     return []  # not images
   side = int(np.ceil(np.sqrt(per_class)))
@@ -165,9 +170,6 @@ def _as_images(x, vae):
 
 def load_decoder(workdir: str):
   """(CVAE, decoder params, model.json dict) from a trained workdir's latest checkpoint."""
-  import ml_collections
-  from fedjax_lab import checkpoint
-  from fedjax_lab.generative import models
   with open(os.path.join(workdir, "model.json")) as f:
     info = json.load(f)
   vae = models.CVAE(ml_collections.ConfigDict(info["generative"]), info["num_classes"],
@@ -178,10 +180,6 @@ def load_decoder(workdir: str):
 
 
 def main(argv=None):
-  import argparse
-  import ml_collections
-  from fedjax_lab import runs
-  from fedjax_lab.data import sources
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--out", default=None, help="folder for grids and eval.json "
@@ -203,7 +201,6 @@ def main(argv=None):
 
 
 def _config_from_flat(flat: dict):
-  import ml_collections
   nested = {}
   for key, value in flat.items():
     node = nested

@@ -12,7 +12,11 @@ released, DP part) is used, so the file is as private as the decoder.
 import argparse
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from fedjax_lab.generative import evaluate
 
 
 def main(argv=None):
@@ -25,9 +29,6 @@ def main(argv=None):
   parser.add_argument("--grids", default=None, help="also write per-class PNG grids here")
   args = parser.parse_args(argv)
 
-  import jax
-  import jax.numpy as jnp
-  from fedjax_lab.generative import evaluate
   vae, dec, info = evaluate.load_decoder(args.workdir)
   if args.labels == "balanced":
     x, y = evaluate.synthesize(vae, dec, args.seed, args.num)

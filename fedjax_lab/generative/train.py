@@ -28,8 +28,19 @@ import os
 import sys
 import time
 
-from fedjax_lab import cli  # first: sets up the CPU devices before jax
 from absl import app, flags
+import jax
+import numpy as np
+
+# No setup_cpu_devices here: the VAE's round does not shard its sites over devices, so it
+# runs on JAX's default device (its intra-op threads).
+from fedjax_lab import checkpoint, cli, experiment, runs
+from fedjax_lab.config import ACCOUNTANTS, _one_of, _positive
+from fedjax_lab.data import federated as federated_data
+from fedjax_lab.data import partition, sources
+from fedjax_lab.errors import ConfigError
+from fedjax_lab.generative import evaluate, federated, models
+from fedjax_lab.privacy import mechanism, vae as vae_privacy
 
 # configs/dpd_fvae.py[:decoder|all|pbmc]; a bad key, value or file: one line, exit 2.
 _CONFIG = cli.define_config_flag(os.path.join(cli.CONFIGS, "dpd_fvae.py"))
@@ -41,10 +52,6 @@ log = logging.getLogger("fedjax_lab.generative")
 def validate(config) -> None:
   """The checks train.py's validate makes for the lab's config, for this file's own keys:
   a ConfigError naming the key, before a workdir or data exists."""
-  from fedjax_lab.config import ACCOUNTANTS, _one_of, _positive
-  from fedjax_lab.errors import ConfigError
-  from fedjax_lab.generative import federated, models
-  from fedjax_lab.privacy import mechanism, vae as vae_privacy
   if config.seed is None or config.seed < 0 or int(config.seed) != config.seed:
     raise ConfigError("seed", f"must be an integer >= 0, got {config.seed}")
   for key in ("rounds", "data.num_sites", "generative.latent_dim", "client.local_steps",
@@ -89,27 +96,18 @@ def validate(config) -> None:
 
 def load_data(config):
   """(FederatedData, train Dataset, test Dataset)."""
-  from fedjax_lab.data import federated, partition, sources
   train, test = sources.load_dataset(config.data)
   sites = partition.partition(train, config.data, config.seed)
-  data = federated.from_partition(train.x, train.y, sites, train.num_classes)
+  data = federated_data.from_partition(train.x, train.y, sites, train.num_classes)
   return data, train, test
 
 
 def param_count(tree) -> int:
-  import jax
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def run(config, workdir: str, verbose: bool = True) -> dict:
   """Trains (or resumes) in workdir; returns the summary dict (also in summary.json)."""
-  import jax
-  import numpy as np
-  from fedjax_lab import checkpoint, experiment, runs
-  from fedjax_lab.errors import ConfigError
-  from fedjax_lab.generative import evaluate, federated, models
-  from fedjax_lab.privacy import mechanism, vae as vae_privacy
-
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   runs.check_resume(workdir, config)
@@ -207,15 +205,13 @@ def main(argv):
   if not _WORKDIR.value:
     cli.fail("--workdir: required")
   config, _ = cli.load_config(_CONFIG)
-  from fedjax_lab.errors import ConfigError
-  from fedjax_lab.privacy.vae import SlotOverflow
   try:
     validate(config)
     cli.make_workdir(_WORKDIR.value)
     summary = run(config, _WORKDIR.value)
   except (ConfigError, ValueError) as e:
     cli.fail(str(e))
-  except SlotOverflow as e:  # one line, like a config error, but not the user's to fix
+  except vae_privacy.SlotOverflow as e:  # one line, like a config error, but not the user's to fix
     print(f"privacy error: {e}", file=sys.stderr)
     sys.exit(3)
   line = f"rounds={summary['rounds_completed']} sync={summary['sync']}"

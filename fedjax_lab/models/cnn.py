@@ -6,6 +6,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from fedjax_lab.models.norm import make_norm
+from fedjax_lab.errors import ArgumentError
 
 
 def image_shape(cfg, input_shape):
@@ -18,7 +19,6 @@ def image_shape(cfg, input_shape):
     return (*input_shape, 1)
   side = math.isqrt(int(input_shape[0]))
   if side * side != input_shape[0]:
-    from fedjax_lab.errors import ArgumentError
     raise ArgumentError("image_shape", f"inputs of shape {input_shape} are not square images; "
                       "set model.image_shape, e.g. (28, 28, 1)")
   return (side, side, 1)

@@ -77,6 +77,7 @@ import numpy as np
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.privacy import shares
 from fedjax_lab.secagg.noise import clip_probability
+from fedjax_lab.secagg.config import levels_for, validate_secagg
 
 # The share of dp.delta reserved for the quantization (next to the truncation's, plan.py).
 SECAGG_SHARE = 1e-3
@@ -94,7 +95,6 @@ def theta_bar(n: int, tau: float) -> float:
 def check_secagg(config, max_cohort: int) -> None:
   """secagg.validate_secagg's checks for a cohort of up to `max_cohort` sites, as a ConfigError
   naming the key (its ValueError names the key first: 'secagg.bits=...')."""
-  from fedjax_lab.secagg.config import validate_secagg
   s = config.secagg
   try:
     validate_secagg(max_cohort, s.neighbours, s.threshold, s.bits, s.clip_range, s.dropout_rate)
@@ -107,7 +107,6 @@ def check_secagg(config, max_cohort: int) -> None:
 def grid(config, grid_cohort: int) -> tuple[float, int]:
   """(clip_range, levels) of the secure sum's grid for up to `grid_cohort` rows (the slots at
   site level, the cohort at example level): public numbers only."""
-  from fedjax_lab.secagg.config import levels_for
   return float(config.secagg.clip_range), levels_for(grid_cohort, config.secagg.bits)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.privacy.sampling import site_rate
+from fedjax_lab.secagg import round as secagg_round
 
 
 def noise_shares(config) -> int:
@@ -24,7 +25,6 @@ def noise_shares(config) -> int:
   the round's own cohort size n, as no dropouts are allowed there.)"""
   s = config.secagg
   if s.enabled and s.dropout_rate > 0:
-    from fedjax_lab.secagg import round as secagg_round
     return int(secagg_round.min_survivors(config.cohort_size, s.neighbours, s.threshold))
   return config.cohort_size
 

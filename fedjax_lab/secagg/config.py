@@ -14,6 +14,8 @@ grid holds 0 exactly); K = the cohort's size (rows of the update matrix), not th
 import math
 from typing import NamedTuple
 
+import jax
+
 MAX_BITS = 32  # masked vectors are uint32 on the device; arithmetic mod 2^b by masking bits
 
 
@@ -60,7 +62,6 @@ def resolve_prg(prg: str) -> str:
     raise ValueError(f"secagg prg={prg!r} must be one of {PRG_PATHS}")
   if prg != "auto":
     return prg
-  import jax
   return "host" if jax.default_backend() == "cpu" else "device"
 
 
