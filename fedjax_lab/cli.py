@@ -50,7 +50,7 @@ def fail(message: str):
 def quiet_logs():
   """Keeps a command's output to its own lines: orbax logs every checkpoint save at INFO,
   and JAX logs at INFO each accelerator backend it tries (`Unable to initialize backend
-  'tpu'`) on a machine without one. Call before anything imports jax."""
+  'tpu'`) on a machine without one. Call before jax first asks for its devices."""
   absl_logging.set_verbosity(absl_logging.WARNING)
   for name in ("jax._src.xla_bridge", "orbax", "absl"):
     logging.getLogger(name).setLevel(logging.WARNING)

@@ -26,7 +26,7 @@ def _auditor(scores_in, scores_out, delta: float, confidence: float):
   if not 0 < delta < 1:
     raise ValueError(f"delta must be in (0, 1), got {delta}")
   s_in, s_out = _scores("scores_in", scores_in), _scores("scores_out", scores_out)
-  return auditing, auditing.CanaryScoreAuditor(s_in, s_out)
+  return auditing.CanaryScoreAuditor(s_in, s_out)
 
 
 def epsilon_lower_bound(scores_in, scores_out, delta: float, confidence: float = 0.95,
@@ -38,7 +38,7 @@ def epsilon_lower_bound(scores_in, scores_out, delta: float, confidence: float =
     hint = (f"; {method!r} is an estimate that assumes a Gaussian trade-off curve: use "
             "epsilon_estimate") if method in ESTIMATES else ""
     raise ValueError(f"method must be one of {', '.join(LOWER_BOUNDS)}, got {method!r}{hint}")
-  auditing, auditor = _auditor(scores_in, scores_out, delta, confidence)
+  auditor = _auditor(scores_in, scores_out, delta, confidence)
   significance = 1.0 - confidence
   if method == "clopper_pearson":
     eps = auditor.epsilon_clopper_pearson(significance, delta, one_sided=True,
@@ -54,7 +54,7 @@ def epsilon_estimate(scores_in, scores_out, delta: float, confidence: float = 0.
   bound (it can exceed the true epsilon of a non-Gaussian mechanism): never a verdict."""
   if method not in ESTIMATES:
     raise ValueError(f"method must be one of {', '.join(ESTIMATES)}, got {method!r}")
-  _, auditor = _auditor(scores_in, scores_out, delta, confidence)
+  auditor = _auditor(scores_in, scores_out, delta, confidence)
   significance = 1.0 - confidence
   if method == "gdp":
     eps = _epsilon_from_gdp(auditor, significance, delta)
