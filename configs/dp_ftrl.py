@@ -46,6 +46,8 @@ EPSILONS = (2.0, 4.0, 8.0)
 
 
 def get_config(epsilon: str = "4"):
+  if epsilon == "example":
+    return example_config()
   eps = float(epsilon)
   if eps not in EPSILONS:
     raise ValueError(f"epsilon must be one of 2, 4, 8, got {epsilon!r}")
@@ -66,4 +68,26 @@ def get_config(epsilon: str = "4"):
   c.dp.clip_norm = 0.2
   c.dp.bands = 10
   c.checkpoint.every = 50
+  return c
+
+
+def example_config():
+  """:example: example-level DP-SGD with matrix-factorization noise (module docstring)."""
+  c = default_config()
+  c.rounds = 20
+  c.data.name = "digits"
+  c.data.partition = "iid"
+  c.data.num_sites, c.cohort_size = 10, 10
+  c.model.name, c.model.hidden = "mlp", ()
+  c.client.optimizer, c.client.lr = "sgd", 0.5
+  c.client.local_steps, c.client.batch_size = 5, 15
+  c.server.optimizer, c.server.lr = "sgd", 1.0
+  c.dp.level = "example"
+  c.dp.mechanism = "blt"
+  c.dp.participation = "cyclic"
+  c.dp.target_epsilon = 4.0
+  c.dp.delta = 1e-5
+  c.dp.clip_norm = 1.0
+  c.dp.bands = 10
+  c.checkpoint.every = 10
   return c
