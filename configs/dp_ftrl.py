@@ -2,6 +2,17 @@ r"""DP-FTRL / matrix-factorization noise vs DP-FedAvg at equal epsilon against t
 
   python train.py --config configs/dp_ftrl.py --config.dp.mechanism=blt
   (or tree, banded, gaussian; :2 / :4 / :8 picks the server epsilon, default 4)
+  python train.py --config configs/dp_ftrl.py:example --config.dp.mechanism=blt
+
+:example  EXAMPLE-level DP-SGD with matrix-factorization noise (privacy/mechanism.py): 10 IID
+digits sites of 150 examples, all in every round, 20 rounds of 5 local SGD steps (lr 0.5) on
+a linear softmax model; each site permutes its examples once into k = 150 // 15 = 10 fixed
+batches of 15 and step t trains batch t mod 10 (no sampling), so an example joins at most 10
+of its site's 100 steps, 10 apart; each example's gradient clipped to 1; each site adds its
+own dp.mechanism noise, correlated over all its 100 steps, calibrated to epsilon 4 (delta
+1e-5, RDP) per example against the server that sees every update. Measured (seed 0, one run
+each, 2 shared CPU cores, 25-45 s): dense 0.852, banded 0.838, blt 0.835, tree 0.690,
+gaussian (independent noise on the same batches) 0.720.
 
 Site-level DP on sklearn's digits: 100 IID sites, cohorts of 10 in turn (dp.participation=
 cyclic: the sites are permuted once and cut into b = 10 groups; round r trains group r mod 10,
