@@ -2,7 +2,8 @@
 every algorithm. The caller (the round) vmaps it over sites.
 
 `make_site_gradient` is the one place a site touches its data (minibatches; under
-example-level DP a Poisson sample, per-example clipping and the site's noise share);
+example-level DP a Poisson sample, per-example clipping and the site's noise share, or with
+matrix-factorization noise a fixed cyclic batch and the site's correlated noise);
 `make_local_update` scans its steps, adds the algorithm's correction (FedProx's prox term,
 SCAFFOLD's control) and applies the client optimizer; each site may take its own number of
 steps (FedNova's tau_i). `make_client_update` binds both for a model and a config.
@@ -184,8 +185,10 @@ def make_site_gradient(model: Model, batch_size: int, shuffle: bool,
   THE place a site touches its data, for every algorithm: it draws local step `step`'s
   minibatch from the site's row of the index table (`minibatch_positions`; under
   example-level DP a Poisson sample with per-example clipping and the site's noise share,
-  Abadi et al. 2016, see ExampleDP) and takes the gradient of the site objective
-  f_i(w) = loss + (l2 / 2) ||w||^2 (the loss reported is `loss` alone): `loss` is the
+  Abadi et al. 2016, see ExampleDP; with ExampleDP.correlated a fixed cyclic batch and
+  correlated noise, whose state `noise` = (permutation key, NoiseState) the caller threads
+  through the steps, returned in StepGrad.noise_state) and takes the gradient of the site
+  objective f_i(w) = loss + (l2 / 2) ||w||^2 (the loss reported is `loss` alone): `loss` is the
   model.loss (losses.make(); None: cross-entropy), a per-example mean or FAR's batch loss.
   `rng` is the site's key for the round. `full_batch`: the exact mean over
   the site's examples (benchmarks/comm_skipping.py: deterministic gradients).

@@ -250,7 +250,8 @@ def example_cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
   pattern = (f"unit: one example, zero-out (its gradients replaced by 0; the fixed batches do "
              f"not depend on the data); every site adds its own {dp.mechanism} noise"
              + (" (independent: C = I)" if dp.mechanism == "gaussian" else
-                ", correlated over all of its local steps,") + f" to each step's clipped gradient sum "
+                ", correlated over all of its local steps,")
+             + f" to each step's clipped gradient sum "
              f"BEFORE the update leaves it; an example joins at most {mf.participations} of "
              f"its site's steps, {mf.groups} apart (fixed cyclic batches, the smallest site's "
              f"k for all): the site's whole run is one Gaussian mechanism of sensitivity "
