@@ -2,6 +2,17 @@ r"""DP-FTRL / matrix-factorization noise vs DP-FedAvg at equal epsilon against t
 
   python train.py --config configs/dp_ftrl.py --config.dp.mechanism=blt
   (or tree, banded, gaussian; :2 / :4 / :8 picks the server epsilon, default 4)
+  python train.py --config configs/dp_ftrl.py:example --config.dp.mechanism=blt
+
+:example  EXAMPLE-level DP-SGD with matrix-factorization noise (privacy/mechanism.py): 10 IID
+digits sites of 150 examples, all in every round, 20 rounds of 5 local SGD steps (lr 0.5) on
+a linear softmax model; each site permutes its examples once into k = 150 // 15 = 10 fixed
+batches of 15 and step t trains batch t mod 10 (no sampling), so an example joins at most 10
+of its site's 100 steps, 10 apart; each example's gradient clipped to 1; each site adds its
+own dp.mechanism noise, correlated over all its 100 steps, calibrated to epsilon 4 (delta
+1e-5, RDP) per example against the server that sees every update. Measured (seed 0, one run
+each, 2 shared CPU cores, 25-45 s): dense 0.852, banded 0.838, blt 0.835, tree 0.690,
+gaussian (independent noise on the same batches) 0.720.
 
 Site-level DP on sklearn's digits: 100 IID sites, cohorts of 10 in turn (dp.participation=
 cyclic: the sites are permuted once and cut into b = 10 groups; round r trains group r mod 10,
@@ -46,6 +57,8 @@ EPSILONS = (2.0, 4.0, 8.0)
 
 
 def get_config(epsilon: str = "4"):
+  if epsilon == "example":
+    return example_config()
   eps = float(epsilon)
   if eps not in EPSILONS:
     raise ValueError(f"epsilon must be one of 2, 4, 8, got {epsilon!r}")
@@ -66,4 +79,26 @@ def get_config(epsilon: str = "4"):
   c.dp.clip_norm = 0.2
   c.dp.bands = 10
   c.checkpoint.every = 50
+  return c
+
+
+def example_config():
+  """:example: example-level DP-SGD with matrix-factorization noise (module docstring)."""
+  c = default_config()
+  c.rounds = 20
+  c.data.name = "digits"
+  c.data.partition = "iid"
+  c.data.num_sites, c.cohort_size = 10, 10
+  c.model.name, c.model.hidden = "mlp", ()
+  c.client.optimizer, c.client.lr = "sgd", 0.5
+  c.client.local_steps, c.client.batch_size = 5, 15
+  c.server.optimizer, c.server.lr = "sgd", 1.0
+  c.dp.level = "example"
+  c.dp.mechanism = "blt"
+  c.dp.participation = "cyclic"
+  c.dp.target_epsilon = 4.0
+  c.dp.delta = 1e-5
+  c.dp.clip_norm = 1.0
+  c.dp.bands = 10
+  c.checkpoint.every = 10
   return c

@@ -2,7 +2,8 @@
 every algorithm. The caller (the round) vmaps it over sites.
 
 `make_site_gradient` is the one place a site touches its data (minibatches; under
-example-level DP a Poisson sample, per-example clipping and the site's noise share);
+example-level DP a Poisson sample, per-example clipping and the site's noise share, or with
+matrix-factorization noise a fixed cyclic batch and the site's correlated noise);
 `make_local_update` scans its steps, adds the algorithm's correction (FedProx's prox term,
 SCAFFOLD's control) and applies the client optimizer; each site may take its own number of
 steps (FedNova's tau_i). `make_client_update` binds both for a model and a config.
@@ -31,7 +32,7 @@ from fedjax_lab import losses, optim
 from fedjax_lab.data.federated import FederatedData
 from fedjax_lab.models import Model
 from fedjax_lab.privacy.clipping import privatize
-from fedjax_lab.privacy.sampling import site_poisson_sample
+from fedjax_lab.privacy.sampling import cyclic_batch, site_poisson_sample
 from fedjax_lab.privacy.shares import example_dp_divisor
 
 _PROBE_STREAM = 0x5EED  # fold_in tag of the curvature probes' key (batches use split)
@@ -65,6 +66,11 @@ class ExampleDP(NamedTuple):
   max_batch: int
   clipped_grad_sum: Callable  # privacy.clipping.make_clipped_grad_sum(..., return_losses=True)
   fixed_divisor: float | None = None
+  # Matrix-factorization noise (privacy/mechanism.py, example level): the site's noise is
+  # correlated over all its local steps (mf_noise.CorrelatedNoise, state carried across
+  # rounds in ServerState.site_noise) and each step takes a fixed cyclic batch of batch_size
+  # (privacy.sampling.cyclic_batch) instead of a Poisson sample.
+  correlated: Any = None
 
 
 class ClientOutput(NamedTuple):
@@ -73,6 +79,7 @@ class ClientOutput(NamedTuple):
   train_loss: jax.Array  # mean minibatch loss over the local steps
   dp_overflow: jax.Array  # Poisson-sampled examples that did not fit max_batch (0 without DP)
   num_steps: Any = None   # the local steps it took (client.local_steps, or its own)
+  noise_state: Any = None  # example-level correlated noise: the site's state after the round
 
 
 def _epoch_permutation(rng, epoch, count, n_max):
@@ -167,6 +174,7 @@ class StepGrad(NamedTuple):
   x: jax.Array         # the minibatch the gradient was taken on (the curvature objective's)
   y: jax.Array
   overflow: jax.Array  # Poisson-sampled examples that did not fit max_batch (0 without DP)
+  noise_state: Any = None  # correlated noise (ExampleDP.correlated): the state after the step
 
 
 def make_site_gradient(model: Model, batch_size: int, shuffle: bool,
@@ -177,8 +185,10 @@ def make_site_gradient(model: Model, batch_size: int, shuffle: bool,
   THE place a site touches its data, for every algorithm: it draws local step `step`'s
   minibatch from the site's row of the index table (`minibatch_positions`; under
   example-level DP a Poisson sample with per-example clipping and the site's noise share,
-  Abadi et al. 2016, see ExampleDP) and takes the gradient of the site objective
-  f_i(w) = loss + (l2 / 2) ||w||^2 (the loss reported is `loss` alone): `loss` is the
+  Abadi et al. 2016, see ExampleDP; with ExampleDP.correlated a fixed cyclic batch and
+  correlated noise, whose state `noise` = (permutation key, NoiseState) the caller threads
+  through the steps, returned in StepGrad.noise_state) and takes the gradient of the site
+  objective f_i(w) = loss + (l2 / 2) ||w||^2 (the loss reported is `loss` alone): `loss` is the
   model.loss (losses.make(); None: cross-entropy), a per-example mean or FAR's batch loss.
   `rng` is the site's key for the round. `full_batch`: the exact mean over
   the site's examples (benchmarks/comm_skipping.py: deterministic gradients).
@@ -225,11 +235,28 @@ def make_site_gradient(model: Model, batch_size: int, shuffle: bool,
     loss = (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     return StepGrad(loss, grads, ms, x, y, overflow)
 
+  def correlated(params, ms, site_idx, site_count, rng_t, data, noise):
+    """One DP-SGD gradient with matrix-factorization noise: the fixed cyclic batch of the
+    site's step noise.round (its steps over all rounds), clipped sum, + (C^{-1} w)_t."""
+    perm_rng, state = noise
+    pos = cyclic_batch(perm_rng, site_count, site_idx.shape[0], batch_size, state.round)
+    rows = site_idx[pos]
+    x, y = data.x[rows], data.y[rows]
+    mask = jnp.ones((batch_size,), jnp.float32)
+    grad_sum, _, losses = dp.clipped_grad_sum(params, x, y, mask, dp.clip_norm)
+    z, state = dp.correlated.step(grad_sum, state, jax.random.fold_in(rng_t, 1),
+                                  dp.noise_multiplier * dp.clip_norm)
+    divisor = example_dp_divisor(dp, batch_size, site_count)
+    grads = jax.tree.map(lambda g, n: (g + n) / divisor, grad_sum, z)
+    return StepGrad(losses.mean(), grads, ms, x, y, jnp.int32(0), state)
+
   def grad(params, ms, site_idx, site_count, rng, t, data: FederatedData,
-           positions=None) -> StepGrad:
+           positions=None, noise=None) -> StepGrad:
     batch_rng, step_rng = site_step_keys(rng)
     rng_t = jax.random.fold_in(step_rng, t)
-    if positions is None:
+    if dp is not None and dp.correlated is not None:
+      out = correlated(params, ms, site_idx, site_count, rng_t, data, noise)
+    elif positions is None:
       out = (plain if dp is None else private)(params, ms, site_idx, site_count, batch_rng,
                                                rng_t, t, data)
     else:
@@ -333,7 +360,7 @@ def make_local_update(site_gradient: Callable, client_tx: optax.GradientTransfor
   schedule = getattr(site_gradient, "minibatch_schedule", None)
 
   def client_update(global_params, model_state, site_idx, site_count, rng, data: FederatedData,
-                    extra=None):
+                    extra=None, noise=None):
     step_rng = site_step_keys(rng)[1]
     public_rng = jax.random.fold_in(rng, _PUBLIC_STREAM)
     num_steps = site_num_steps(site_count, local_steps, local_epochs, batch_size)
@@ -343,8 +370,10 @@ def make_local_update(site_gradient: Callable, client_tx: optax.GradientTransfor
 
     def step(carry, xs):
       t, pos = xs
-      params, opt_state, ms = carry
+      params, opt_state, ms, noise_state = carry
       kw = {} if pos is None else {"positions": pos}
+      if noise is not None:  # (the site's permutation key, its correlated-noise state)
+        kw["noise"] = (noise[0], noise_state)
       g = site_gradient(params, ms, site_idx, site_count, rng, t, data, **kw)
       grads = g.grads
       if correction is not None:
@@ -354,7 +383,8 @@ def make_local_update(site_gradient: Callable, client_tx: optax.GradientTransfor
         obj_fn = curvature_objective(ms, g, jax.random.fold_in(step_rng, t),
                                      jax.random.fold_in(public_rng, t), data)
       updates, new_opt_state = client_tx.update(grads, opt_state, params, obj_fn=obj_fn)
-      new = (optax.apply_updates(params, updates), new_opt_state, g.model_state)
+      new = (optax.apply_updates(params, updates), new_opt_state, g.model_state,
+             noise_state if noise is None else g.noise_state)
       if local_epochs:  # this site's steps are done: keep the carry
         new = jax.tree.map(lambda a, b: jnp.where(t < num_steps, a, b), new, carry)
       return new, (g.loss, g.overflow)
@@ -363,8 +393,8 @@ def make_local_update(site_gradient: Callable, client_tx: optax.GradientTransfor
     # round would draw the same Rademacher probes for its curvature estimates.
     opt_state = optim.reseed_probes(client_tx.init(global_params),
                                     jax.random.fold_in(rng, _PROBE_STREAM))
-    init = (global_params, opt_state, model_state)
-    (params, _, model_state), (losses, overflow) = jax.lax.scan(
+    init = (global_params, opt_state, model_state, None if noise is None else noise[1])
+    (params, _, model_state, noise_state), (losses, overflow) = jax.lax.scan(
         step, init, (jnp.arange(local_steps), positions))
     delta = jax.tree.map(jnp.subtract, params, global_params)
     if local_epochs:
@@ -375,6 +405,6 @@ def make_local_update(site_gradient: Callable, client_tx: optax.GradientTransfor
     # Without DP the overflow is a constant 0, so no cross-device sum is compiled for it.
     return ClientOutput(delta=delta, model_state=model_state, train_loss=loss,
                         dp_overflow=overflow.sum() if private else jnp.int32(0),
-                        num_steps=num_steps)
+                        num_steps=num_steps, noise_state=noise_state)
 
   return client_update

@@ -81,7 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
       # the bundled public data sets.
       randomness="auto",
       # mechanism (privacy/mechanism.py): gaussian (DP-SGD / DP-FedAvg), or matrix-factorization
-      # noise correlated across rounds (DP-FTRL): tree, blt, banded, dense (site level).
+      # noise correlated across rounds (DP-FTRL): tree, blt, banded, dense (site level: the
+      # server's noise on the sum; example level: each site's DP-SGD noise, correlated over
+      # all its local steps, its examples in fixed cyclic batches of batch_size).
       # participation: poisson (sampled cohorts, amplified accounting), cyclic (fixed groups
       # of cohort_size sites in turn: min-separated, unamplified); auto: poisson for gaussian,
       # cyclic otherwise. bands: banded's band count; max_buffers: the most BLT buffers tried.
@@ -375,14 +377,13 @@ def _validate_mechanism(config):
   if not cyclic:
     raise ConfigError("dp.participation", f"poisson with dp.mechanism={dp.mechanism}: its "
                       "accounting needs min-separated participation; use cyclic (or auto)")
-  if dp.level != "site":
-    raise ConfigError("dp.level", f"dp.mechanism={dp.mechanism} / dp.participation=cyclic is "
-                      "built for site level (example-level DP-FTRL would need correlated-noise "
-                      "state per site over its local steps); use dp.level=site")
   if config.algorithm.name not in ("fedavg", "fedprox"):
     raise ConfigError("algorithm.name", f"'{config.algorithm.name}' with dp.participation="
-                      "cyclic: the correlated noise is a member of FedAvg's aggregator chain; "
-                      "use fedavg or fedprox")
+                      "cyclic: the correlated noise lives in FedAvg's round (its aggregator "
+                      "chain, or each site's state at example level); use fedavg or fedprox")
+  if dp.level == "example":
+    _validate_example_mechanism(config)
+    return
   if dp.groups < 0 or int(dp.groups) != dp.groups:
     raise ConfigError("dp.groups", f"must be an integer >= 0 (0: num_sites / cohort_size), got "
                       f"{dp.groups}")
@@ -406,6 +407,32 @@ def _validate_mechanism(config):
                       f"matrix: rounds={config.rounds} > 512; use blt or banded")
   if dp.mechanism == "banded" and dp.bands > config.rounds:
     raise ConfigError("dp.bands", f"{dp.bands} > rounds={config.rounds}; use fewer bands")
+
+
+def _validate_example_mechanism(config):
+  """Example-level DP-SGD with matrix-factorization noise over each site's local steps:
+  every site keeps its own noise state for T = rounds x local_steps steps (its horizon)."""
+  dp = config.dp
+  steps = config.rounds * config.client.local_steps
+  if config.client.local_epochs:
+    raise ConfigError("client.local_epochs", "with example-level dp.participation=cyclic every "
+                      "site takes client.local_steps steps a round (the noise horizon is "
+                      "rounds x local_steps); set it 0")
+  if dp.noise != "parallel":
+    raise ConfigError("dp.noise", "example-level matrix-factorization noise is added in full by "
+                      "each site; use dp.noise=parallel")
+  if config.secagg.enabled:
+    raise ConfigError("secagg.enabled", "example-level matrix-factorization noise with secure "
+                      "aggregation is not implemented; set it False")
+  if dp.groups:
+    raise ConfigError("dp.groups", "is for site-level cyclic cohorts; at example level each "
+                      "site's batches cycle (k = site size // client.batch_size); set it 0")
+  if dp.mechanism == "dense" and steps > 512:
+    raise ConfigError("dp.mechanism", f"dense keeps every past draw and optimizes an n x n "
+                      f"matrix: rounds x client.local_steps = {steps} > 512; use blt or banded")
+  if dp.mechanism == "banded" and dp.bands > steps:
+    raise ConfigError("dp.bands", f"{dp.bands} > rounds x client.local_steps = {steps}; use "
+                      "fewer bands")
 
 
 def _validate_dp(config):

@@ -222,7 +222,7 @@ class Experiment:
         return_losses=True)
     return ExampleDP(clip_norm=dp.clip_norm, noise_multiplier=noise.noise_multiplier,
                      max_batch=noise.max_batch, clipped_grad_sum=clipped,
-                     fixed_divisor=noise.fixed_divisor)
+                     fixed_divisor=noise.fixed_divisor, correlated=noise.correlated)
 
   def _secure_sum(self):
     """secagg.round.SecureSum for secagg.enabled (checked against this run's largest cohort

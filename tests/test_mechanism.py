@@ -196,8 +196,8 @@ def test_blt_resumes_bit_exact_after_a_crash(tmp_path):
 
 
 BAD = [
-    ("--config.dp.level=example --config.dp.mechanism=blt --config.dp.noise_multiplier=1",
-     "dp.level"),
+    ("--config.dp.level=example --config.dp.mechanism=blt --config.algorithm.name=scaffold "
+     "--config.dp.noise_multiplier=1", "algorithm.name"),
     ("--config.dp.level=site --config.dp.mechanism=blt --config.dp.participation=poisson "
      "--config.dp.noise_multiplier=1", "dp.participation"),
     ("--config.dp.level=site --config.dp.mechanism=blt --config.data.num_sites=100 "

@@ -403,6 +403,75 @@ def test_every_guarantee_of_every_dp_config_is_recomputable_from_its_entry(name,
         plan.overflow_bound if e["sampling_prob"] < 1 else 0.0) <= c.dp.delta * (1 + 1e-12)
 
 
+def _sites(c):
+  """The config's real site sizes, as _plan reads them."""
+  from fedjax_lab.data import partition, sources
+  validate(c)
+  train, _ = sources.load_dataset(c.data)
+  config_lib.resolve_num_sites(train, c)
+  return np.array([len(s) for s in partition.partition(train, c.data, c.seed)])
+
+
+# The matrix-factorization configs (privacy/mechanism.py): one Gaussian mechanism per run.
+_MF_CONFIGS = [
+    ("dp_ftrl", "example", {}), ("dp_ftrl", "example", {"dp.mechanism": "banded"}),
+    ("dp_ftrl", "example", {"dp.mechanism": "gaussian"}),
+    ("dp_ftrl", "4", {"dp.mechanism": "banded"}),
+]
+
+
+@pytest.mark.parametrize("name, arg, overrides", _MF_CONFIGS)
+def test_every_guarantee_of_every_mf_config_is_recomputable_from_its_entry(name, arg, overrides):
+  """Every entry's epsilon is dp-accounting's on its own fields (Gaussian(noise_multiplier)
+  `steps` times, sampling_prob 1.0); the headline's equals Gaussian(z / sens) with sens the
+  norm of C times the evenly spaced participation (steps 0, b, 2b, ...: the worst one for
+  Toeplitz C with non-negative non-increasing coefficients, Theorem 2 of arXiv:2405.13763) and
+  C materialized by jax_privacy; the server's row says what it sees."""
+  from jax_privacy.matrix_factorization import buffered_toeplitz, toeplitz
+  from fedjax_lab.privacy import mechanism
+  c = _config(name, arg, **overrides)
+  plan = mechanism.make_mechanism(c, _sites(c))
+  mf = plan.mf
+  n = mf.strategy.num_rounds
+  with jax.enable_x64(True):
+    if mf.strategy.name == "blt":
+      C = np.asarray(buffered_toeplitz.BufferedToeplitz(
+          buf_decay=jnp.asarray(mf.strategy.arrays["buf_decay"], jnp.float64),
+          output_scale=jnp.asarray(mf.strategy.arrays["output_scale"], jnp.float64)
+      ).materialize(n))
+    elif mf.strategy.name == "banded":
+      C = np.asarray(toeplitz.materialize_lower_triangular(
+          jnp.asarray(mf.strategy.arrays["coefs"], jnp.float64), n))
+    else:
+      C = np.eye(n)
+  u = np.zeros(n)
+  u[::mf.groups] = 1.0
+  sens = float(np.linalg.norm(C @ u))
+  if c.dp.level == "example":
+    k = int(_sites(c).min()) // c.client.batch_size
+    assert mf.groups == k and n == c.rounds * c.client.local_steps
+  assert u.sum() == mf.participations
+  steps = c.rounds * plan.steps_per_round
+  entries = mechanism.guarantee_entries(plan, c, steps)
+  want = rdp.RdpAccountant().compose(dp_accounting.GaussianDpEvent(
+      plan.noise_multiplier / sens)).get_epsilon(entries[0]["accountant_delta"])
+  assert entries[0]["epsilon"] == pytest.approx(want, rel=1e-5)
+  assert entries[0]["epsilon"] <= c.dp.target_epsilon * (1 + 1e-6)
+  assert entries[0]["sees"] == "models" and entries[0]["colluding_sites"] == 0
+  server = [e for e in entries if e["adversary"].startswith("the server")]
+  assert server and server[0]["epsilon"] == entries[0]["epsilon"]
+  assert server[0]["sees"] == ("updates" if c.dp.level == "example" else "models")
+  for e in entries:
+    assert e["sees"] in ("models", "sum", "updates"), e["adversary"]
+    assert isinstance(e["colluding_sites"], int) and e["steps"] == 1
+    assert e["sampling_prob"] == 1.0
+    assert e["accountant"] == c.dp.accountant and e["delta"] == c.dp.delta
+    if e["epsilon"] is None:
+      assert e["noise_multiplier"] == 0.0, e["adversary"]
+      continue
+    assert e["epsilon"] == pytest.approx(_recompute(e), rel=1e-6), e["adversary"]
+
+
 def _server_rows(entries):
   return {e["colluding_sites"]: e for e in entries
           if e["sees"] == "sum" and e["adversary"].startswith("the server")}

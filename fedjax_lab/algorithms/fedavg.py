@@ -50,5 +50,6 @@ def build(ctx):
                         canaries=ctx.canaries)
   init = lambda params, model_state: init_server_state(
       params, model_state, ctx.server_tx, ctx.num_sites, fedbn, aggregator=aggregator,
-      local_params=tuple(cfg.algorithm.local_params))
+      local_params=tuple(cfg.algorithm.local_params),
+      site_noise=None if ctx.example_dp is None else ctx.example_dp.correlated)
   return algorithms.Algorithm(init=init, round=round_fn)

@@ -51,6 +51,10 @@ class ServerState(NamedTuple):
   aggregator_state: Any
   # The parameters each site keeps (algorithm.local_params): {path: [sites, ...]}; else {}.
   site_params: Any = {}
+  # Example-level matrix-factorization noise: each site's correlated-noise state
+  # (mf_noise.NoiseState, leaves [sites, ...]; its `round` counts the site's local steps so
+  # far, which also picks its next cyclic batch); else {}. Secret, like the noise keys.
+  site_noise: Any = {}
 
 
 class SiteDP(NamedTuple):
@@ -118,6 +122,15 @@ def config_aggregator(config, site_dp: SiteDP | None, like=None) -> aggregators.
 
 # fold_in tag of the one permutation that splits the sites into cyclic groups.
 _GROUPS = 0xFFFFFFF0
+# fold_in tag of each site's one permutation of its examples into cyclic batches (example-level
+# matrix-factorization noise: privacy/sampling.cyclic_batch).
+_BATCHES = 0xFFFFFFF1
+
+
+def batch_permutation_keys(sampling_rng, cohort) -> jax.Array:
+  """[cohort] keys of the sites' fixed batch permutations: from the sampling key (secret
+  under dp.randomness=secret) and the site id only, so the same every round."""
+  return lab_keys.site_keys(jax.random.fold_in(sampling_rng, _BATCHES), 0, cohort)
 
 
 def cyclic_cohort(sampling_rng, t, num_sites: int, cohort_size: int, groups: int) -> jax.Array:
@@ -151,10 +164,12 @@ def merge_local(params, local: dict):
 def init_server_state(params, model_state, server_tx, num_sites: int, fedbn: bool,
                       clip_norm: float | None = None,
                       aggregator: aggregators.Aggregator | None = None,
-                      local_params: tuple[str, ...] = ()) -> ServerState:
+                      local_params: tuple[str, ...] = (),
+                      site_noise: Any = None) -> ServerState:
   """`clip_norm`: C_0 under adaptive clipping (kept in the state, so it is checkpointed);
   or `aggregator`, whose init() is the state kept there. `local_params`: patterns of the
-  parameters each site keeps (every site starts from the initial values)."""
+  parameters each site keeps (every site starts from the initial values). `site_noise`: the
+  example-level correlated noise (mf_noise.CorrelatedNoise), one state per site."""
   site_state = {}
   if fedbn and model_state:
     site_state = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_sites, *a.shape)), model_state)
@@ -165,9 +180,14 @@ def init_server_state(params, model_state, server_tx, num_sites: int, fedbn: boo
       param_path(path): jnp.broadcast_to(leaf, (num_sites, *leaf.shape))
       for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
       if param_path(path) in local_param_paths(params, local_params)}
+  noise_state = {}
+  if site_noise is not None:
+    noise_state = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_sites, *a.shape)),
+                               site_noise.init(params))
   return ServerState(params=params, model_state=model_state, opt_state=server_tx.init(params),
                      site_model_state=site_state, round=jnp.zeros((), jnp.int32),
-                     aggregator_state=agg_state, site_params=site_params)
+                     aggregator_state=agg_state, site_params=site_params,
+                     site_noise=noise_state)
 
 
 def server_step(server_tx: optax.GradientTransformationExtraArgs, mean_delta, opt_state,
@@ -288,17 +308,22 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
     else:
       site_ms, ms_axis = state.model_state, None
     site_local = gather_sites(state.site_params, cohort)  # {} without local parameters
+    # Example-level correlated noise: each cohort site's state and permutation key ({}: none).
+    site_noise = state.site_noise
+    if site_noise:
+      site_noise = (batch_permutation_keys(sampling_rng, cohort), gather_sites(site_noise, cohort))
 
     rnd = aggregators.RoundInfo(t=t, client_rng=client_rng, cohort=cohort,
                                 in_cohort=in_cohort, num_in=num_in)
     shared = aggregator.broadcast(state.aggregator_state, rnd, {})
 
-    def site_fn(params, local, ms, idx, count, rng, weight, in_k, site, byz, data):
+    def site_fn(params, local, ms, idx, count, rng, weight, in_k, site, byz, noise, data):
       """One site: its update through the chain's site transforms, and its terms of the
       round's sums (sharding.map_sum_sites)."""
       if flip_labels:
         data = data.replace(y=jnp.where(byz, data.num_classes - 1 - data.y, data.y))
-      out = client_update(merge_local(params, local), ms, idx, count, rng, data)
+      kw = {"noise": noise} if noise else {}
+      out = client_update(merge_local(params, local), ms, idx, count, rng, data, **kw)
       delta = out.delta
       if local:  # kept: the local leaves' new values; sent: zeros in their place
         flat = {param_path(p): d for p, d in jax.tree_util.tree_flatten_with_path(delta)[0]}
@@ -311,7 +336,7 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
       sent = {"delta": update, "model_state": scale(out.model_state, weight)}
       to_sum = {"loss": weight * out.train_loss, "overflow": out.dp_overflow}
       per_site = {"model_state": out.model_state if fedbn else {}, "stats": stats,
-                  "local": local}
+                  "local": local, "noise": out.noise_state if noise else {}}
       if as_rows:  # what the site sends, flat: the secure sum adds these on the host
         per_site["row"] = jax.flatten_util.ravel_pytree(sent)[0].astype(jnp.float32)
       elif keep_updates:
@@ -323,9 +348,9 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
 
     byz = jnp.arange(cohort.shape[0]) < byzantine_sites
     sums, per_site = sharding.map_sum_sites(
-        site_fn, (None, 0, ms_axis, 0, 0, 0, 0, 0, 0, 0, None), split, sites_per_chunk)(
+        site_fn, (None, 0, ms_axis, 0, 0, 0, 0, 0, 0, 0, 0, None), split, sites_per_chunk)(
             state.params, site_local, site_ms, site_idx, site_count, site_rngs, weights,
-            in_cohort, cohort, byz, data)
+            in_cohort, cohort, byz, site_noise, data)
     if keep_updates:
       sums["delta"] = aggregators.reduce_stacked(aggregator, per_site.pop("update"), weights,
                                                  in_cohort, state.aggregator_state, rnd, shared)
@@ -358,7 +383,9 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
                             site_model_state=site_model_state, round=rnd.t + 1,
                             aggregator_state=agg_state,
                             site_params=scatter_sites(state.site_params, rnd.cohort,
-                                                      per_site["local"]))
+                                                      per_site["local"]),
+                            site_noise=scatter_sites(state.site_noise, rnd.cohort,
+                                                     per_site["noise"]))
     metrics = round_metrics(sums["loss"], 2 * rnd.num_in,
                             dp_overflow=ctx["cohort_overflow"] + sums["overflow"],
                             secagg=secagg_metrics, **agg_metrics)

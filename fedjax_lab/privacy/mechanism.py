@@ -23,8 +23,14 @@ Mechanisms (`dp.mechanism`):
             takes part at most k = ceil(rounds / b) times, any two b rounds apart. The run is ONE
             Gaussian mechanism with noise multiplier z / sensitivity(C, b, k) (mf_noise.dp_event):
             no amplification is needed, so it holds against whoever picks the cohorts.
-            Site level only (example-level DP-FTRL would need per-site correlated-noise state
-            over local steps; refused with a config error).
+            At example level (`_example_plan`): every site runs DP-SGD whose noise is
+            correlated across ALL its local steps, over the rounds, by C (each site its own
+            independent stream and state, ServerState.site_noise); its examples go through
+            fixed cyclic batches (sampling.cyclic_batch: one secret/seeded permutation cut into
+            k = size // batch_size batches, step t takes batch t mod k), so an example joins at
+            most ceil(T / k) of a site's T = rounds x local_steps steps, any two k apart. The
+            accounting takes the smallest site's k for every site (its participation patterns
+            contain every larger site's). Multi-epoch MF, Choquette-Choo et al. 2023.
 
 `dp.participation=cyclic` with `dp.mechanism=gaussian` runs independent noise through the same
 cyclic schedule and unamplified accounting (C = I: sensitivity sqrt(k)), the baseline DP-FTRL
@@ -32,13 +38,14 @@ papers compare against at equal epsilon against the server.
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import dp_accounting
 import numpy as np
 
 from fedjax_lab.errors import ConfigError
-from fedjax_lab.privacy import accounting, guarantees, mf_noise, secagg_delta, shares, vae
+from fedjax_lab.privacy import (accounting, guarantees, mf_noise, sampling, secagg_delta, shares,
+                                vae)
 from fedjax_lab.privacy.plan import PrivacyPlan, accountant_delta, privacy_plan
 
 MECHANISMS = mf_noise.MECHANISMS
@@ -95,7 +102,58 @@ def make_mechanism(config, site_counts: np.ndarray,
     return None
   if participation(config) == "poisson":
     return privacy_plan(config, site_counts, summed_coordinates)
+  if config.dp.level == "example":
+    return _example_plan(config, site_counts)
   return _cyclic_plan(config)
+
+
+def _calibrated(config, sens: float, delta: float, what: str):
+  """(z, budget, how): dp.noise_multiplier, or z / sens (the one Gaussian the run is)
+  calibrated to dp.target_epsilon."""
+  dp = config.dp
+  z, budget, how = float(dp.noise_multiplier), dp.target_epsilon, "given"
+  if z == 0:
+    z = sens * accounting.noise_multiplier_for(dp.target_epsilon, 1.0, 1, delta, dp.accountant)
+    budget, how = None, f"calibrated to epsilon<={dp.target_epsilon} for {what}"
+  return z, budget, how
+
+
+def _example_plan(config, site_counts: np.ndarray) -> PrivacyPlan:
+  """Example-level DP-SGD with matrix-factorization noise over each site's local steps."""
+  dp, batch = config.dp, config.client.batch_size
+  smallest = int(np.min(site_counts))
+  if smallest < batch:
+    raise ConfigError("client.batch_size", f"{batch} > the smallest site's {smallest} examples:"
+                      f" dp.mechanism={dp.mechanism} cuts each site into fixed batches of "
+                      f"batch_size; use at most {smallest}")
+  k = sampling.cyclic_batches(smallest, batch)
+  steps = config.rounds * config.client.local_steps
+  parts = math.ceil(steps / k)
+  strategy = mf_noise.strategy(
+      dp.mechanism, steps, bands=dp.bands if dp.mechanism == "banded" else None,
+      max_buffers=dp.max_buffers, min_separation=k, max_participations=parts)
+  sens = mf_noise.sensitivity(strategy, k, parts)
+  delta = accountant_delta(config)
+  z, budget, how = _calibrated(config, sens, delta, f"the {steps} local steps of a site")
+  event = mf_noise.dp_event(strategy, z, k, parts)
+  randomness = guarantees.resolve_randomness(dp.randomness, config.data.name)
+  description = (
+      f"privacy: unit=one example (zero-out: its gradients replaced by 0, its batch slot "
+      f"kept); mechanism={dp.mechanism} (DP-SGD at every site, its Gaussian noise correlated "
+      f"across all of its {steps} local steps by the strategy, an independent stream per "
+      f"site); participation=cyclic batches: each site's examples permuted once and cut into "
+      f"k = size // {batch} fixed batches (k >= {k}, the smallest site's, taken for all), "
+      f"step t trains batch t mod k, so an example joins at most {parts} steps, {k} apart; "
+      f"sensitivity {sens:.4f}; accountant={dp.accountant}, ONE Gaussian mechanism with noise "
+      f"multiplier {z:.4f}/{sens:.4f} = {z / sens:.4f}, no amplification; delta={dp.delta:g} "
+      f"(accountant at {delta:g}); noise_multiplier={z:.4f} ({how}); clip_norm="
+      f"{dp.clip_norm:g}; randomness={randomness} (dp.randomness={dp.randomness})")
+  return PrivacyPlan(
+      noise_multiplier=z, sampling_prob=1.0, steps_per_round=config.client.local_steps,
+      accountant=CyclicAccountant(event, delta, dp.accountant), budget=budget,
+      description=description, update_noise_multiplier=z, slots=batch,
+      randomness=randomness, mechanism_name=dp.mechanism,
+      mf=MfInfo(strategy, k, parts, sens, batch), noise=mf_noise.correlated_noise(strategy))
 
 
 def _cyclic_plan(config) -> PrivacyPlan:
@@ -107,10 +165,7 @@ def _cyclic_plan(config) -> PrivacyPlan:
       max_buffers=dp.max_buffers, min_separation=groups, max_participations=k)
   sens = mf_noise.sensitivity(strategy, groups, k)
   delta = accountant_delta(config)  # no truncation here, but the same split keeps runs alike
-  z, budget, how = float(dp.noise_multiplier), dp.target_epsilon, "given"
-  if z == 0:  # calibrate z / sens, the one Gaussian the run is, to the target
-    z = sens * accounting.noise_multiplier_for(dp.target_epsilon, 1.0, 1, delta, dp.accountant)
-    budget, how = None, f"calibrated to epsilon<={dp.target_epsilon} for the {config.rounds} rounds"
+  z, budget, how = _calibrated(config, sens, delta, f"the {config.rounds} rounds")
   event = mf_noise.dp_event(strategy, z, groups, k)
   randomness = guarantees.resolve_randomness(dp.randomness, config.data.name)
   description = (
@@ -183,8 +238,49 @@ def cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
   return out
 
 
+def example_cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
+  """The guarantee rows of example-level DP-SGD with matrix-factorization noise (each row
+  dp-accounting's epsilon of Gaussian(noise_multiplier) once, as cyclic_entries')."""
+  mf, dp = plan.mf, config.dp
+  nm = plan.noise_multiplier / mf.sensitivity
+  eps = plan.accountant.epsilon_after(steps)
+  secret = ("each site's noise, its correlated-noise state and the batch permutations come "
+            "from OS entropy kept only in the checkpoints" if plan.randomness == "secret" else
+            "the adversary does not know config.seed (dp.randomness=seeded)")
+  pattern = (f"unit: one example, zero-out (its gradients replaced by 0; the fixed batches do "
+             f"not depend on the data); every site adds its own {dp.mechanism} noise"
+             + (" (independent: C = I)" if dp.mechanism == "gaussian" else
+                ", correlated over all of its local steps,")
+             + f" to each step's clipped gradient sum "
+             f"BEFORE the update leaves it; an example joins at most {mf.participations} of "
+             f"its site's steps, {mf.groups} apart (fixed cyclic batches, the smallest site's "
+             f"k for all): the site's whole run is one Gaussian mechanism of sensitivity "
+             f"{mf.sensitivity:.4f}, no amplification by sampling needed")
+  row = lambda adversary, e, assumes, sees, colluding, m=nm: guarantees.Guarantee(
+      adversary, e, dp.delta, assumes, sees, colluding, float(m), 1.0, 1 if steps else 0,
+      dp.accountant, plan.accountant.delta)._asdict()
+  out = [
+      row("anyone who sees the released models (every round's global model)", eps,
+          f"{pattern}; {secret}", "models", 0),
+      row("the server: it sees each site's update, each with its site's full correlated "
+          "noise", eps, f"it may pick the cohorts; each site's noise stream is its own and "
+          f"independent of the others'; {pattern}; {secret}", "updates", 0),
+      row("any number of colluding sites (each knows its own noise only; the target's site "
+          "adds its full noise)", eps, f"the target's own site is honest; they see every "
+          f"update; {pattern}; {secret}", "updates", config.cohort_size - 1),
+      row("the target example's own site (it holds the example)", None,
+          "it trains on the example in the clear", "updates", 0, 0.0)]
+  if plan.randomness == "seeded":
+    out.append(row("anyone who knows config.seed (e.g. a reader of summary.json)", None,
+                   "dp.randomness=seeded: the noise can be regenerated from the seed and "
+                   "subtracted; use dp.randomness=secret for a guarantee", "models", 0, 0.0))
+  return out
+
+
 def guarantee_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
   """summary.json["privacy"]["guarantees"] after `steps` steps, for any mechanism."""
+  if plan.mf is not None and config.dp.level == "example":
+    return example_cyclic_entries(plan, config, steps)
   if plan.mf is not None:
     return cyclic_entries(plan, config, steps)
   return guarantees.all_guarantees(plan.mechanism(config, steps))
@@ -195,9 +291,15 @@ class ExampleNoise(NamedTuple):
   noise_multiplier: float      # this site's share: sigma, or sigma / sqrt(noise_shares)
   max_batch: int               # the plan's slots
   fixed_divisor: float | None  # batch_size under coordinated noise (shares.py)
+  # Matrix-factorization noise over each site's steps (mf_noise.CorrelatedNoise; None:
+  # independent noise on Poisson minibatches); its steps take fixed cyclic batches.
+  correlated: Any = None
 
 
 def example_noise(plan: PrivacyPlan, config) -> ExampleNoise:
+  if plan.mf is not None:  # fixed batches of batch_size: divided by it, like coordinated
+    return ExampleNoise(noise_multiplier=plan.noise_multiplier, max_batch=plan.slots,
+                        fixed_divisor=float(config.client.batch_size), correlated=plan.noise)
   return ExampleNoise(noise_multiplier=shares.example_share(config, plan.noise_multiplier),
                       max_batch=plan.slots, fixed_divisor=shares.example_fixed_divisor(config))
 

@@ -96,3 +96,25 @@ def site_poisson_sample(rng, count, batch_size: int, population: int, max_size: 
   poisson_sample's (positions, mask, overflow). FedAvg's client and the VAE draw through it,
   so the rate they sample at is the plan's."""
   return poisson_sample(rng, count, site_rate(batch_size, count), population, max_size)
+
+
+def cyclic_batches(count, batch_size: int):
+  """k = count // batch_size: the fixed batches one epoch of a site's examples is cut into
+  under example-level matrix-factorization noise (the last count mod batch_size examples of
+  its permutation are never used). jnp for traced counts, int otherwise."""
+  return count // batch_size
+
+
+def cyclic_batch(perm_rng, count, population: int, batch_size: int, step):
+  """[batch_size] positions of local step `step` under cyclic batches (no sampling): the
+  site's `count` positions permuted ONCE for the run (from `perm_rng`), cut into
+  k = count // batch_size batches; step t takes batch t mod k. So every example is in at most
+  one batch, joins at most ceil(T / k) of T steps and any two of its steps are exactly k apart
+  (the min-separation of mf_noise.sensitivity). Keys are drawn per position with fold_in, so
+  the order does not depend on `population` (the padded width). Needs count >= batch_size."""
+  keys = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(perm_rng, i)))(
+      jnp.arange(population))
+  keys = jnp.where(jnp.arange(population) < count, keys, 2.0)  # padding sorts last
+  order = jnp.argsort(keys, stable=True)
+  j = step % jnp.maximum(cyclic_batches(count, batch_size), 1)
+  return jax.lax.dynamic_slice(order, (j * batch_size,), (batch_size,)).astype(jnp.int32)
