@@ -105,6 +105,8 @@ def default_config() -> ml_collections.ConfigDict:
   # classes in unknown_classes (held out of training), the AUROC of max-softmax rejection.
   c.eval.update(dict(bootstrap=1000, robustness=False, robustness_noise=(0.1, 0.3, 1.0),
                      robustness_mask=(0.1, 0.3, 0.5), unknown_classes=()))
+  # summary.json's per-site metrics: every site up to this many, else a seeded sample of them.
+  c.eval.site_metrics_max = 10_000
   # Secure aggregation (fedjax_lab/secagg, docs/secure_aggregation.md): the server learns only
   # the sum of the round's updates. neighbours: k sites each site masks with (SecAgg+; unset:
   # the whole cohort, Bonawitz et al.); threshold: Shamir t of k + 1 (unset: a majority);
@@ -230,6 +232,7 @@ def validate(config) -> None:
   if config.data.partition != "by_column":  # else once the column gives num_sites (partition.py)
     check_sites(config)
   _positive("eval.every", config.eval.every, integer=True)
+  _positive("eval.site_metrics_max", config.eval.site_metrics_max, integer=True)
   # eval.bootstrap / robustness* / unknown_classes
   from fedjax_lab import evaluation_robustness  # jax-free parse
   evaluation_robustness.check_config(config)

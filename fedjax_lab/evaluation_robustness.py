@@ -9,7 +9,9 @@ mix (metrics.site_weights), as evaluation.py does for per-site accuracy.
                                               percentile bootstrap over test examples
                                               (eval.bootstrap resamples; 0: none)
   site_metrics                                {accuracy, macro_f1, auc, examples}: lists, one
-                                              entry per site
+                                              entry per site; beyond eval.site_metrics_max
+                                              sites (a 10^6 population), for a seeded uniform
+                                              sample of that many, their ids in `sites`
   centralized_test_auc, centralized_test_macro_f1, centralized_test_auc_ci95
                                               with eval.centralized_baseline
   robustness                                  with eval.robustness (below)
@@ -184,7 +186,14 @@ def final_metrics(exp, state) -> dict:
   predict = make_predictor(exp.model, cfg.eval.batch_size)
   y = np.asarray(exp.test.y)
   probs = predict(state.params, state.model_state, np.asarray(exp.test.x, np.float32))
-  out = quality(y, probs, exp.site_hist, cfg.eval.bootstrap, cfg.seed)
+  site_hist, sampled = exp.site_hist, None
+  if len(site_hist) > cfg.eval.site_metrics_max:  # 3 metrics x 10^6 sites take hours
+    sampled = np.sort(np.random.default_rng([_NOISE_SEED, 2, cfg.seed]).choice(
+        len(site_hist), cfg.eval.site_metrics_max, replace=False))
+    site_hist = site_hist[sampled]
+  out = quality(y, probs, site_hist, cfg.eval.bootstrap, cfg.seed)
+  if sampled is not None:
+    out["site_metrics"]["sites"] = [int(s) for s in sampled]
   central = getattr(exp, "centralized", None)
   if central is not None:
     c_exp, c_state = central
@@ -195,5 +204,5 @@ def final_metrics(exp, state) -> dict:
                centralized_test_accuracy_ci95=c["test_accuracy_ci95"])
   if cfg.eval.robustness:
     out["robustness"] = robustness(cfg, predict, state.params, state.model_state, exp.test,
-                                   getattr(exp, "unknown", None), exp.site_hist)
+                                   getattr(exp, "unknown", None), site_hist)
   return _clean(out)

@@ -87,6 +87,37 @@ def draw_secret() -> list[int]:
   return [int(w) for w in words]
 
 
+def _check_shared_examples(config, num_examples: int) -> None:
+  """data.partition=pool beyond num_sites * m > N: sites share examples, which example-level
+  DP (its unit is one example at one site) and per-site standardisation do not allow."""
+  d = config.data
+  if d.partition != "pool" or d.num_sites * d.examples_per_site <= num_examples:
+    return
+  shared = (f"data.partition=pool with data.num_sites={d.num_sites} x data.examples_per_site="
+            f"{d.examples_per_site} > {num_examples} training examples: sites share examples")
+  if config.dp.level == "example":
+    raise ConfigError("dp.level", f"{shared}, and an example held by many sites is not covered "
+                      "by one site's example-level epsilon; use dp.level=site or none")
+  if d.standardize == "per_site":
+    raise ConfigError("data.standardize", f"{shared}, whose per-site statistics would "
+                      "overwrite each other; use global or none")
+
+
+# Per-site state (SCAFFOLD's controls, kept parameters, FedBN statistics) lives on every
+# device for the whole run; past this it is refused before it is allocated.
+PER_SITE_STATE_LIMIT = 16 * 2**30
+
+
+def _check_per_site_state(config, state_shapes, num_sites: int) -> None:
+  per_site = sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(state_shapes)
+                 if l.ndim and l.shape[0] == num_sites) if num_sites > 1 else 0
+  if per_site > PER_SITE_STATE_LIMIT:
+    raise ConfigError("data.num_sites", f"algorithm.name={config.algorithm.name} keeps state "
+                      f"for each of {num_sites:,} sites: {per_site / 2**30:.1f} GiB on every "
+                      "device, beyond the lab's 16 GiB limit (it is not moved off the device "
+                      "between rounds); use fewer sites, or fedavg without local state")
+
+
 class Experiment:
   """Everything one config describes, built once; `run` trains and writes the workdir."""
 
@@ -99,10 +130,11 @@ class Experiment:
     # holdout:F takes the public calibration set out of `train` before it is partitioned.
     train, self.public = public.load(config.optim.public_data, config.data, train)
     sites_note = config_lib.resolve_num_sites(train, config)  # by_column: the column's count
-    if config.data.num_sites > len(train.y):
+    if config.data.num_sites > len(train.y) and config.data.partition != "pool":
       raise ConfigError("data.num_sites", f"{config.data.num_sites} sites > {len(train.y)} "
-                        "training examples; use fewer sites")
+                        "training examples; use fewer sites, or data.partition=pool")
     self.sites = partition.partition(train, config.data, config.seed)
+    _check_shared_examples(config, len(train.y))
     # data.standardize: fitted on training data only (or per site, or public); one log line.
     train, test, self.public, note = standardize.apply(
         config, train, evaluation_robustness.join(test, unknown), self.sites, self.public)
@@ -190,6 +222,9 @@ class Experiment:
         jax.vmap(lambda p, local, ms: class_eval(lab_round.merge_local(p, local), ms),
                  in_axes=(None, 0, 0 if self.fedbn else None)),
         out_shardings=sharding.replicated(self.mesh))
+    _check_per_site_state(config, jax.eval_shape(
+        lambda: self.algorithm.init(*self.model.init(self.keys["init"], self.train.x[:2]))),
+        self.data.num_sites)
     state = self.init_state()
     self._check_local_params(state.params)
     # One message: the model (without the parameters sites keep), plus the BatchNorm

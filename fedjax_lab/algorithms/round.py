@@ -29,7 +29,7 @@ from fedjax_lab.attacks import canaries as canaries_lib
 from fedjax_lab.aggregators import AdaptiveClip, clip_by_global_norm  # noqa: F401 (API)
 from fedjax_lab.algorithms import RoundMetrics, round_metrics  # noqa: F401 (API)
 from fedjax_lab.data.federated import FederatedData
-from fedjax_lab.privacy.sampling import poisson_sample
+from fedjax_lab.privacy.sampling import poisson_cohort
 from fedjax_lab.secagg import round as secagg_round
 from fedjax_lab import robust
 from fedjax_lab.attacks import byzantine
@@ -282,8 +282,8 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
                                    cohort.shape)
         in_cohort = (coins < site_dp.group_rate).astype(jnp.float32)
     else:
-      cohort, in_cohort, cohort_overflow = poisson_sample(
-          round_sampling_rng, data.num_sites, cohort_size / data.num_sites, data.num_sites,
+      cohort, in_cohort, cohort_overflow = poisson_cohort(
+          round_sampling_rng, data.num_sites, cohort_size / data.num_sites,
           site_dp.max_cohort)
     # Aggregation weights from the replicated counts: no cross-device sum for the normaliser.
     # Below min_sites_per_device a cross-device sum costs more than the split saves: every

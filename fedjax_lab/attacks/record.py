@@ -23,7 +23,7 @@ import numpy as np
 from fedjax_lab import aggregators
 from fedjax_lab import keys as lab_keys
 from fedjax_lab.privacy import randomness
-from fedjax_lab.privacy.sampling import poisson_sample
+from fedjax_lab.privacy.sampling import poisson_cohort
 
 FOLDER = "attack"
 
@@ -41,8 +41,8 @@ def cohort(exp, t: int):
   if cfg.dp.level != "site":
     ids = lab_keys.sample_cohort(rng, exp.data.num_sites, cfg.cohort_size)
     return np.asarray(ids), np.ones(ids.shape, np.float32)
-  ids, mask, _ = poisson_sample(rng, exp.data.num_sites, cfg.cohort_size / exp.data.num_sites,
-                                exp.data.num_sites, exp.privacy.slots)
+  ids, mask, _ = poisson_cohort(rng, exp.data.num_sites, cfg.cohort_size / exp.data.num_sites,
+                                exp.privacy.slots)
   return np.asarray(ids), np.asarray(mask)
 
 

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab.data import partition
+
 
 @flax.struct.dataclass
 class FederatedData:
@@ -42,10 +44,14 @@ def from_partition(x: np.ndarray, y: np.ndarray, sites: Sequence[np.ndarray],
 
   public_x [P, ...], public_y [P]: the public calibration set (`optim.public_data`), or None.
   """
-  counts = np.array([len(s) for s in sites], np.int32)
-  idx = np.zeros((len(sites), max(int(counts.max()), 1)), np.int32)
-  for s, rows in enumerate(sites):
-    idx[s, :len(rows)] = rows
+  if isinstance(sites, partition.PoolSites):  # 10^6 sites: no per-site loop
+    idx = sites.table
+    counts = np.full(len(sites), idx.shape[1], np.int32)
+  else:
+    counts = np.array([len(s) for s in sites], np.int32)
+    idx = np.zeros((len(sites), max(int(counts.max()), 1)), np.int32)
+    for s, rows in enumerate(sites):
+      idx[s, :len(rows)] = rows
   y_dtype = jnp.float32 if np.issubdtype(np.asarray(y).dtype, np.floating) else jnp.int32
   return FederatedData(x=jnp.asarray(x, jnp.float32), y=jnp.asarray(y, y_dtype),
                        idx=jnp.asarray(idx), count=jnp.asarray(counts), num_classes=num_classes,
@@ -56,7 +62,8 @@ def from_partition(x: np.ndarray, y: np.ndarray, sites: Sequence[np.ndarray],
 def site_label_histogram(data: FederatedData) -> np.ndarray:
   """[sites, classes] example counts per label, computed on the host."""
   idx, count, y = np.asarray(data.idx), np.asarray(data.count), np.asarray(data.y)
-  hist = np.zeros((data.num_sites, data.num_classes), np.int64)
-  for s in range(data.num_sites):
-    np.add.at(hist[s], y[idx[s, :count[s]]], 1)
-  return hist
+  real = np.arange(idx.shape[1]) < count[:, None]  # padding rows are not examples
+  site = np.broadcast_to(np.arange(data.num_sites)[:, None], idx.shape)[real]
+  flat = site.astype(np.int64) * data.num_classes + y[idx[real]]
+  return np.bincount(flat, minlength=data.num_sites * data.num_classes).reshape(
+      data.num_sites, data.num_classes).astype(np.int64)

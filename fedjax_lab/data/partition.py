@@ -22,6 +22,13 @@
   column with one value is a ConfigError naming data.column.
 - `quantity_skew`: site sizes min_examples + a share of the rest proportional to lognormal
   weights exp(N(0, quantity_sigma^2)); labels iid.
+- `pool`: a synthetic cross-device population of any size (10^6 sites on digits), as pfl and
+  Flower simulations build theirs: the examples are shuffled once into a pool and site s holds
+  the window pool[(s m + j) mod N], j < m = `data.examples_per_site`. With num_sites * m <= N
+  the windows are disjoint (an iid split of equal sizes, leaving the rest unused); beyond, they
+  wrap and one example belongs to about num_sites * m / N sites, so only site-level DP (whose
+  unit is the site) is allowed on it. Returned as a `PoolSites` (a sequence of the same sorted
+  arrays) that also holds the whole [num_sites, m] table, built without a per-site loop.
 
 Determinism: all randomness comes from ONE `np.random.default_rng(seed)` per call, so the same
 (train, data_config, seed) always gives the same sites. Runs on the host, once per run.
@@ -33,7 +40,7 @@ import numpy as np
 
 from fedjax_lab.errors import ConfigError
 
-PARTITIONS = ("iid", "dirichlet", "shards", "by_column", "quantity_skew")
+PARTITIONS = ("iid", "dirichlet", "shards", "by_column", "quantity_skew", "pool")
 DIRICHLET_MAX_DRAWS = 100
 
 
@@ -63,6 +70,9 @@ def partition(train, data_config, seed: int) -> list[np.ndarray]:
                else data_config.num_sites)
   if int(num_sites) != num_sites or num_sites <= 0:
     raise ConfigError("data.num_sites", f"must be a positive integer, got {num_sites}")
+  if method == "pool":
+    return _pool(num_examples, num_sites, data_config.examples_per_site,
+                 np.random.default_rng(seed))
   if num_sites > num_examples:
     raise ConfigError("data.num_sites", f"{num_sites} sites but only {num_examples} training "
                       f"examples in {train.name}; use at most {num_examples}")
@@ -106,6 +116,31 @@ def label_histogram(y: np.ndarray, sites: Sequence[np.ndarray], num_classes: int
   y = np.asarray(y)
   return np.stack([np.bincount(y[s], minlength=num_classes)[:num_classes] for s in sites]
                   ).astype(np.int64).reshape(len(sites), num_classes)
+
+
+class PoolSites(Sequence):
+  """The `pool` partition: site s's sorted rows are `table[s]` ([num_sites, m] int32)."""
+
+  def __init__(self, table: np.ndarray):
+    self.table = table
+
+  def __len__(self) -> int:
+    return self.table.shape[0]
+
+  def __getitem__(self, s):
+    if isinstance(s, slice):
+      return [self[i] for i in range(*s.indices(len(self)))]
+    return self.table[s].astype(np.int64)
+
+
+def _pool(num_examples: int, num_sites: int, m, rng: np.random.Generator) -> PoolSites:
+  if int(m) != m or not 1 <= m <= num_examples:
+    raise ConfigError("data.examples_per_site", f"must be an integer in [1, {num_examples}] "
+                      f"(the training examples), got {m}")
+  pool = rng.permutation(num_examples).astype(np.int32)
+  # int64 positions: num_sites * m overflows int32 beyond 2^31 (10^8 sites of 20).
+  start = np.arange(num_sites, dtype=np.int64)[:, None] * m
+  return PoolSites(np.sort(pool[(start + np.arange(m)) % num_examples], axis=1))
 
 
 def _fix_hint(method: str) -> str:

@@ -72,7 +72,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.test_fraction = 0.2         # sources without a test split: stratified split
   c.split_seed = 0
   c.num_sites = 100
-  c.partition = "iid"           # iid | dirichlet | shards | by_column | quantity_skew
+  c.partition = "iid"           # iid | dirichlet | shards | by_column | quantity_skew | pool
+  c.examples_per_site = 15      # pool: each site's window of the shared pool (partition.py)
   c.alpha = 0.5                 # dirichlet concentration; small = more label skew
   c.classes_per_site = 2        # shards
   c.column = ""                 # by_column: a key of Dataset.columns

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
+from fedjax_lab import keys
+
 
 def site_rate(batch_size: int, count):
   """Each site's Poisson rate at example level, min(1, batch_size / count): its expected batch
@@ -118,3 +120,70 @@ def cyclic_batch(perm_rng, count, population: int, batch_size: int, step):
   order = jnp.argsort(keys, stable=True)
   j = step % jnp.maximum(cyclic_batches(count, batch_size), 1)
   return jax.lax.dynamic_slice(order, (j * batch_size,), (batch_size,)).astype(jnp.int32)
+
+
+# From this many sites on, `poisson_cohort` draws in O(cohort) work (as keys.sample_cohort).
+LARGE_POPULATION = keys.LARGE_POPULATION
+
+
+def _log_uniform(rng, shape) -> jax.Array:
+  """log(U), U uniform on (0, 1) at 47-bit resolution, accurate in float32 at both ends.
+
+  A float32 uniform has 2^-23 steps, which would move P(gap = 0) = q by about one step in
+  q 2^23 (0.1% at q = 1e-4): U is built from a 24-bit and a 23-bit word instead, and its log
+  taken from whichever of U or 1 - U is small, so the gap law below is exact to float32
+  rounding (tests/test_population.py checks it against float64)."""
+  hi_rng, lo_rng = jax.random.split(rng)
+  return log_uniform_from_words(jax.random.randint(hi_rng, shape, 0, 1 << 24),
+                                jax.random.randint(lo_rng, shape, 0, 1 << 23))
+
+
+def log_uniform_from_words(hi, lo) -> jax.Array:
+  """log((hi + (2 lo + 1) / 2^24) / 2^24) in float32 for integer words hi < 2^24, lo < 2^23.
+
+  2 lo + 1 < 2^24 and its complement are exact in float32 (a half-integer above 2^23 is not),
+  so U never rounds to 0 or 1."""
+  hi, lo = jnp.asarray(hi, jnp.int32), jnp.asarray(lo, jnp.int32)
+  frac = (2 * lo + 1).astype(jnp.float32) * 2.0**-24
+  frac_complement = (2 * ((1 << 23) - 1 - lo) + 1).astype(jnp.float32) * 2.0**-24  # 1 - frac
+  one_minus_u = (((1 << 24) - 1 - hi).astype(jnp.float32) + frac_complement) * 2.0**-24
+  # U <= 1/2: log U directly; U > 1/2: log1p(-(1 - U)), with 1 - U from the complements.
+  return jnp.where(hi < (1 << 23), jnp.log(hi.astype(jnp.float32) + frac) - 24.0 * math.log(2.0),
+                   jnp.log1p(-one_minus_u))
+
+
+def poisson_cohort(rng, num_sites: int, rate: float, max_size: int):
+  """Site-level Poisson cohort: each of `num_sites` sites joins independently w.p. `rate`;
+  poisson_sample's (positions, mask, overflow) contract, selected sites in increasing order.
+
+  Below LARGE_POPULATION, poisson_sample (a coin per site). From it on, in O(max_size): the
+  selected sites of a Bernoulli(q) sequence are the partial sums of independent Geometric(q)
+  gaps (failures before each success, floor(log U / log(1 - q))), the textbook equivalent of a
+  coin per site (Devroye, "Non-Uniform Random Variate Generation", X.2). The surplus beyond
+  max_size is not drawn site by site: its size is the Binomial(sites left, q) the coins after
+  the last slot would give, reported in `overflow` like the coins' count."""
+  if num_sites < LARGE_POPULATION or rate >= 1.0:
+    return poisson_sample(rng, num_sites, rate, num_sites, max_size)
+  return geometric_cohort(rng, num_sites, rate, max_size)
+
+
+def geometric_cohort(rng, num_sites: int, rate: float, max_size: int):
+  """poisson_cohort's large-population draw (any num_sites, rate < 1)."""
+  gap_rng, rest_rng = jax.random.split(rng)
+  failures = jnp.floor(_log_uniform(gap_rng, (max_size + 1,)) / math.log1p(-rate))
+  # Clamped past the population so the running sum stays in int32 for any population.
+  steps = jnp.minimum(failures, num_sites).astype(jnp.int32) + 1
+
+  def advance(position, step):
+    nxt = jnp.minimum(position + step, num_sites + 1)
+    return nxt, nxt
+
+  _, ends = jax.lax.scan(advance, jnp.int32(0), steps)
+  sites = ends - 1  # the site of each success, increasing; num_sites: past the population
+  selected = sites[:max_size] < num_sites
+  mask = selected.astype(jnp.float32)
+  positions = jnp.where(selected, sites[:max_size], 0).astype(jnp.int32)
+  left = jnp.maximum(num_sites - 1 - sites[max_size], 0)  # sites after the (max_size+1)-th
+  surplus = jnp.where(sites[max_size] < num_sites,
+                      1 + jax.random.binomial(rest_rng, left.astype(jnp.float32), rate), 0)
+  return positions, mask, surplus.astype(jnp.int32)
