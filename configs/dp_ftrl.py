@@ -56,26 +56,29 @@ from fedjax_lab.config import default_config
 EPSILONS = (2.0, 4.0, 8.0)
 
 
+def _digits_blt(level, *, rounds, sites, cohort, local_steps, batch, epsilon):
+  """Digits, iid sites, a linear model, blt noise on cyclic participation at `level`."""
+  c = default_config()
+  c.rounds = rounds
+  c.data.name, c.data.partition = "digits", "iid"
+  c.data.num_sites, c.cohort_size = sites, cohort
+  c.model.name, c.model.hidden = "mlp", ()
+  c.client.optimizer, c.client.lr = "sgd", 0.5
+  c.client.local_steps, c.client.batch_size = local_steps, batch
+  c.server.optimizer, c.server.lr = "sgd", 1.0
+  c.dp.level, c.dp.mechanism, c.dp.participation = level, "blt", "cyclic"
+  c.dp.target_epsilon, c.dp.delta = epsilon, 1e-5
+  return c
+
+
 def get_config(epsilon: str = "4"):
   if epsilon == "example":
     return example_config()
   eps = float(epsilon)
   if eps not in EPSILONS:
     raise ValueError(f"epsilon must be one of 2, 4, 8, got {epsilon!r}")
-  c = default_config()
-  c.rounds = 100
-  c.data.name = "digits"
-  c.data.partition = "iid"
-  c.data.num_sites, c.cohort_size = 100, 10
-  c.model.name, c.model.hidden = "mlp", ()
-  c.client.optimizer, c.client.lr = "sgd", 0.5
-  c.client.local_steps, c.client.batch_size = 10, 5
-  c.server.optimizer, c.server.lr = "sgd", 1.0
-  c.dp.level = "site"
-  c.dp.mechanism = "blt"
-  c.dp.participation = "cyclic"
-  c.dp.target_epsilon = eps
-  c.dp.delta = 1e-5
+  c = _digits_blt("site", rounds=100, sites=100, cohort=10, local_steps=10, batch=5,
+                  epsilon=eps)
   c.dp.clip_norm = 0.2
   c.dp.bands = 10
   c.checkpoint.every = 50
@@ -84,20 +87,8 @@ def get_config(epsilon: str = "4"):
 
 def example_config():
   """:example: example-level DP-SGD with matrix-factorization noise (module docstring)."""
-  c = default_config()
-  c.rounds = 20
-  c.data.name = "digits"
-  c.data.partition = "iid"
-  c.data.num_sites, c.cohort_size = 10, 10
-  c.model.name, c.model.hidden = "mlp", ()
-  c.client.optimizer, c.client.lr = "sgd", 0.5
-  c.client.local_steps, c.client.batch_size = 5, 15
-  c.server.optimizer, c.server.lr = "sgd", 1.0
-  c.dp.level = "example"
-  c.dp.mechanism = "blt"
-  c.dp.participation = "cyclic"
-  c.dp.target_epsilon = 4.0
-  c.dp.delta = 1e-5
+  c = _digits_blt("example", rounds=20, sites=10, cohort=10, local_steps=5, batch=15,
+                  epsilon=4.0)
   c.dp.clip_norm = 1.0
   c.dp.bands = 10
   c.checkpoint.every = 10

@@ -405,11 +405,15 @@ def _validate_mechanism(config):
   if dp.adaptive_clip:
     raise ConfigError("dp.adaptive_clip", "adaptive clipping's count noise is Poisson-cohort "
                       "DP-FedAvg's; set it False with dp.participation=cyclic")
-  if dp.mechanism == "dense" and config.rounds > 512:
-    raise ConfigError("dp.mechanism", f"dense keeps every past draw and optimizes an n x n "
-                      f"matrix: rounds={config.rounds} > 512; use blt or banded")
+  _check_dense(dp, config.rounds, f"rounds={config.rounds}")
   if dp.mechanism == "banded" and dp.bands > config.rounds:
     raise ConfigError("dp.bands", f"{dp.bands} > rounds={config.rounds}; use fewer bands")
+
+
+def _check_dense(dp, horizon: int, what: str) -> None:
+  if dp.mechanism == "dense" and horizon > 512:
+    raise ConfigError("dp.mechanism", f"dense keeps every past draw and optimizes an n x n "
+                      f"matrix: {what} > 512; use blt or banded")
 
 
 def _validate_example_mechanism(config):
@@ -430,9 +434,7 @@ def _validate_example_mechanism(config):
   if dp.groups:
     raise ConfigError("dp.groups", "is for site-level cyclic cohorts; at example level each "
                       "site's batches cycle (k = site size // client.batch_size); set it 0")
-  if dp.mechanism == "dense" and steps > 512:
-    raise ConfigError("dp.mechanism", f"dense keeps every past draw and optimizes an n x n "
-                      f"matrix: rounds x client.local_steps = {steps} > 512; use blt or banded")
+  _check_dense(dp, steps, f"rounds x client.local_steps = {steps}")
   if dp.mechanism == "banded" and dp.bands > steps:
     raise ConfigError("dp.bands", f"{dp.bands} > rounds x client.local_steps = {steps}; use "
                       "fewer bands")

@@ -129,14 +129,8 @@ def _example_plan(config, site_counts: np.ndarray) -> PrivacyPlan:
   k = sampling.cyclic_batches(smallest, batch)
   steps = config.rounds * config.client.local_steps
   parts = math.ceil(steps / k)
-  strategy = mf_noise.strategy(
-      dp.mechanism, steps, bands=dp.bands if dp.mechanism == "banded" else None,
-      max_buffers=dp.max_buffers, min_separation=k, max_participations=parts)
-  sens = mf_noise.sensitivity(strategy, k, parts)
-  delta = accountant_delta(config)
-  z, budget, how = _calibrated(config, sens, delta, f"the {steps} local steps of a site")
-  event = mf_noise.dp_event(strategy, z, k, parts)
-  randomness = guarantees.resolve_randomness(dp.randomness, config.data.name)
+  strategy, sens, delta, z, budget, how, event, randomness = _mf_calibrated(
+      config, steps, k, parts, f"the {steps} local steps of a site")
   description = (
       f"privacy: unit=one example (zero-out: its gradients replaced by 0, its batch slot "
       f"kept); mechanism={dp.mechanism} (DP-SGD at every site, its Gaussian noise correlated "
@@ -156,18 +150,30 @@ def _example_plan(config, site_counts: np.ndarray) -> PrivacyPlan:
       mf=MfInfo(strategy, k, parts, sens, batch), noise=mf_noise.correlated_noise(strategy))
 
 
+def _mf_calibrated(config, horizon: int, separation: int, participations: int, what: str):
+  """The strategy for `horizon` steps, its sensitivity under participations at least
+  `separation` apart (at most `participations` of them), the noise multiplier calibrated on it
+  and the run's DpEvent: (strategy, sensitivity, accountant delta, z, budget, how, event,
+  randomness)."""
+  dp = config.dp
+  strategy = mf_noise.strategy(
+      dp.mechanism, horizon, bands=dp.bands if dp.mechanism == "banded" else None,
+      max_buffers=dp.max_buffers, min_separation=separation,
+      max_participations=participations)
+  sens = mf_noise.sensitivity(strategy, separation, participations)
+  delta = accountant_delta(config)  # no truncation here, but the same split keeps runs alike
+  z, budget, how = _calibrated(config, sens, delta, what)
+  event = mf_noise.dp_event(strategy, z, separation, participations)
+  randomness = guarantees.resolve_randomness(dp.randomness, config.data.name)
+  return strategy, sens, delta, z, budget, how, event, randomness
+
+
 def _cyclic_plan(config) -> PrivacyPlan:
   dp = config.dp
   groups, group_size, q = cyclic_groups(config)
   k = math.ceil(config.rounds / groups)
-  strategy = mf_noise.strategy(
-      dp.mechanism, config.rounds, bands=dp.bands if dp.mechanism == "banded" else None,
-      max_buffers=dp.max_buffers, min_separation=groups, max_participations=k)
-  sens = mf_noise.sensitivity(strategy, groups, k)
-  delta = accountant_delta(config)  # no truncation here, but the same split keeps runs alike
-  z, budget, how = _calibrated(config, sens, delta, f"the {config.rounds} rounds")
-  event = mf_noise.dp_event(strategy, z, groups, k)
-  randomness = guarantees.resolve_randomness(dp.randomness, config.data.name)
+  strategy, sens, delta, z, budget, how, event, randomness = _mf_calibrated(
+      config, config.rounds, groups, k, f"the {config.rounds} rounds")
   description = (
       f"privacy: unit=one site (all its examples); mechanism={dp.mechanism} "
       f"(matrix-factorization noise added to each round's sum by the server); participation="
@@ -188,6 +194,14 @@ def _cyclic_plan(config) -> PrivacyPlan:
       noise=mf_noise.correlated_noise(strategy))
 
 
+def _one_mechanism_row(plan: PrivacyPlan, dp, steps: int, nm: float):
+  """A guarantee row maker for a run that is ONE Gaussian mechanism (sampling_prob 1, one
+  step): row(adversary, epsilon, assumes, sees, colluding, noise_multiplier=nm)."""
+  return lambda adversary, e, assumes, sees, colluding, m=nm: guarantees.Guarantee(
+      adversary, e, dp.delta, assumes, sees, colluding, float(m), 1.0, 1 if steps else 0,
+      dp.accountant, plan.accountant.delta)._asdict()
+
+
 def cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
   """The guarantee rows of a cyclic-participation (matrix-factorization) run, in the lab's
   checkable format (privacy/guarantees.py Guarantee): each is dp-accounting's epsilon of
@@ -201,9 +215,7 @@ def cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
   pattern = (f"each site takes part in at most {mf.participations} rounds, {mf.groups} apart "
              f"(cyclic cohorts); {dp.mechanism} noise, the whole run one Gaussian mechanism "
              f"(sensitivity {mf.sensitivity:.4f}): no amplification by sampling needed")
-  row = lambda adversary, e, assumes, sees, colluding, m=nm: guarantees.Guarantee(
-      adversary, e, dp.delta, assumes, sees, colluding, float(m), 1.0, 1 if steps else 0,
-      dp.accountant, plan.accountant.delta)._asdict()
+  row = _one_mechanism_row(plan, dp, steps, nm)
   out = [
       row("anyone who sees the released models, including whoever picks the cohorts", eps,
           f"unit: one site, add/remove; {pattern}; {secret}", "models", 0),
@@ -256,9 +268,7 @@ def example_cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
              f"its site's steps, {mf.groups} apart (fixed cyclic batches, the smallest site's "
              f"k for all): the site's whole run is one Gaussian mechanism of sensitivity "
              f"{mf.sensitivity:.4f}, no amplification by sampling needed")
-  row = lambda adversary, e, assumes, sees, colluding, m=nm: guarantees.Guarantee(
-      adversary, e, dp.delta, assumes, sees, colluding, float(m), 1.0, 1 if steps else 0,
-      dp.accountant, plan.accountant.delta)._asdict()
+  row = _one_mechanism_row(plan, dp, steps, nm)
   out = [
       row("anyone who sees the released models (every round's global model)", eps,
           f"{pattern}; {secret}", "models", 0),
