@@ -34,7 +34,7 @@ def test_default_config_has_every_key():
   expected = {"name", "path", "label_column", "feature_key", "label_key", "test_fraction",
               "split_seed", "num_sites", "partition", "alpha", "classes_per_site", "column",
               "quantity_sigma", "min_examples", "synthetic", "download", "standardize",
-              "regression", "mock"}
+              "regression", "mock", "examples_per_site"}
   assert set(c.keys()) == expected
   assert set(c.synthetic.keys()) == {"num_cells", "num_genes", "num_cell_types",
                                      "num_batches", "batch_effect", "signal", "dispersion",
