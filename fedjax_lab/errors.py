@@ -40,3 +40,16 @@ def config_keys(prefix: str):
     yield
   except ArgumentError as e:
     raise ConfigError(f"{prefix}.{e.argument}", e.problem) from None
+
+
+def one_of(key: str, value, allowed) -> None:
+  """ConfigError naming `key` unless `value` is one of `allowed`."""
+  if value not in allowed:
+    raise ConfigError(key, f"unknown '{value}'; allowed: {', '.join(map(str, allowed))}")
+
+
+def positive(key: str, value, integer: bool = False) -> None:
+  """ConfigError naming `key` unless `value` is > 0 (and an integer when `integer`)."""
+  if value is None or value <= 0 or (integer and int(value) != value):
+    kind = "a positive integer" if integer else "> 0"
+    raise ConfigError(key, f"must be {kind}, got {value}")

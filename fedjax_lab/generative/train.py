@@ -35,10 +35,12 @@ import numpy as np
 # No setup_cpu_devices here: the VAE's round does not shard its sites over devices, so it
 # runs on JAX's default device (its intra-op threads).
 from fedjax_lab import checkpoint, cli, experiment, runs
-from fedjax_lab.config import ACCOUNTANTS, _one_of, _positive
+from fedjax_lab.config_dp import ACCOUNTANTS
 from fedjax_lab.data import federated as federated_data
 from fedjax_lab.data import partition, sources
 from fedjax_lab.errors import ConfigError
+from fedjax_lab.errors import one_of as _one_of
+from fedjax_lab.errors import positive as _positive
 from fedjax_lab.generative import evaluate, federated, models
 from fedjax_lab.privacy import mechanism, vae as vae_privacy
 
