@@ -48,7 +48,12 @@ def _released_without_dp(self, meta: dict) -> dict:
       "site_metrics": "summary.json: each site's training label counts weight its accuracy"}
   if cfg.dp.level == "site":
     fields["nonfinite_updates"] = "metrics.jsonl: site updates that were NaN/inf"
-  out = {"site_examples": [int(n) for n in np.asarray(self.data.count)]}
+  counts = np.asarray(self.data.count)
+  if len(counts) <= cfg.eval.site_metrics_max:
+    out = {"site_examples": [int(n) for n in counts]}
+  else:  # a 10^6-site population: how many sites hold each size, not 10^6 lines of JSON
+    sizes, sites = np.unique(counts, return_counts=True)
+    out = {"site_examples_by_size": {str(int(n)): int(k) for n, k in zip(sizes, sites)}}
   if cfg.secagg.enabled:  # a function of each site's noised update, coordinate by coordinate
     fields["secagg_clipped"] = ("metrics.jsonl and summary.json secagg.clipped_values: "
                                 "coordinates of the sites' noised updates outside "

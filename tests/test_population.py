@@ -146,10 +146,14 @@ def test_site_dp_round_at_large_population(tmp_path):
   c = default_config()
   c.data.partition, c.data.num_sites, c.cohort_size, c.rounds = "pool", 10_000, 20, 2
   c.dp.level, c.dp.noise_multiplier, c.dp.randomness = "site", 0.5, "secret"
-  c.eval.bootstrap = 0
+  c.eval.bootstrap, c.eval.site_metrics_max = 0, 100
   exp = Experiment(c)
   summary = exp.run(str(tmp_path))
   assert summary["epsilon"] > 0 and np.isfinite(summary["test_accuracy"])
+  # Past eval.site_metrics_max: per-site metrics for a sample, site sizes as a histogram.
+  sampled = summary["site_metrics"]["sites"]
+  assert len(sampled) == len(set(sampled)) == len(summary["site_metrics"]["accuracy"]) == 100
+  assert summary["privacy"]["released_without_dp"]["site_examples_by_size"] == {"15": 10_000}
   ids, mask = record.cohort(exp, 0)
   chosen = ids[mask > 0]
   assert len(set(chosen.tolist())) == len(chosen) and chosen.max() < 10_000
