@@ -126,14 +126,17 @@ class Canaries(NamedTuple):
   slots: int
 
 
-def round_sum(canaries: Canaries, sampling_key, t) -> jax.Array:
+def round_sum(canaries: Canaries, directions: jax.Array, sampling_key, t) -> jax.Array:
   """[d]: the round's canary updates summed, to add to the sites' sum (ravel order). Only
-  the `slots` rows of the taking-part canaries are read, not all m."""
-  m = canaries.directions.shape[0]
+  the `slots` rows of the taking-part canaries are read, not all m. `directions` is
+  canaries.directions passed in as an argument of the jitted round (the data's
+  canary_directions): closed over, the [m, d] array became a constant of the compiled round,
+  which cost ~15% of the run at m = 1000 (benchmarks/RESULTS.md)."""
+  m = directions.shape[0]
   take = participates(sampling_key, t, m, canaries.rate)
   idx = jnp.nonzero(take, size=canaries.slots, fill_value=0)[0]
   valid = (jnp.arange(canaries.slots) < take.sum()).astype(jnp.float32)
-  return canaries.weight * (valid @ canaries.directions[idx])
+  return canaries.weight * (valid @ directions[idx])
 
 
 def make(config, privacy, num_sites: int, like) -> Canaries | None:
