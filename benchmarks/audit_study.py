@@ -24,6 +24,9 @@ import fedjax_lab  # the installed lab (requirements.txt installs it editable)
 
 fedjax_lab.setup_cpu_devices()
 OUT = os.path.join(HERE, "audit_study.json")
+# Each run's raw scores (npz, not committed): the statistics can be recomputed from them.
+SCORES = os.environ.get("AUDIT_STUDY_SCORES", os.path.join(tempfile.gettempdir(),
+                                                           "audit_study_scores"))
 
 
 def config(epsilon, seed, canaries=1000, broken=1.0):
@@ -43,15 +46,60 @@ def config(epsilon, seed, canaries=1000, broken=1.0):
   return c
 
 
-def run_one(kind, epsilon, seed, broken=1.0):
-  from fedjax_lab.experiment import Experiment
-  s = Experiment(config(epsilon, seed, broken=broken)).run(tempfile.mkdtemp())
+def run_one(kind, epsilon, seed, broken=1.0, canaries=1000):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.attacks import canaries as canaries_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.experiment import Experiment  # pylint: disable=g-import-not-at-top
+  report, seen = canaries_lib.report, {}
+
+  def keep(exp, scorer, w0, *args):  # the raw scores, for the other statistics below
+    seen["scores"] = scorer.scores(w0)
+    seen["included"] = np.asarray(canaries_lib.included(exp.keys["sampling"],
+                                                        exp.config.audit.canaries))
+    seen["unit_sum_norm"] = float(np.linalg.norm(np.asarray(scorer.total, np.float64)))
+    seen["rounds"], seen["d"] = int(scorer.rounds), int(scorer.u.shape[1])
+    return report(exp, scorer, w0, *args)
+
+  canaries_lib.report = keep
+  try:
+    s = Experiment(config(epsilon, seed, canaries, broken)).run(tempfile.mkdtemp())
+  finally:
+    canaries_lib.report = report
   a = s["audit"]
-  row = {"kind": kind, "claimed": epsilon, "seed": seed, "test_accuracy": s["test_accuracy"]}
+  row = {"kind": kind, "claimed": epsilon, "seed": seed, "m": canaries,
+         "test_accuracy": s["test_accuracy"]}
   for obs in ("all_iterates", "final_model"):
     row[obs] = {k: a[obs][k] for k in ("estimate", "lower_bound_95")}
+  inc = seen["included"]
+  os.makedirs(SCORES, exist_ok=True)
+  np.savez_compressed(os.path.join(SCORES, f"{kind}_{epsilon}_{seed}_{canaries}.npz"),
+                      included=inc, all_iterates=seen["scores"]["all_iterates"][0],
+                      final_model=seen["scores"]["final_model"][0],
+                      unit_sum_norm=seen["unit_sum_norm"], rounds=seen["rounds"], d=seen["d"])
+  row["statistics"] = statistics(seen["scores"]["all_iterates"][0], inc, seen["rounds"],
+                                 seen["unit_sum_norm"], seen["d"], s["privacy"]["delta"]
+                                 if "privacy" in s else 1e-5)
   print(json.dumps(row), flush=True)
   return row
+
+
+def statistics(scores, inc, rounds, unit_sum_norm, d, delta):
+  """The all-iterates scores through each standardisation and bound (see RESULTS.md)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fedjax_lab.attacks import bounds  # pylint: disable=g-import-not-at-top
+  s_in, s_out = scores[inc], scores[~inc]
+  return {
+      "mean_in_over_sqrt_T_d": float(np.mean(s_in) / np.sqrt(rounds / d)),
+      "mean_in_over_S_sqrt_d": float(np.mean(s_in) / (unit_sum_norm / np.sqrt(d))),
+      "mean_out_over_S_sqrt_d": float(np.mean(s_out) / (unit_sum_norm / np.sqrt(d))),
+      "std_out_over_S_sqrt_d": float(np.std(s_out) / (unit_sum_norm / np.sqrt(d))),
+      "std_in_over_S_sqrt_d": float(np.std(s_in) / (unit_sum_norm / np.sqrt(d))),
+      "S2_over_T": float(unit_sum_norm**2 / rounds),
+      "estimate_exact_null": bounds.canary_estimate(s_in, unit_sum_norm / np.sqrt(d), delta),
+      "estimate_empirical_out": bounds._gdp_epsilon(  # pylint: disable=protected-access
+          float((np.mean(s_in) - np.mean(s_out)) / np.std(s_out)), delta),
+      "lb_one_run": bounds.epsilon_lower_bound(s_in, s_out, delta, 0.95, "one_run"),
+      "lb_one_run_grid": bounds.epsilon_lower_bound(s_in, s_out, delta, 0.95, "one_run_grid")}
 
 
 def plot(rows):
@@ -90,17 +138,18 @@ def main():
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--epsilons", type=float, nargs="+", default=[1, 2, 4, 8])
   p.add_argument("--broken", type=float, nargs="+", default=[1, 2, 4])
+  p.add_argument("--broken-canaries", type=int, nargs="+", default=[1000, 5000])
   p.add_argument("--plot-only", action="store_true")
   args = p.parse_args()
   rows = json.load(open(OUT)) if os.path.exists(OUT) else []
-  if not args.plot_only:  # resumes: a (kind, claimed, seed) already in the file is kept
-    done = {(r["kind"], r["claimed"], r["seed"]) for r in rows}
-    plan = ([("dp", e, 0, 1.0) for e in args.epsilons] + [("no_dp", None, 0, 1.0)]
-            + [("broken", e, 0, 4.0) for e in args.broken]
-            + [("dp", e, s, 1.0) for s in range(1, args.repeats) for e in args.epsilons])
-    for kind, eps, seed, broken in plan:
-      if (kind, eps, seed) not in done:
-        rows.append(run_one(kind, eps, seed, broken))
+  if not args.plot_only:  # resumes: a (kind, claimed, seed, m) already in the file is kept
+    done = {(r["kind"], r["claimed"], r["seed"], r.get("m", 1000)) for r in rows}
+    plan = ([("dp", e, 0, 1.0, 1000) for e in args.epsilons] + [("no_dp", None, 0, 1.0, 1000)]
+            + [("broken", e, 0, 4.0, m) for m in args.broken_canaries for e in args.broken]
+            + [("dp", e, s, 1.0, 1000) for s in range(1, args.repeats) for e in args.epsilons])
+    for kind, eps, seed, broken, m in plan:
+      if (kind, eps, seed, m) not in done:
+        rows.append(run_one(kind, eps, seed, broken, m))
         json.dump(rows, open(OUT, "w"), indent=1)
   plot(rows)
 
