@@ -109,13 +109,14 @@ def refresh(rows, delta=1e-5):
   """Each row's estimate and bound recomputed from its saved scores with the lab's current
   statistics (canaries.Scorer's nulls, canaries.report's bound), so rows run before a change
   of the statistics are reported as the lab now computes them. Rows without saved scores
-  are dropped."""
+  keep the numbers stored in audit_study.json (written by the last refresh)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fedjax_lab.attacks import bounds  # pylint: disable=g-import-not-at-top
   out = []
   for r in rows:
     path = os.path.join(SCORES, f"{r['kind']}_{r['claimed']}_{r['seed']}_{r.get('m', 1000)}.npz")
     if not os.path.exists(path):
+      out.append(r)
       continue
     z = np.load(path)
     inc, d = z["included"], int(z["d"])
@@ -210,6 +211,7 @@ def main():
         rows.append(run_one(kind, eps, seed, broken, m))
         json.dump(rows, open(OUT, "w"), indent=1)
   rows = refresh(rows)
+  json.dump(rows, open(OUT, "w"), indent=1)
   table(rows)
   plot(rows)
 
