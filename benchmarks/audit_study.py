@@ -3,7 +3,8 @@ dp.noise=coordinated, audit.canaries=1000): claimed epsilon vs Andrew et al.'s e
 one-run 95% lower bound, with all iterates observed and the final model only.
 
   python benchmarks/audit_study.py --repeats 3          # eps 1 2 4 8, no DP, broken runs
-  python benchmarks/audit_study.py --repeats 20 --first-repeats 5 --broken-repeats 3
+  python benchmarks/audit_study.py --repeats 20 --first-repeats 5 --broken-repeats 3 \
+      --no-dp-repeats 3
   python benchmarks/audit_study.py --plot-only          # the plot from audit_study.json
 
 dp.noise=coordinated: the released sum then carries exactly the accountant's sigma (parallel
@@ -191,6 +192,7 @@ def main():
   p.add_argument("--broken", type=float, nargs="+", default=[1, 2, 4])
   p.add_argument("--broken-canaries", type=int, nargs="+", default=[1000, 5000])
   p.add_argument("--broken-repeats", type=int, default=1)
+  p.add_argument("--no-dp-repeats", type=int, default=1)
   p.add_argument("--first-repeats", type=int, default=0,
                  help="DP repetitions run before the broken runs' repetitions")
   p.add_argument("--plot-only", action="store_true")
@@ -205,7 +207,8 @@ def main():
             + [("broken", e, s, 4.0, m) for s in range(1, args.broken_repeats)
                for m in args.broken_canaries for e in args.broken]
             + [("dp", e, s, 1.0, 1000) for s in range(args.first_repeats, args.repeats)
-               for e in args.epsilons])
+               for e in args.epsilons]
+            + [("no_dp", None, s, 1.0, 1000) for s in range(1, args.no_dp_repeats)])
     for kind, eps, seed, broken, m in plan:
       if (kind, eps, seed, m) not in done:
         rows.append(run_one(kind, eps, seed, broken, m))
