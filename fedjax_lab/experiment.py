@@ -185,6 +185,9 @@ class Experiment:
     self.fedbn = config.algorithm.batch_stats == "local"
     self.canaries = canaries.make(config, self.privacy, self.data.num_sites, jax.eval_shape(
         self.model.init, self.keys["init"], self.train.x[:2])[0])
+    if self.canaries is not None:  # an input of the jitted round (data/federated.py)
+      self.data = self.data.replace(canary_directions=sharding.put_replicated(
+          self.canaries.directions, self.mesh))
     if config.audit.break_noise_divisor != 1.0:
       log.warning("audit.break_noise_divisor=%g: a DELIBERATELY BROKEN run (the noise is "
                   "divided by it, the claimed epsilon is not): it only audits the auditor",

@@ -11,6 +11,7 @@ import pytest
 from dp_accounting.pld import privacy_loss_distribution
 from scipy import stats
 
+from fedjax_lab.attacks import bounds
 from fedjax_lab.attacks.audit import (ESTIMATES, LOWER_BOUNDS, canary_audit, epsilon_estimate,
                                       epsilon_lower_bound, verdict)
 
@@ -19,7 +20,7 @@ MU = 1.0
 # The fraction of the true epsilon each method must reach on N(1, 1) vs N(0, 1), 200k each
 # (measured: 0.66, 0.98, 0.43, 0.61). one_run uses delta 1e-7: its delta term is 2 m delta.
 FRACTION = {"clopper_pearson": (1e-5, 0.5), "gdp": (1e-5, 0.9), "one_run": (1e-7, 0.3),
-            "one_run_fdp": (1e-5, 0.5)}
+            "one_run_fdp": (1e-5, 0.5), "one_run_grid": (1e-7, 0.5)}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,7 +53,7 @@ def rr_scores(rng, eps, m):
 
 
 def test_methods_are_bounds_or_estimates():
-  assert set(LOWER_BOUNDS) == {"clopper_pearson", "one_run"}
+  assert set(LOWER_BOUNDS) == {"clopper_pearson", "one_run", "one_run_grid"}
   assert set(ESTIMATES) == {"gdp", "one_run_fdp"}
   for method in ESTIMATES:
     with pytest.raises(ValueError, match="use epsilon_estimate"):
@@ -101,6 +102,68 @@ def test_estimates_exceed_the_truth_on_randomized_response():
   assert epsilon_estimate(s_in, s_out, 1e-5, method="one_run_fdp") > 1.2 * truth
   for method in LOWER_BOUNDS:
     assert epsilon_lower_bound(s_in, s_out, 1e-5, method=method) <= truth
+
+
+def test_one_run_p_value_pure_part_is_the_binomial_tail():
+  # delta = 0: P[Binomial(r, e^eps / (1 + e^eps)) >= v], summed here term by term.
+  from math import comb  # pylint: disable=g-import-not-at-top
+  for r, v, eps in ((40, 30, 0.5), (100, 100, 3.0), (64, 10, 1.0)):
+    q = np.exp(eps) / (1 + np.exp(eps))
+    tail = sum(comb(r, k) * q**k * (1 - q)**(r - k) for k in range(v, r + 1))
+    assert bounds.one_run_p_value(1000, r, v, eps, 0.0) == pytest.approx(tail, rel=1e-9)
+    # the delta term only adds
+    assert bounds.one_run_p_value(1000, r, v, eps, 1e-5) >= tail
+
+
+def _gaussian_trials(rng, mu, m):
+  member = rng.random(m) < 0.5
+  s = rng.normal(mu * member, 1.0)
+  return s[member], s[~member]
+
+
+@pytest.mark.parametrize("mechanism", ["randomized_response", "gaussian"])
+def test_one_run_grid_exceeds_the_true_epsilon_at_most_5_percent(mechanism):
+  """The abstaining bound (top / bottom r/2 guessed, r from a grid fixed in advance, union
+  bound over the grid) audited 300 times against the mechanism's true epsilon from
+  dp-accounting: above it in at most 5% of audits (up to the 0.1% binomial quantile)."""
+  rng = np.random.default_rng(11)
+  delta, reps, m = 1e-6, 300, 2000
+  if mechanism == "randomized_response":
+    truth, draw = rr_epsilon(2.0, delta), lambda: rr_scores(rng, 2.0, m)
+  else:  # N(2, 1) vs N(0, 1): the Gaussian mechanism with sensitivity 2, sigma 1
+    pld = privacy_loss_distribution.from_gaussian_mechanism(
+        0.5, value_discretization_interval=1e-4)
+    truth, draw = pld.get_epsilon_for_delta(delta), lambda: _gaussian_trials(rng, 2.0, m)
+  got = np.array([bounds.one_run_grid(*draw(), delta, 0.05, rng=rng) for _ in range(reps)])
+  assert np.sum(got > truth) <= stats.binom.ppf(0.999, reps, 0.05), (got.max(), truth)
+  assert np.median(got) > 0.3 * truth, (np.median(got), truth)  # and it sees something
+
+
+def test_one_run_grid_abstaining_beats_guessing_every_canary():
+  # Well separated but overlapping scores: guessing only the extremes certifies more than
+  # guessing all m (the grid's r = m alone), which the errors in the middle hold back.
+  rng = np.random.default_rng(5)
+  s_in, s_out = _gaussian_trials(rng, 3.0, 4000)
+  grid = bounds.one_run_grid(s_in, s_out, 1e-6, 0.05, rng=rng)
+  only_all = bounds.one_run_grid(s_in, s_out, 1e-6, 0.05, smallest=10**9, rng=rng)
+  assert bounds.guess_grid(4000, 10**9) == [4000]
+  assert grid > only_all + 0.5, (grid, only_all)
+
+
+def test_one_run_grid_ties_do_not_favour_members():
+  """Bits with NO information (1 with probability 1/2, members or not): every guess falls in
+  a tie. Random tie order: a bound above 0 in at most 5% of 200 audits (binomial 0.1%
+  quantile). Members first in every tie (their scores nudged up by 1e-9) certifies eps > 0
+  in most audits: the test would catch a tie order that looked at the membership."""
+  rng = np.random.default_rng(2)
+  fair = nudged = 0
+  for _ in range(200):
+    member = rng.random(2000) < 0.5
+    s = (rng.random(2000) < 0.5).astype(np.float64)
+    fair += bounds.one_run_grid(s[member], s[~member], 1e-6, 0.05, rng=rng) > 0
+    nudged += bounds.one_run_grid(s[member] + 1e-9, s[~member], 1e-6, 0.05, rng=rng) > 0
+  assert fair <= stats.binom.ppf(0.999, 200, 0.05), fair
+  assert nudged > 150, nudged
 
 
 def test_verdict_false_alarm_rate_at_most_nominal():

@@ -68,7 +68,27 @@ def test_scores_match_a_numpy_recomputation_from_saved_models():
   s = scorer.scores(models[0])
   np.testing.assert_allclose(s["all_iterates"][0], want_all, atol=2e-5)
   np.testing.assert_allclose(s["final_model"][0], cos(models[-1] - models[0]), atol=2e-5)
-  assert s["all_iterates"][1] == pytest.approx(np.sqrt(4 / models[0].size))
+  unit_sum = sum((b - a) / np.linalg.norm(b - a) for a, b in zip(models, models[1:]))
+  assert s["all_iterates"][1] == pytest.approx(np.linalg.norm(unit_sum) / np.sqrt(u.shape[1]),
+                                               rel=1e-5)
+
+
+def test_all_iterates_null_is_the_norm_of_the_unit_sum_over_sqrt_d():
+  """<u, S> for uniform unit u (NumPy draws) has standard deviation |S| / sqrt(d), whatever
+  the correlation of the T unit deltas in S; sqrt(T / d) is right only for orthogonal ones.
+  Correlated deltas (a shared drift, as real training gives): |S|^2 / T well above 1."""
+  rng = np.random.default_rng(0)
+  d, t = 400, 50
+  drift = rng.normal(size=d)
+  deltas = rng.normal(size=(t, d)) + 0.5 * drift
+  units = deltas / np.linalg.norm(deltas, axis=1, keepdims=True)
+  total = units.sum(0)
+  assert np.linalg.norm(total)**2 / t > 3
+  u = rng.normal(size=(20000, d))
+  u /= np.linalg.norm(u, axis=1, keepdims=True)
+  got = np.std(u @ total)
+  assert got == pytest.approx(np.linalg.norm(total) / np.sqrt(d), rel=0.02)
+  assert got > 1.5 * np.sqrt(t / d)
 
 
 def test_estimate_is_mu_gdp_epsilon_of_the_mean_standardised_cosine():

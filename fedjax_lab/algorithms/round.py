@@ -357,7 +357,8 @@ def make_round(client_update: Callable, server_tx: optax.GradientTransformation,
     ctx = dict(sums=sums, per_site=per_site, rnd=rnd, shared=shared, weights=weights,
                cohort_overflow=cohort_overflow, round_rng=round_rng)
     if canaries is not None:
-      ctx["canaries"] = canaries_lib.round_sum(canaries, sampling_rng, t)
+      ctx["canaries"] = canaries_lib.round_sum(canaries, data.canary_directions,
+                                                   sampling_rng, t)
     return ctx
 
   def finish(state: ServerState, data: FederatedData, ctx, sent_total, secagg_metrics=None):

@@ -21,8 +21,13 @@ below it says only that this attack is weak.
                    m canaries each included independently with probability 1/2 (in one run, or
                    in independent runs); the attacker guesses "in" above a threshold and the
                    number of correct guesses is compared with what (eps, delta)-DP allows.
-                   Needs delta * m << 1 (the delta term is 2 m delta). Bonferroni over
-                   thresholds.
+                   Needs delta * m << 1 (the delta term is 2 m delta). jax-privacy's
+                   Bonferroni divides by the number of Pareto-optimal thresholds, which
+                   depends on the scores (docs/audit.md).
+  one_run_grid     the same theorem with two-sided guesses and abstention (bounds.py): the
+                   r/2 highest scores guessed in and the r/2 lowest out, r from a grid fixed
+                   in advance (m, m/2, ..., 16), a union bound over the grid. The in-run
+                   canary audit's bound.
 
 ESTIMATES (`ESTIMATES`, `epsilon_estimate`): NOT lower bounds. Both assume the mechanism's
 trade-off curve is Gaussian (mu-GDP) and extrapolate along it; for a mechanism that is not

@@ -6,7 +6,7 @@ import numpy as np
 from jax_privacy import auditing
 from scipy import optimize, stats
 
-LOWER_BOUNDS = ("clopper_pearson", "one_run")
+LOWER_BOUNDS = ("clopper_pearson", "one_run", "one_run_grid")
 ESTIMATES = ("gdp", "one_run_fdp")
 
 
@@ -43,9 +43,71 @@ def epsilon_lower_bound(scores_in, scores_out, delta: float, confidence: float =
   if method == "clopper_pearson":
     eps = auditor.epsilon_clopper_pearson(significance, delta, one_sided=True,
                                           threshold_strategy=auditing.Bonferroni())
-  else:
+  elif method == "one_run":
     eps = auditor.epsilon_one_run(significance, delta)
+  else:
+    eps = one_run_grid(scores_in, scores_out, delta, significance)
   return max(0.0, float(eps))
+
+
+def guess_grid(m: int, smallest: int = 16) -> list[int]:
+  """The numbers of guesses one_run_grid tries, fixed before any score is seen: m, m/2, m/4,
+  ... down to `smallest` (or m alone when m is smaller)."""
+  grid = [m]
+  while grid[-1] // 2 >= smallest:
+    grid.append(grid[-1] // 2)
+  return grid
+
+
+def one_run_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
+  """Steinke, Nasr & Jagielski 2023 (the same p-value as jax-privacy's one_run): for an
+  (eps, delta)-DP mechanism audited with m canaries, each in with probability 1/2, and r
+  guesses (the rest abstain), P[at least v correct] <= this. The pure part is the tail of
+  Binomial(r, e^eps / (1 + e^eps)); delta adds 2 m delta max_i (P[B >= v - i] - P[B >= v]) / i."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  q = 1.0 / (1.0 + np.exp(-eps))
+  beta = float(stats.binom.sf(v - 1, r, q))
+  if delta == 0 or v == 0:
+    return min(beta, 1.0)
+  i = np.arange(1, v + 1)
+  alpha = float(np.max((stats.binom.sf(v - i - 1, r, q) - beta) / i, initial=0.0))
+  return min(beta + alpha * 2 * m * delta, 1.0)
+
+
+def one_run_grid(scores_in, scores_out, delta: float, significance: float,
+                 smallest: int = 16, rng: np.random.Generator | None = None) -> float:
+  """The one-run lower bound with abstention: for each r of guess_grid(m), guess "in" for the
+  r/2 highest scores and "out" for the r/2 lowest, abstain on the rest, and count the correct
+  guesses v; the bound is the largest eps whose one_run_p_value(m, r, v) is <= significance /
+  len(grid), maximised over r. Valid at 1 - significance for every (eps, delta)-DP mechanism:
+  each r is fixed in advance and the union bound covers the choice among them.
+
+  Ties at the guesses' edges are broken in a random order from `rng` (default: fresh OS
+  entropy), which the guesser may use because it is independent of who is in; ordering the
+  in scores before the out scores would give every tie to "in" and inflate v, and a fixed
+  order of these two arrays would depend on the membership. Untied scores (cosines) give
+  the same bound whatever rng; tied ones (randomized response's bits) may differ run to run.
+  """
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+  s = np.concatenate([_scores("scores_in", scores_in), _scores("scores_out", scores_out)])
+  member = np.arange(s.size) < len(scores_in)
+  m = s.size
+  shuffle = (rng if rng is not None else np.random.default_rng()).permutation(m)
+  order = shuffle[np.argsort(s[shuffle], kind="stable")]  # ascending, ties in random order
+  grid = guess_grid(m, smallest)
+  alpha = significance / len(grid)
+  best = 0.0
+  for r in grid:
+    low, high = r // 2, r - r // 2
+    v = int(np.sum(member[order[m - high:]]) + np.sum(~member[order[:low]]))
+    gap = lambda eps, r=r, v=v: alpha - one_run_p_value(m, r, v, eps, delta)
+    if gap(0.0) <= 0:
+      continue
+    hi = 1.0
+    while gap(hi) > 0:
+      hi *= 2
+    best = max(best, float(optimize.brentq(gap, 0.0, hi, xtol=1e-6)))
+  return best
 
 
 def epsilon_estimate(scores_in, scores_out, delta: float, confidence: float = 0.95,

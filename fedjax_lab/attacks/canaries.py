@@ -28,16 +28,29 @@ headline mechanism (the "models" guarantee row) and is never truncated, so that 
 epsilon is the claim the audit tests.
 
 Scores (`Scorer`), from what an adversary sees (the released models, w_0 included):
-  all_iterates  sum over rounds t of cos(u_j, w_{t+1} - w_t). For a direction independent of
-                the deltas (an excluded canary) each cosine is a coordinate of a uniform unit
-                vector, variance 1/d, so the sum's null is N(0, T/d). Andrew et al. score
-                every iterate by its cosine; with Poisson participation in about q T rounds
-                the sum accumulates the canary's signal where a maximum keeps one round's.
+  all_iterates  sum over rounds t of cos(u_j, w_{t+1} - w_t) = <u_j, S>, S the sum of the
+                unit deltas. For a direction independent of the deltas (an excluded canary)
+                <u_j, S> has mean 0 and variance exactly |S|^2 / d (E[u u^T] = I / d), so
+                the null is N(0, |S|^2 / d), from the released models alone. N(0, T / d)
+                holds only for orthogonal deltas: the real training's drift correlates
+                them (|S|^2 / T: 1.0 at claim 1, 1.2 at claim 8, 31 without DP on digits),
+                and T / d then inflated the estimate (174 instead of 14 without DP).
+                Andrew et al. score every iterate by its cosine; with Poisson participation
+                in about q T rounds the sum accumulates the canary's signal where a maximum
+                keeps one round's.
   final_model   cos(u_j, w_T - w_0), null N(0, 1/d).
 From each: the ESTIMATE (`bounds.canary_estimate`: mu = mean of the included canaries'
 standardised scores, epsilon of mu-GDP at delta; assumes a Gaussian trade-off curve, not a
-bound) and the one-run LOWER BOUND at 95% (bounds.epsilon_lower_bound, method one_run; each
+bound) and the one-run LOWER BOUND at 95% (bounds.epsilon_lower_bound, method one_run_grid:
+two-sided guesses with abstention over a grid of guess counts fixed in advance; each
 observation at 95% on its own).
+
+What the estimate can reach: the sum is linear in the per-round cosines, and a canary that
+takes part in Binomial(T, q) rounds with noise multiplier sigma moves its mean by
+q sqrt(T) / sqrt(sigma^2 + q (1 - q)) null deviations. That mu-GDP is the most this
+statistic's estimate approaches; at large epsilon (small sigma) it falls short of the
+mechanism's, whose privacy loss is dominated by the rounds a canary takes part in (on digits
+at claim 8: sigma 1.20, this mu gives 5.1, the PLD epsilon is 7.3; docs/audit.md).
 
 Not audited: example level (dp.level=example: refused), adaptive clipping, matrix-
 factorization noise, robust aggregators, rounds_per_step > 1 and algorithms other than
@@ -128,14 +141,17 @@ class Canaries(NamedTuple):
   slots: int
 
 
-def round_sum(canaries: Canaries, sampling_key, t) -> jax.Array:
+def round_sum(canaries: Canaries, directions: jax.Array, sampling_key, t) -> jax.Array:
   """[d]: the round's canary updates summed, to add to the sites' sum (ravel order). Only
-  the `slots` rows of the taking-part canaries are read, not all m."""
-  m = canaries.directions.shape[0]
+  the `slots` rows of the taking-part canaries are read, not all m. `directions` is
+  canaries.directions passed in as an argument of the jitted round (the data's
+  canary_directions): closed over, the [m, d] array became a constant of the compiled round,
+  which cost ~15% of the run at m = 1000 (benchmarks/RESULTS.md)."""
+  m = directions.shape[0]
   take = participates(sampling_key, t, m, canaries.rate)
   idx = jnp.nonzero(take, size=canaries.slots, fill_value=0)[0]
   valid = (jnp.arange(canaries.slots) < take.sum()).astype(jnp.float32)
-  return canaries.weight * (valid @ canaries.directions[idx])
+  return canaries.weight * (valid @ directions[idx])
 
 
 def make(config, privacy, num_sites: int, like) -> Canaries | None:
@@ -206,8 +222,8 @@ class Scorer:
   def scores(self, w0: np.ndarray) -> dict:
     """{observation: (scores, null standard deviation)}."""
     u, d = np.asarray(self.u, np.float64), self.u.shape[1]
-    return {"all_iterates": (u @ np.asarray(self.total, np.float64),
-                             np.sqrt(max(int(self.rounds), 1) / d)),
+    total = np.asarray(self.total, np.float64)
+    return {"all_iterates": (u @ total, max(float(np.linalg.norm(total)), 1e-30) / np.sqrt(d)),
             "final_model": (cosines(u, np.asarray(self.last, np.float64) - w0),
                             np.sqrt(1.0 / d))}
 
@@ -236,7 +252,9 @@ def report(exp, scorer: Scorer, w0, guarantees: list[dict] | None, delta: float,
                            "scores do not use)", "sum")
   out = {"estimate_is": "an ESTIMATE (Andrew et al. 2024: mu-GDP fitted to the included "
                         "canaries' cosines against their N(0, var) null); NOT a bound",
-         "lower_bound_is": "Steinke et al. 2023 one-run lower bound, 95% for each observation",
+         "lower_bound_is": "Steinke et al. 2023 one-run lower bound with abstention (a grid "
+                           "of guess counts fixed in advance, union bound over it), 95% for "
+                           "each observation",
          "delta": delta}
   if cfg.audit.break_noise_divisor != 1.0:
     out["deliberately_broken"] = (f"noise multiplier divided by {cfg.audit.break_noise_divisor}"
@@ -250,7 +268,8 @@ def report(exp, scorer: Scorer, w0, guarantees: list[dict] | None, delta: float,
         "claimed": claimed, "observed": view,
         "adversary": row["adversary"] if row is not None else "no DP: no claim",
         "estimate": bounds.canary_estimate(s[inc], null_std, delta),
-        "lower_bound_95": bounds.epsilon_lower_bound(s[inc], s[~inc], delta, 0.95, "one_run"),
+        "lower_bound_95": bounds.epsilon_lower_bound(s[inc], s[~inc], delta, 0.95,
+                                                     "one_run_grid"),
         "canaries": canaries}
   return out
 

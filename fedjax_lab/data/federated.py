@@ -27,6 +27,9 @@ class FederatedData:
   num_classes: int = flax.struct.field(pytree_node=False)
   public_x: jax.Array | None = None  # [P, ...] float32 public calibration examples, or None
   public_y: jax.Array | None = None  # [P] int32 their labels (training label space), or None
+  # [m, d] float32 canary directions (audit.canaries > 0, attacks/canaries.py), or None: an
+  # argument of the jitted round, not a constant compiled into it (m x d would be folded in).
+  canary_directions: jax.Array | None = None
 
   @property
   def num_sites(self) -> int:
