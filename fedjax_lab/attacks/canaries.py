@@ -54,7 +54,8 @@ Scores (`Scorer`), from what an adversary sees (the released models, w_0 include
                 the sum of cosines.
 From each: the ESTIMATE (`bounds.canary_estimate`: mu = mean of the included canaries'
 standardised scores, epsilon of mu-GDP at delta; assumes a Gaussian trade-off curve, not a
-bound) and the one-run LOWER BOUND at 95% (bounds.epsilon_lower_bound, method one_run_grid:
+bound; from the cosine scores) and the one-run LOWER BOUND at 95% (all iterates: from the
+likelihood ratios; final model: from the cosines; bounds.epsilon_lower_bound, one_run_grid:
 two-sided guesses with abstention over a grid of guess counts fixed in advance; each
 observation at 95% on its own).
 
