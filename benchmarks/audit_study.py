@@ -108,8 +108,10 @@ def statistics(scores, inc, rounds, unit_sum_norm, d, delta):
 
 def refresh(rows, delta=1e-5):
   """Each row's estimate and bound recomputed from its saved scores with the lab's current
-  statistics (canaries.Scorer's nulls, canaries.report's bound), so rows run before a change
-  of the statistics are reported as the lab now computes them. Rows without saved scores
+  statistics (canaries.Scorer's nulls, canaries.report's estimate), so rows run before a change
+  of the statistics are reported as the lab now computes them. The lower bounds here are the
+  cosine scores' (the all-iterates bound before the likelihood ratio; the saved scores hold no
+  likelihood ratios): benchmarks/audit_lr_study.py compares the two. Rows without saved scores
   keep the numbers stored in audit_study.json (written by the last refresh)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fedjax_lab.attacks import bounds  # pylint: disable=g-import-not-at-top

@@ -71,6 +71,91 @@ def test_scores_match_a_numpy_recomputation_from_saved_models():
   unit_sum = sum((b - a) / np.linalg.norm(b - a) for a, b in zip(models, models[1:]))
   assert s["all_iterates"][1] == pytest.approx(np.linalg.norm(unit_sum) / np.sqrt(u.shape[1]),
                                                rel=1e-5)
+  # The likelihood ratio, round by round in NumPy: a canary moves the model by server lr *
+  # clip_norm / cohort_size (server sgd), and takes part at q = cohort / sites (Poisson).
+  c = exp.config
+  signal, q, d = c.server.lr * c.dp.clip_norm / c.cohort_size, 20 / 200, u.shape[1]
+  want_lr = np.zeros(50)
+  for a, b in zip(models, models[1:]):
+    z, at = np.sqrt(d) * cos(b - a), np.sqrt(d) * signal / np.linalg.norm(b - a)
+    want_lr += np.log(1 - q + q * np.exp(at * z - at**2 / 2))
+  np.testing.assert_allclose(scorer.likelihood_ratio(), want_lr, rtol=1e-4, atol=1e-4)
+  assert np.ptp(want_lr) > 0.1  # the rounds' signal is not negligible: the check has teeth
+
+
+def test_likelihood_ratio_on_synthetic_deltas_skips_unchanged_rounds_and_separates():
+  """Deltas built here: Gaussian noise plus, for each included canary in each round it joins
+  (NumPy draws), `signal` u_j; one round repeats the model (an aborted round) and adds no
+  term. The LR equals a NumPy loop, and separates in from out better than the cosine sum."""
+  rng = np.random.default_rng(1)
+  m, d, rounds, q, signal = 200, 2000, 60, 0.2, 0.15
+  u = canaries.directions(5, m, d)
+  inc = rng.random(m) < 0.5
+  c = canaries.Canaries(jax.numpy.asarray(u), q, 0.0, m, signal)
+  scorer = canaries.Scorer(c, {})
+  w = np.zeros(d)
+  models = [w]
+  scorer.observe(w.astype(np.float32))
+  for t in range(rounds):
+    if t == 7:
+      models.append(w)
+      scorer.observe(w.astype(np.float32))
+      continue
+    joins = inc & (rng.random(m) < q)
+    w = w + rng.normal(0, 1 / np.sqrt(d), d) + signal * u[joins].sum(0)
+    models.append(w)
+    scorer.observe(w.astype(np.float32))
+  want = np.zeros(m)
+  for a, b in zip(models, models[1:]):
+    n = np.linalg.norm(b - a)
+    if n == 0:
+      continue
+    z, at = np.sqrt(d) * (u.astype(np.float64) @ (b - a)) / n, np.sqrt(d) * signal / n
+    want += np.log(1 - q + q * np.exp(at * z - at**2 / 2))
+  got = scorer.likelihood_ratio()
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+  assert int(scorer.rounds) == rounds - 1
+  sep = lambda s: (s[inc].mean() - s[~inc].mean()) / s[~inc].std()
+  assert sep(got) > sep(scorer.scores(np.zeros(d))["all_iterates"][0])
+
+
+def test_no_likelihood_ratio_without_a_known_displacement():
+  """Server momentum makes a canary's displacement depend on earlier rounds: no LR score,
+  and the bound falls back to the sum of cosines."""
+  like = {"w": jax.ShapeDtypeStruct((30,), np.float32)}
+  plain = canaries.make(_tiny(), None, 200, like)
+  assert plain.signal == pytest.approx(1.0 * 0.5 / 20)
+  momentum = canaries.make(_tiny(**{"server.optimizer_args": {"momentum": 0.9}}), None, 200,
+                           like)
+  assert momentum.signal is None
+  assert canaries.Scorer(momentum, {}).likelihood_ratio() is None
+
+
+def test_resumed_run_continues_the_running_scores_exactly(tmp_path):
+  """Killed in round 5 of 6 with checkpoints every 2 rounds, then rerun: the likelihood-ratio
+  and cosine sums equal an uninterrupted run's (restored from the checkpoint's meta)."""
+  from fedjax_lab.experiment import Experiment
+  from test_experiment import crash_during_step
+  c = _tiny(**{"dp.level": "site", "dp.noise": "coordinated", "dp.noise_multiplier": 1.0,
+               "rounds": 6, "checkpoint.every": 2, "audit.canaries": 50})
+  seen, report = [], canaries.report
+
+  def keep(exp, scorer, w0, *args):
+    seen.append((scorer.likelihood_ratio(), np.asarray(scorer.total), int(scorer.rounds)))
+    return report(exp, scorer, w0, *args)
+
+  canaries.report = keep
+  try:
+    Experiment(c).run(str(tmp_path / "full"))
+    crash_during_step(Experiment(c), str(tmp_path / "crashed"), 5)
+    Experiment(c).run(str(tmp_path / "crashed"))
+  finally:
+    canaries.report = report
+  (lr_full, total_full, t_full), (lr_res, total_res, t_res) = seen
+  assert t_full == t_res == 6
+  np.testing.assert_array_equal(lr_res, lr_full)
+  np.testing.assert_array_equal(total_res, total_full)
+  assert np.abs(lr_full).max() > 0
 
 
 def test_all_iterates_null_is_the_norm_of_the_unit_sum_over_sqrt_d():
@@ -125,6 +210,8 @@ def test_dp_run_lower_bound_stays_within_the_claim(tmp_path):
   for obs in ("all_iterates", "final_model"):
     assert a[obs]["claimed"] == pytest.approx(models_row["epsilon"])
     assert 0 <= a[obs]["lower_bound_95"] <= a[obs]["claimed"]
+  assert a["all_iterates"]["bound_statistic"] == "likelihood_ratio"
+  assert a["final_model"]["bound_statistic"] == "cosine"
   assert "ESTIMATE" in a["estimate_is"] and "NOT a bound" in a["estimate_is"]
   assert "deliberately_broken" not in a
 

@@ -80,7 +80,11 @@ def one_run_grid(scores_in, scores_out, delta: float, significance: float,
   r/2 highest scores and "out" for the r/2 lowest, abstain on the rest, and count the correct
   guesses v; the bound is the largest eps whose one_run_p_value(m, r, v) is <= significance /
   len(grid), maximised over r. Valid at 1 - significance for every (eps, delta)-DP mechanism:
-  each r is fixed in advance and the union bound covers the choice among them.
+  each r is fixed in advance and the union bound covers the choice among them. Valid for ANY
+  score that is a function of the mechanism's output (and of public, membership-independent
+  inputs) computed without knowing who is in: the score only orders the guesses, so a better
+  score (canaries.Scorer's likelihood ratio) tightens the bound and a poor one loosens it,
+  neither makes it invalid.
 
   Ties at the guesses' edges are broken in a random order from `rng` (default: fresh OS
   entropy), which the guesser may use because it is independent of who is in; ordering the

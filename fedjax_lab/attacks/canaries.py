@@ -39,9 +39,23 @@ Scores (`Scorer`), from what an adversary sees (the released models, w_0 include
                 in about q T rounds the sum accumulates the canary's signal where a maximum
                 keeps one round's.
   final_model   cos(u_j, w_T - w_0), null N(0, 1/d).
+  likelihood_ratio (the all-iterates LOWER BOUND's score; the estimate keeps the sum above)
+                LR_j = sum_t log(1 - q + q exp(a_t z_jt - a_t^2 / 2)), z_jt = sqrt(d)
+                cos(u_j, Delta_t), a_t = sqrt(d) s / ||Delta_t||, s = server lr * C / K the
+                displacement one canary adds to the released delta (`Canaries.signal`).
+                The Neyman-Pearson score of "u_j took part in each round independently at
+                q" against "never" when z_jt is N(0, 1) without the canary and N(a_t, 1)
+                with it: a canary's signal is spread over ~q T rounds, and the linear sum
+                weighs the rounds it missed (pure noise) like those it joined. It uses only
+                public quantities (C, K, q, the server's lr) and the released deltas, never
+                who is in, so the one-run bound is valid for it whatever its model's
+                accuracy; a wrong model costs power, not validity. Needs server sgd without
+                momentum (the canary's displacement is then known); otherwise the bound uses
+                the sum of cosines.
 From each: the ESTIMATE (`bounds.canary_estimate`: mu = mean of the included canaries'
 standardised scores, epsilon of mu-GDP at delta; assumes a Gaussian trade-off curve, not a
-bound) and the one-run LOWER BOUND at 95% (bounds.epsilon_lower_bound, method one_run_grid:
+bound; from the cosine scores) and the one-run LOWER BOUND at 95% (all iterates: from the
+likelihood ratios; final model: from the cosines; bounds.epsilon_lower_bound, one_run_grid:
 two-sided guesses with abstention over a grid of guess counts fixed in advance; each
 observation at 95% on its own).
 
@@ -133,12 +147,15 @@ class Canaries(NamedTuple):
   """What the round needs: the directions on device, the rate, the weight of one canary's
   update in the round's sum, clip_norm / cohort_size (the sites' updates enter that sum
   already divided by the expected cohort, site DP's expected_mean member, or weighted by
-  their share of the cohort without DP: 1 / cohort_size on average), and `slots`, the most
-  canaries a round gathers (P(Binomial(m, rate) > slots) < 1e-12: no round ever has more)."""
+  their share of the cohort without DP: 1 / cohort_size on average), `slots`, the most
+  canaries a round gathers (P(Binomial(m, rate) > slots) < 1e-12: no round ever has more), and
+  `signal`, one canary's displacement of the released model, server lr * weight (server sgd
+  without momentum; None otherwise: the likelihood-ratio score is then not computed)."""
   directions: jax.Array  # [m, d]
   rate: float
   weight: float
   slots: int
+  signal: float | None = None
 
 
 def round_sum(canaries: Canaries, directions: jax.Array, sampling_key, t) -> jax.Array:
@@ -166,7 +183,13 @@ def make(config, privacy, num_sites: int, like) -> Canaries | None:
     rate = config.cohort_size / num_sites
   weight = float(config.dp.clip_norm) / config.cohort_size
   slots = int(min(m, stats.binom.isf(1e-12, m, rate) + 1))
-  return Canaries(jnp.asarray(directions(config.audit.canary_seed, m, d)), rate, weight, slots)
+  # server_step: x <- x - lr (-mean_delta) under plain sgd; momentum or adaptive optimizers
+  # make the canary's displacement depend on the past (secret) rounds.
+  plain_sgd = (config.server.optimizer == "sgd"
+               and not config.server.optimizer_args.get("momentum", 0.0))
+  signal = float(config.server.lr) * weight if plain_sgd else None
+  return Canaries(jnp.asarray(directions(config.audit.canary_seed, m, d)), rate, weight, slots,
+                  signal)
 
 
 @jax.jit
@@ -192,32 +215,53 @@ def _observe(last, params, total, rounds):
   delta = w - last
   norm = jnp.linalg.norm(delta)
   unit = jnp.where(norm > 0, delta / jnp.where(norm > 0, norm, 1.0), 0.0)
-  return w, total + unit, rounds + (norm > 0).astype(jnp.int32)
+  return w, total + unit, rounds + (norm > 0).astype(jnp.int32), unit, norm
+
+
+@jax.jit
+def _observe_lr(u, unit, norm, lr_sum, rate, signal):
+  """Adds the round's log-likelihood ratio of each canary (module docstring) to `lr_sum`."""
+  root_d = jnp.sqrt(jnp.float32(u.shape[1]))
+  z = root_d * (u @ unit)
+  a = root_d * signal / jnp.where(norm > 0, norm, 1.0)
+  # log(1 - q + q e^x) without overflow; q = 1 gives log(0) = -inf, which logaddexp absorbs.
+  term = jnp.logaddexp(jnp.log1p(-rate), jnp.log(rate) + a * z - a * a / 2)
+  return lr_sum + jnp.where(norm > 0, term, 0.0)
 
 
 class Scorer:
-  """The all-iterates score. sum_t cos(u_j, Delta_t) = <u_j, sum_t Delta_t / ||Delta_t||>, so
+  """The all-iterates scores. sum_t cos(u_j, Delta_t) = <u_j, sum_t Delta_t / ||Delta_t||>, so
   the round adds one [d] vector (on the device, no host sync) and the [m, d] product is taken
-  once at the end. `save` puts the running sum in the checkpoint's meta, from which a resumed
-  run continues. `observe` takes the model after every round (and once before the first). A
-  round that left the model unchanged (secure aggregation aborted it) is not counted."""
+  once at the end; the likelihood ratio is not linear in the cosines, so each round adds its
+  [m] terms (one [m, d] matvec on the device). `save` puts both running sums in the
+  checkpoint's meta, from which a resumed run continues. `observe` takes the model after every
+  round (and once before the first). A round that left the model unchanged (secure
+  aggregation aborted it) is not counted."""
 
   def __init__(self, canaries: Canaries, meta: dict):
     self.u = canaries.directions
-    d = self.u.shape[1]
+    self.rate, self.signal = canaries.rate, canaries.signal
+    m, d = self.u.shape
     self.total = jnp.asarray(meta.get("canary_unit_sum", np.zeros(d)), jnp.float32)
     self.rounds = jnp.int32(meta.get("canary_rounds", 0))
+    self.lr_sum = (None if self.signal is None else
+                   jnp.asarray(meta.get("canary_lr_sum", np.zeros(m)), jnp.float32))
     self.last = None
 
   def observe(self, params) -> None:
     if self.last is None:
       self.last = _ravel(params).astype(jnp.float32)
-    else:
-      self.last, self.total, self.rounds = _observe(self.last, params, self.total, self.rounds)
+      return
+    self.last, self.total, self.rounds, unit, norm = _observe(self.last, params, self.total,
+                                                              self.rounds)
+    if self.lr_sum is not None:
+      self.lr_sum = _observe_lr(self.u, unit, norm, self.lr_sum, self.rate, self.signal)
 
   def save(self, meta: dict) -> None:
     meta["canary_unit_sum"] = np.asarray(self.total, np.float64).tolist()
     meta["canary_rounds"] = int(self.rounds)
+    if self.lr_sum is not None:
+      meta["canary_lr_sum"] = np.asarray(self.lr_sum, np.float64).tolist()
 
   def scores(self, w0: np.ndarray) -> dict:
     """{observation: (scores, null standard deviation)}."""
@@ -226,6 +270,10 @@ class Scorer:
     return {"all_iterates": (u @ total, max(float(np.linalg.norm(total)), 1e-30) / np.sqrt(d)),
             "final_model": (cosines(u, np.asarray(self.last, np.float64) - w0),
                             np.sqrt(1.0 / d))}
+
+  def likelihood_ratio(self) -> np.ndarray | None:
+    """[m]: the likelihood-ratio scores (None where Canaries.signal is None)."""
+    return None if self.lr_sum is None else np.asarray(self.lr_sum, np.float64)
 
 
 # What each observation is, and which guarantee row (its "sees") it is compared with.
@@ -259,17 +307,22 @@ def report(exp, scorer: Scorer, w0, guarantees: list[dict] | None, delta: float,
   if cfg.audit.break_noise_divisor != 1.0:
     out["deliberately_broken"] = (f"noise multiplier divided by {cfg.audit.break_noise_divisor}"
                                   " with the claim unchanged (audit.break_noise_divisor)")
-  scores = scorer.scores(w0)
+  scores, lr = scorer.scores(w0), scorer.likelihood_ratio()
   for name, (view, sees) in views.items():
     s, null_std = scores["all_iterates" if name == "server_sum" else name]
+    # The bound holds for any score computed without knowing who is in (bounds.one_run_grid):
+    # the likelihood ratio where it exists (more power), the cosine for the final model.
+    b, stat = ((lr, "likelihood_ratio") if name != "final_model" and lr is not None
+               else (s, "sum_of_cosines" if name != "final_model" else "cosine"))
     row = rows.get(sees)
     claimed = row["epsilon"] if row is not None else claimed_headline
     out[name] = {
         "claimed": claimed, "observed": view,
         "adversary": row["adversary"] if row is not None else "no DP: no claim",
         "estimate": bounds.canary_estimate(s[inc], null_std, delta),
-        "lower_bound_95": bounds.epsilon_lower_bound(s[inc], s[~inc], delta, 0.95,
+        "lower_bound_95": bounds.epsilon_lower_bound(b[inc], b[~inc], delta, 0.95,
                                                      "one_run_grid"),
+        "bound_statistic": stat,
         "canaries": canaries}
   return out
 
