@@ -127,9 +127,7 @@ class PoolSites(Sequence):
   def __len__(self) -> int:
     return self.table.shape[0]
 
-  def __getitem__(self, s):
-    if isinstance(s, slice):
-      return [self[i] for i in range(*s.indices(len(self)))]
+  def __getitem__(self, s: int) -> np.ndarray:
     return self.table[s].astype(np.int64)
 
 

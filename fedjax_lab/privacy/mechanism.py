@@ -202,6 +202,15 @@ def _one_mechanism_row(plan: PrivacyPlan, dp, steps: int, nm: float):
       dp.accountant, plan.accountant.delta)._asdict()
 
 
+def _seed_reader_rows(plan: PrivacyPlan, row) -> list[dict]:
+  """Under seeded randomness, the row of whoever knows config.seed: no guarantee."""
+  if plan.randomness != "seeded":
+    return []
+  return [row("anyone who knows config.seed (e.g. a reader of summary.json)", None,
+              "dp.randomness=seeded: the noise can be regenerated from the seed and "
+              "subtracted; use dp.randomness=secret for a guarantee", "models", 0, 0.0)]
+
+
 def cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
   """The guarantee rows of a cyclic-participation (matrix-factorization) run, in the lab's
   checkable format (privacy/guarantees.py Guarantee): each is dp-accounting's epsilon of
@@ -243,11 +252,7 @@ def cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
           plan.noise_multiplier / column_norm, mf.sampling_prob,
           math.ceil(mf.strategy.num_rounds / bands), dp.accountant,
           plan.accountant.delta)._asdict())
-  if plan.randomness == "seeded":
-    out.append(row("anyone who knows config.seed (e.g. a reader of summary.json)", None,
-                   "dp.randomness=seeded: the noise can be regenerated from the seed and "
-                   "subtracted; use dp.randomness=secret for a guarantee", "models", 0, 0.0))
-  return out
+  return out + _seed_reader_rows(plan, row)
 
 
 def example_cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
@@ -280,11 +285,7 @@ def example_cyclic_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
           f"update; {pattern}; {secret}", "updates", config.cohort_size - 1),
       row("the target example's own site (it holds the example)", None,
           "it trains on the example in the clear", "updates", 0, 0.0)]
-  if plan.randomness == "seeded":
-    out.append(row("anyone who knows config.seed (e.g. a reader of summary.json)", None,
-                   "dp.randomness=seeded: the noise can be regenerated from the seed and "
-                   "subtracted; use dp.randomness=secret for a guarantee", "models", 0, 0.0))
-  return out
+  return out + _seed_reader_rows(plan, row)
 
 
 def guarantee_entries(plan: PrivacyPlan, config, steps: int) -> list[dict]:
