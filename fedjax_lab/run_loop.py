@@ -96,7 +96,8 @@ def run(self, workdir: str) -> dict:
                            tensorboard=cfg.log.tensorboard, primary=r.primary)
   _log_plan(self, r.hide_time)
   r.watch = divergence.Watch(cfg, r.state.params)
-  r.scorer = canaries.Scorer(self.canaries, r.meta) if self.canaries is not None else None
+  r.scorer = (canaries.Scorer(self.canaries, r.meta, self.keys["sampling"])
+              if self.canaries is not None else None)
   if r.scorer is not None:
     r.scorer.observe(r.state.params)
   # Ctrl-C (SIGINT) or a scheduler's SIGTERM: finish the round in flight, save, then stop.
@@ -223,8 +224,8 @@ def _step(self, r: _Run) -> None:
   t0 = time.perf_counter()
   before = jax.tree.map(np.array, r.state) if record.wants(cfg, r.completed + 1) else None
   r.state, metrics = self.step(r.state, self.data, self.keys["sampling"], self.keys["client"])
-  if r.scorer is not None:  # rounds_per_step is 1 (canaries.validate)
-    r.scorer.observe(r.state.params)
+  if r.scorer is not None:  # rounds_per_step is 1 (canaries.validate); the round's index
+    r.scorer.observe(r.state.params, r.completed)
   if before is not None and r.primary:  # attack.record_sites: off by default
     record.save(self, before, r.completed + 1, r.workdir)
   per_round = lambda a: np.atleast_1d(np.asarray(a))

@@ -55,13 +55,13 @@ def test_scores_match_a_numpy_recomputation_from_saved_models():
   exp = Experiment(_tiny(**{"dp.level": "site", "dp.noise_multiplier": 1.0,
                             "audit.canaries": 50, "rounds": 4}))
   state = exp.init_state()
-  scorer = canaries.Scorer(exp.canaries, {})
+  scorer = canaries.Scorer(exp.canaries, {}, exp.keys["sampling"])
   models = [np.asarray(jax.flatten_util.ravel_pytree(state.params)[0], np.float64)]
   scorer.observe(state.params)
-  for _ in range(4):
+  for t in range(4):
     state, _ = exp.step(state, exp.data, exp.keys["sampling"], exp.keys["client"])
     models.append(np.asarray(jax.flatten_util.ravel_pytree(state.params)[0], np.float64))
-    scorer.observe(state.params)
+    scorer.observe(state.params, t)
   u = canaries.directions(0, 50, models[0].size).astype(np.float64)
   cos = lambda v: u @ v / np.linalg.norm(v)
   want_all = sum(cos(b - a) for a, b in zip(models, models[1:]))
@@ -92,19 +92,19 @@ def test_likelihood_ratio_on_synthetic_deltas_skips_unchanged_rounds_and_separat
   u = canaries.directions(5, m, d)
   inc = rng.random(m) < 0.5
   c = canaries.Canaries(jax.numpy.asarray(u), q, 0.0, m, signal)
-  scorer = canaries.Scorer(c, {})
+  scorer = canaries.Scorer(c, {}, jax.random.key(0))
   w = np.zeros(d)
   models = [w]
   scorer.observe(w.astype(np.float32))
   for t in range(rounds):
     if t == 7:
       models.append(w)
-      scorer.observe(w.astype(np.float32))
+      scorer.observe(w.astype(np.float32), t)
       continue
     joins = inc & (rng.random(m) < q)
     w = w + rng.normal(0, 1 / np.sqrt(d), d) + signal * u[joins].sum(0)
     models.append(w)
-    scorer.observe(w.astype(np.float32))
+    scorer.observe(w.astype(np.float32), t)
   want = np.zeros(m)
   for a, b in zip(models, models[1:]):
     n = np.linalg.norm(b - a)
@@ -128,7 +128,7 @@ def test_no_likelihood_ratio_without_a_known_displacement():
   momentum = canaries.make(_tiny(**{"server.optimizer_args": {"momentum": 0.9}}), None, 200,
                            like)
   assert momentum.signal is None
-  assert canaries.Scorer(momentum, {}).likelihood_ratio() is None
+  assert canaries.Scorer(momentum, {}, jax.random.key(0)).likelihood_ratio() is None
 
 
 def test_resumed_run_continues_the_running_scores_exactly(tmp_path):

@@ -219,49 +219,71 @@ def _observe(last, params, total, rounds):
 
 
 @jax.jit
-def _observe_lr(u, unit, norm, lr_sum, rate, signal):
-  """Adds the round's log-likelihood ratio of each canary (module docstring) to `lr_sum`."""
-  root_d = jnp.sqrt(jnp.float32(u.shape[1]))
+def _observe_canaries(u, unit, norm, acc, sampling_key, t, rate, signal):
+  """Adds the round's per-canary statistics to `acc` on the device: with z_jt = sqrt(d)
+  cos(u_j, Delta_t), the sum of z^2 (the null's spread), the sums of z and z^2 over the rounds
+  each canary took part in and their count (the estimate's signal), and the log-likelihood
+  ratio (module docstring) where `signal` is known. One [m, d] x [d] product."""
+  m, d = u.shape
+  root_d = jnp.sqrt(jnp.float32(d))
   z = root_d * (u @ unit)
-  a = root_d * signal / jnp.where(norm > 0, norm, 1.0)
-  # log(1 - q + q e^x) without overflow; q = 1 gives log(0) = -inf, which logaddexp absorbs.
-  term = jnp.logaddexp(jnp.log1p(-rate), jnp.log(rate) + a * z - a * a / 2)
-  return lr_sum + jnp.where(norm > 0, term, 0.0)
+  counted = norm > 0
+  joined = (participates(sampling_key, t, m, rate) & counted).astype(jnp.float32)
+  out = {"z_sq": acc["z_sq"] + jnp.where(counted, z * z, 0.0),
+         "part_z": acc["part_z"] + joined * z,
+         "part_z_sq": acc["part_z_sq"] + joined * z * z,
+         "part_n": acc["part_n"] + joined}
+  if "lr_sum" in acc:
+    a = root_d * signal / jnp.where(counted, norm, 1.0)
+    # log(1 - q + q e^x) without overflow; q = 1 gives log(0) = -inf, which logaddexp absorbs.
+    term = jnp.logaddexp(jnp.log1p(-rate), jnp.log(rate) + a * z - a * a / 2)
+    out["lr_sum"] = acc["lr_sum"] + jnp.where(counted, term, 0.0)
+  return out
+
+
+# The per-canary running sums kept in the checkpoint's meta as "canary_<name>".
+_STATISTICS = ("z_sq", "part_z", "part_z_sq", "part_n")
 
 
 class Scorer:
   """The all-iterates scores. sum_t cos(u_j, Delta_t) = <u_j, sum_t Delta_t / ||Delta_t||>, so
-  the round adds one [d] vector (on the device, no host sync) and the [m, d] product is taken
-  once at the end; the likelihood ratio is not linear in the cosines, so each round adds its
-  [m] terms (one [m, d] matvec on the device). `save` puts both running sums in the
-  checkpoint's meta, from which a resumed run continues. `observe` takes the model after every
-  round (and once before the first). A round that left the model unchanged (secure
-  aggregation aborted it) is not counted."""
+  the round adds one [d] vector (on the device, no host sync) and the [m, d] product for the
+  sum of cosines is taken once at the end; the likelihood ratio and the estimate's per-round
+  statistics are not linear in the cosines, so each round adds its [m] terms (one [m, d]
+  matvec on the device). `save` puts the running sums in the checkpoint's meta, from which a
+  resumed run continues. `observe` takes the model after every round t (and once before the
+  first, without t). A round that left the model unchanged (secure aggregation aborted it) is
+  not counted. `sampling_key` is the run's: it says which canaries took part in round t, which
+  only the estimate uses (the auditor's own draws), never the bound's scores."""
 
-  def __init__(self, canaries: Canaries, meta: dict):
+  def __init__(self, canaries: Canaries, meta: dict, sampling_key):
     self.u = canaries.directions
-    self.rate, self.signal = canaries.rate, canaries.signal
+    self.rate, self.signal, self.sampling_key = canaries.rate, canaries.signal, sampling_key
     m, d = self.u.shape
     self.total = jnp.asarray(meta.get("canary_unit_sum", np.zeros(d)), jnp.float32)
     self.rounds = jnp.int32(meta.get("canary_rounds", 0))
-    self.lr_sum = (None if self.signal is None else
-                   jnp.asarray(meta.get("canary_lr_sum", np.zeros(m)), jnp.float32))
+    names = _STATISTICS + (() if self.signal is None else ("lr_sum",))
+    if meta.get("canary_rounds", 0) and any(f"canary_{k}" not in meta for k in names):
+      raise ValueError("the checkpoint's meta lacks the canary audit's per-round statistics "
+                       "(written by an older lab): rerun the audit in a new workdir")
+    self.acc = {k: jnp.asarray(meta.get(f"canary_{k}", np.zeros(m)), jnp.float32)
+                for k in names}
     self.last = None
 
-  def observe(self, params) -> None:
+  def observe(self, params, t=None) -> None:
     if self.last is None:
       self.last = _ravel(params).astype(jnp.float32)
       return
     self.last, self.total, self.rounds, unit, norm = _observe(self.last, params, self.total,
                                                               self.rounds)
-    if self.lr_sum is not None:
-      self.lr_sum = _observe_lr(self.u, unit, norm, self.lr_sum, self.rate, self.signal)
+    self.acc = _observe_canaries(self.u, unit, norm, self.acc, self.sampling_key, t, self.rate,
+                                 self.signal)
 
   def save(self, meta: dict) -> None:
     meta["canary_unit_sum"] = np.asarray(self.total, np.float64).tolist()
     meta["canary_rounds"] = int(self.rounds)
-    if self.lr_sum is not None:
-      meta["canary_lr_sum"] = np.asarray(self.lr_sum, np.float64).tolist()
+    for k, v in self.acc.items():
+      meta[f"canary_{k}"] = np.asarray(v, np.float64).tolist()
 
   def scores(self, w0: np.ndarray) -> dict:
     """{observation: (scores, null standard deviation)}."""
@@ -273,7 +295,16 @@ class Scorer:
 
   def likelihood_ratio(self) -> np.ndarray | None:
     """[m]: the likelihood-ratio scores (None where Canaries.signal is None)."""
-    return None if self.lr_sum is None else np.asarray(self.lr_sum, np.float64)
+    return np.asarray(self.acc["lr_sum"], np.float64) if "lr_sum" in self.acc else None
+
+  def round_statistics(self) -> dict:
+    """The estimate's per-canary sums (bounds.participation_estimate's arguments): z_sum
+    (sum_t z_jt = sqrt(d) times the cosine sum), z_sq, part_z, part_z_sq, part_n, rounds."""
+    u = np.asarray(self.u, np.float64)
+    out = {k: np.asarray(self.acc[k], np.float64) for k in _STATISTICS}
+    out["z_sum"] = np.sqrt(u.shape[1]) * (u @ np.asarray(self.total, np.float64))
+    out["rounds"] = int(self.rounds)
+    return out
 
 
 # What each observation is, and which guarantee row (its "sees") it is compared with.
@@ -298,8 +329,11 @@ def report(exp, scorer: Scorer, w0, guarantees: list[dict] | None, delta: float,
     views["server_sum"] = ("the server under secure aggregation: every round's sum (= the "
                            "all-iterates view; it also knows each round's cohort, which these "
                            "scores do not use)", "sum")
-  out = {"estimate_is": "an ESTIMATE (Andrew et al. 2024: mu-GDP fitted to the included "
-                        "canaries' cosines against their N(0, var) null); NOT a bound",
+  out = {"estimate_is": "an ESTIMATE, NOT a bound: all iterates (and server_sum), the "
+                        "epsilon of the guarantee row's mechanism (its sampling rate and "
+                        "steps) at the noise multiplier measured from the canaries' shift in "
+                        "the rounds they took part in (bounds.participation_estimate); final "
+                        "model, Andrew et al. 2024's mu-GDP fitted to the cosines",
          "lower_bound_is": "Steinke et al. 2023 one-run lower bound with abstention (a grid "
                            "of guess counts fixed in advance, union bound over it), 95% for "
                            "each observation",
@@ -307,7 +341,7 @@ def report(exp, scorer: Scorer, w0, guarantees: list[dict] | None, delta: float,
   if cfg.audit.break_noise_divisor != 1.0:
     out["deliberately_broken"] = (f"noise multiplier divided by {cfg.audit.break_noise_divisor}"
                                   " with the claim unchanged (audit.break_noise_divisor)")
-  scores, lr = scorer.scores(w0), scorer.likelihood_ratio()
+  scores, lr, sums = scorer.scores(w0), scorer.likelihood_ratio(), scorer.round_statistics()
   for name, (view, sees) in views.items():
     s, null_std = scores["all_iterates" if name == "server_sum" else name]
     # The bound holds for any score computed without knowing who is in (bounds.one_run_grid):
@@ -316,15 +350,31 @@ def report(exp, scorer: Scorer, w0, guarantees: list[dict] | None, delta: float,
                else (s, "sum_of_cosines" if name != "final_model" else "cosine"))
     row = rows.get(sees)
     claimed = row["epsilon"] if row is not None else claimed_headline
+    if name == "final_model":
+      est = {"estimate": bounds.canary_estimate(s[inc], null_std, delta),
+             "estimate_statistic": "cosine_gdp"}
+    else:  # the row's mechanism; without DP the canaries' own rate over the counted rounds
+      fit = bounds.participation_estimate(
+          sums, inc, row["sampling_prob"] if row else exp.canaries.rate,
+          row["steps"] if row else sums["rounds"], delta)
+      est = {"estimate": fit.pop("estimate"), "estimate_interval_95": fit.pop("interval"),
+             "estimate_statistic": "per_participation_shift", "estimate_fit": fit}
     out[name] = {
         "claimed": claimed, "observed": view,
         "adversary": row["adversary"] if row is not None else "no DP: no claim",
-        "estimate": bounds.canary_estimate(s[inc], null_std, delta),
+        **est,
         "lower_bound_95": bounds.epsilon_lower_bound(b[inc], b[~inc], delta, 0.95,
                                                      "one_run_grid"),
         "bound_statistic": stat,
         "canaries": canaries}
   return out
+
+
+def _estimate_text(r: dict) -> str:
+  at_least = ">= " if r.get("estimate_fit", {}).get("at_least") else ""
+  interval = r.get("estimate_interval_95")
+  return f"{at_least}{r['estimate']:.3f}" + (f" [95% interval {interval[0]:.3f}, "
+                                              f"{interval[1]:.3f}]" if interval else "")
 
 
 def format_lines(a: dict) -> list[str]:
@@ -337,6 +387,6 @@ def format_lines(a: dict) -> list[str]:
     claim = "none (no DP)" if r["claimed"] is None else f"{r['claimed']:.3f}"
     lines.append(f"canary audit ({name}; {r['canaries']['included']} of "
                  f"{r['canaries']['m']} canaries in): claimed epsilon {claim}, estimate (not a "
-                 f"bound) {r['estimate']:.3f}, 95% lower bound {r['lower_bound_95']:.3f}"
+                 f"bound) {_estimate_text(r)}, 95% lower bound {r['lower_bound_95']:.3f}"
                  + (" [DELIBERATELY BROKEN RUN]" if "deliberately_broken" in a else ""))
   return lines
