@@ -119,6 +119,50 @@ def test_likelihood_ratio_on_synthetic_deltas_skips_unchanged_rounds_and_separat
   assert sep(got) > sep(scorer.scores(np.zeros(d))["all_iterates"][0])
 
 
+def test_participation_estimate_recovers_the_planted_noise_against_dp_accounting():
+  """Deltas built here: N(0, (sigma s)^2 I) noise each round plus s u_j for each included
+  canary that takes part (the Scorer's own draws, canaries.participates): a Poisson-sampled
+  Gaussian with noise multiplier sigma in each canary's direction. The Scorer's per-round sums
+  equal a NumPy loop; the estimate is dp_accounting's PLD epsilon at sigma (called directly),
+  which its 95% interval holds."""
+  import dp_accounting
+  from dp_accounting import pld
+  m, d, rounds, q, s, sigma, delta = 400, 4000, 60, 0.2, 0.01, 1.5, 1e-5
+  key = jax.random.key(3)
+  u = canaries.directions(9, m, d)
+  scorer = canaries.Scorer(canaries.Canaries(jax.numpy.asarray(u), q, 0.0, m, None), {}, key)
+  rng = np.random.default_rng(2)
+  w = np.zeros(d)
+  scorer.observe(w.astype(np.float32))
+  want = {k: np.zeros(m) for k in ("z_sum", "z_sq", "part_z", "part_z_sq", "part_n")}
+  for t in range(rounds):
+    joins = np.asarray(canaries.participates(key, t, m, q))
+    step = rng.normal(0, sigma * s, d) + s * u[joins].sum(0)
+    w32 = (w + step).astype(np.float32)
+    z = np.sqrt(d) * (u.astype(np.float64) @ (w32.astype(np.float64) - w)) / np.linalg.norm(
+        w32.astype(np.float64) - w)
+    w = w32.astype(np.float64)
+    scorer.observe(w32, t)
+    for k, v in (("z_sum", z), ("z_sq", z * z), ("part_z", joins * z),
+                 ("part_z_sq", joins * z * z), ("part_n", joins)):
+      want[k] += v
+  got = scorer.round_statistics()
+  for k, v in want.items():
+    np.testing.assert_allclose(got[k], v, rtol=1e-3, atol=2e-3, err_msg=k)
+  inc = np.asarray(canaries.included(key, m))
+  fit = audit.participation_estimate(got, inc, q, rounds, delta)
+  event = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), rounds)
+  truth = pld.PLDAccountant(value_discretization_interval=1e-4).compose(event).get_epsilon(delta)
+  assert fit["mu_per_participation"] == pytest.approx(1 / sigma, abs=3 * fit["mu_se"])
+  assert fit["interval"][0] <= truth <= fit["interval"][1]
+  assert fit["estimate"] == pytest.approx(truth, rel=0.1)
+  assert fit["interval"][1] - fit["interval"][0] < 0.5 * truth  # the check has teeth
+  # Participations that moved nothing (their z at the null's mean): no leak estimated.
+  none = dict(got, part_z=np.zeros(m), part_z_sq=got["part_n"].copy())
+  assert audit.participation_estimate(none, inc, q, rounds, delta)["estimate"] < 0.1 * truth
+
+
 def test_no_likelihood_ratio_without_a_known_displacement():
   """Server momentum makes a canary's displacement depend on earlier rounds: no LR score,
   and the bound falls back to the sum of cosines."""
@@ -199,6 +243,10 @@ def test_no_dp_run_lower_bound_is_clearly_positive(tmp_path):
   assert a["all_iterates"]["lower_bound_95"] > 1.0
   assert a["final_model"]["lower_bound_95"] > 1.0
   assert 150 < a["all_iterates"]["canaries"]["included"] < 250
+  # No noise: each participation moves the canary's cosine by many null deviations, and
+  # the estimate is past the noise multiplier the PLD is computed for ("at least").
+  assert a["all_iterates"]["estimate_fit"]["mu_per_participation"] > 3
+  assert a["all_iterates"]["estimate_fit"]["at_least"]
 
 
 def test_dp_run_lower_bound_stays_within_the_claim(tmp_path):
@@ -212,6 +260,12 @@ def test_dp_run_lower_bound_stays_within_the_claim(tmp_path):
     assert 0 <= a[obs]["lower_bound_95"] <= a[obs]["claimed"]
   assert a["all_iterates"]["bound_statistic"] == "likelihood_ratio"
   assert a["final_model"]["bound_statistic"] == "cosine"
+  # The noise the canaries met, measured in the rounds each took part in (round index t of
+  # the Scorer = the round's): the run's sigma, 1.48, within its ~7% standard error.
+  fit = a["all_iterates"]["estimate_fit"]
+  assert fit["noise_multiplier"] == pytest.approx(s["privacy"]["noise_multiplier"], rel=0.25)
+  lo, hi = a["all_iterates"]["estimate_interval_95"]
+  assert lo <= a["all_iterates"]["estimate"] <= hi
   assert "ESTIMATE" in a["estimate_is"] and "NOT a bound" in a["estimate_is"]
   assert "deliberately_broken" not in a
 
@@ -244,3 +298,8 @@ def test_secure_aggregation_reports_the_servers_row(tmp_path):
   assert a["server_sum"]["adversary"] == server["adversary"]
   assert a["server_sum"]["claimed"] > a["all_iterates"]["claimed"]  # no amplification
   assert a["server_sum"]["lower_bound_95"] == a["all_iterates"]["lower_bound_95"]
+  # The server's estimate: its row's mechanism (no sampling) at the same measured noise.
+  assert a["server_sum"]["estimate_fit"]["sampling_prob"] == 1.0 == server["sampling_prob"]
+  assert (a["server_sum"]["estimate_fit"]["noise_multiplier"]
+          == a["all_iterates"]["estimate_fit"]["noise_multiplier"])
+  assert a["server_sum"]["estimate"] > a["all_iterates"]["estimate"]

@@ -38,6 +38,13 @@ what epsilon a Gaussian mechanism with these scores would have; no verdict uses 
                    into the largest mu of mu-GDP they rule out, then into eps by the GDP curve.
                    Also assumes independent trials.
   one_run_fdp      Mahloujifar et al. 2024: one-run auditing through a Gaussian f-DP curve.
+The in-run canary audit's estimates have their own functions, also NOT bounds:
+  canary_estimate          Andrew et al. 2024: mu-GDP fitted to random-direction canaries'
+                           cosines against their exact null (the final-model view).
+  participation_estimate   the all-iterates view: the noise multiplier the canaries met,
+                           measured from their shift in the rounds they took part in, put
+                           through the guarantee row's mechanism (Poisson-sampled Gaussian
+                           releases) by dp-accounting's PLD; with a 95% interval.
 
 jax-privacy 2.0.0's `CanaryScoreAuditor.epsilon_from_gdp` is never used: it maximises |mu|
 over thresholds, so two samples of ONE score distribution give ~4.6 (200 each) to ~2.2 (20k
@@ -59,7 +66,7 @@ from fedjax_lab import cli
 from fedjax_lab.attacks import membership
 from fedjax_lab.attacks.bounds import (  # noqa: F401  (the audit's API)
     ESTIMATES, LOWER_BOUNDS, _auditor, _epsilon_from_gdp, _gdp_epsilon, _scores,
-    canary_estimate, epsilon_estimate, epsilon_lower_bound, verdict)
+    canary_estimate, epsilon_estimate, epsilon_lower_bound, participation_estimate, verdict)
 from fedjax_lab.data import sources
 from fedjax_lab.errors import ConfigError
 from fedjax_lab.experiment import Experiment

@@ -52,19 +52,19 @@ Scores (`Scorer`), from what an adversary sees (the released models, w_0 include
                 accuracy; a wrong model costs power, not validity. Needs server sgd without
                 momentum (the canary's displacement is then known); otherwise the bound uses
                 the sum of cosines.
-From each: the ESTIMATE (`bounds.canary_estimate`: mu = mean of the included canaries'
-standardised scores, epsilon of mu-GDP at delta; assumes a Gaussian trade-off curve, not a
-bound; from the cosine scores) and the one-run LOWER BOUND at 95% (all iterates: from the
+The ESTIMATE (NOT a bound; docs/audit.md): all iterates, `bounds.participation_estimate`: mu,
+the shift of z_jt in the rounds canary j took part in (the auditor's own draws, the run's
+sampling key) over the null's spread from the excluded canaries, is one participation's
+signal-to-noise; the estimate is the epsilon of the guarantee row's mechanism (its sampling
+rate and steps: Poisson-sampled Gaussian releases) at noise multiplier 1 / mu, by
+dp-accounting's PLD, with a 95% interval. Final model: `bounds.canary_estimate`, Andrew et
+al.'s mu-GDP fit of the cosines. The one-run LOWER BOUND at 95% (all iterates: from the
 likelihood ratios; final model: from the cosines; bounds.epsilon_lower_bound, one_run_grid:
 two-sided guesses with abstention over a grid of guess counts fixed in advance; each
-observation at 95% on its own).
-
-What the estimate can reach: the sum is linear in the per-round cosines, and a canary that
-takes part in Binomial(T, q) rounds with noise multiplier sigma moves its mean by
-q sqrt(T) / sqrt(sigma^2 + q (1 - q)) null deviations. That mu-GDP is the most this
-statistic's estimate approaches; at large epsilon (small sigma) it falls short of the
-mechanism's, whose privacy loss is dominated by the rounds a canary takes part in (on digits
-at claim 8: sigma 1.20, this mu gives 5.1, the PLD epsilon is 7.3; docs/audit.md).
+observation at 95% on its own) uses no participation, only the public directions and the
+released models. The mu-GDP fit of the sum of cosines, the all-iterates estimate before, is
+diluted by the ~(1 - q) T rounds a canary misses (5.1 at claim 8 where the PLD epsilon is
+7.3; docs/audit.md).
 
 Not audited: example level (dp.level=example: refused), adaptive clipping, matrix-
 factorization noise, robust aggregators, rounds_per_step > 1 and algorithms other than
