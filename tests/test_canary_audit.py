@@ -158,6 +158,9 @@ def test_participation_estimate_recovers_the_planted_noise_against_dp_accounting
   assert fit["interval"][0] <= truth <= fit["interval"][1]
   assert fit["estimate"] == pytest.approx(truth, rel=0.1)
   assert fit["interval"][1] - fit["interval"][0] < 0.5 * truth  # the check has teeth
+  # Nothing to measure: said, not raised (the run's summary is still written).
+  assert audit.participation_estimate(dict(got, part_n=np.zeros(m)), inc, q, rounds,
+                                      delta)["estimate"] is None
   # Participations that moved nothing (their z at the null's mean): no leak estimated.
   none = dict(got, part_z=np.zeros(m), part_z_sq=got["part_n"].copy())
   assert audit.participation_estimate(none, inc, q, rounds, delta)["estimate"] < 0.1 * truth

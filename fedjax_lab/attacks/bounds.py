@@ -178,10 +178,10 @@ def participation_estimate(sums: dict, included, sampling_prob: float, steps: in
   inc = np.asarray(included, bool)
   rounds = int(sums["rounds"])
   n0, n1 = int((~inc).sum()) * rounds, float(sums["part_n"][inc].sum())
-  if n0 == 0 or n1 == 0:
-    raise ValueError(f"the estimate needs excluded canaries and participations, got "
-                     f"{int((~inc).sum())} excluded over {rounds} rounds and {n1:g} "
-                     "participations")
+  if n0 == 0 or n1 == 0:  # a run too short or too few canaries: nothing to measure
+    return {"estimate": None, "interval": None, "participations": int(n1),
+            "why": f"no estimate: {int((~inc).sum())} excluded canaries over {rounds} rounds "
+                   f"and {n1:g} participations (more canaries or rounds are needed)"}
   m0 = sums["z_sum"][~inc].sum() / n0
   v0 = sums["z_sq"][~inc].sum() / n0 - m0**2
   m1 = sums["part_z"][inc].sum() / n1
@@ -189,14 +189,11 @@ def participation_estimate(sums: dict, included, sampling_prob: float, steps: in
   s0 = float(np.sqrt(v0))
   mu = float((m1 - m0) / s0)
   se = float(np.sqrt(v1 / n1 + v0 / n0) / s0)
-  capped = []
 
   def eps(x):
     if x <= 0:
       return 0.0
-    sigma = 1.0 / x
-    capped.append(sigma < SMALLEST_ESTIMATED_NOISE)
-    return accounting.epsilon(max(sigma, SMALLEST_ESTIMATED_NOISE), sampling_prob, steps,
+    return accounting.epsilon(max(1.0 / x, SMALLEST_ESTIMATED_NOISE), sampling_prob, steps,
                               delta, accountant="pld")
 
   z = float(stats.norm.ppf(0.5 + confidence / 2))
@@ -204,7 +201,7 @@ def participation_estimate(sums: dict, included, sampling_prob: float, steps: in
           "mu_per_participation": mu, "mu_se": se, "noise_multiplier": 1 / mu if mu > 0 else None,
           "sampling_prob": sampling_prob, "steps": steps,
           "participations": int(n1), "null_mean": float(m0), "null_std": s0,
-          "at_least": bool(capped and capped[0])}
+          "at_least": bool(mu > 0 and 1.0 / mu < SMALLEST_ESTIMATED_NOISE)}
 
 
 def _gdp_epsilon(mu: float, delta: float) -> float:

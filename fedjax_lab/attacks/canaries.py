@@ -371,6 +371,8 @@ def report(exp, scorer: Scorer, w0, guarantees: list[dict] | None, delta: float,
 
 
 def _estimate_text(r: dict) -> str:
+  if r["estimate"] is None:
+    return r["estimate_fit"]["why"]
   at_least = ">= " if r.get("estimate_fit", {}).get("at_least") else ""
   interval = r.get("estimate_interval_95")
   return f"{at_least}{r['estimate']:.3f}" + (f" [95% interval {interval[0]:.3f}, "
