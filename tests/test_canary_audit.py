@@ -4,6 +4,7 @@ SciPy, and tiny runs whose bound must be large (no DP) or within the claim (DP).
 
 import jax
 import numpy as np
+import optax
 import pytest
 from scipy import optimize, stats
 from test_experiment import set_keys
@@ -258,7 +259,6 @@ def test_example_canary_moves_the_model_as_one_clipped_example_at_a_cohort_site(
   the sum of the taking-part u_j; Canaries.signal is that size. Sites smaller than the batch
   sample at rate 1, so the added example changes no other draw."""
   from fedjax_lab.experiment import Experiment
-  import optax
   kw = {"data.num_sites": 40, "cohort_size": 40, "client.batch_size": 64, "client.lr": 1.0,
         "dp.clip_norm": 1.0, "dp.noise_multiplier": 1.0, "rounds": 1}
   plain, canary = Experiment(_example(**kw, **{"audit.canaries": 0})), Experiment(
