@@ -4,6 +4,7 @@ SciPy, and tiny runs whose bound must be large (no DP) or within the claim (DP).
 
 import jax
 import numpy as np
+import optax
 import pytest
 from scipy import optimize, stats
 from test_experiment import set_keys
@@ -273,8 +274,7 @@ def test_dp_run_lower_bound_stays_within_the_claim(tmp_path):
   assert "deliberately_broken" not in a
 
 
-@pytest.mark.parametrize("key,value", [("dp.level", "example"), ("rounds_per_step", 2),
-                                       ("dp.adaptive_clip", True)])
+@pytest.mark.parametrize("key,value", [("rounds_per_step", 2), ("dp.adaptive_clip", True)])
 def test_unsupported_settings_are_refused_naming_the_key(key, value):
   from fedjax_lab import config as config_lib
   c = _tiny(**{"dp.level": "site", "dp.noise_multiplier": 1.0, key: value})
@@ -306,3 +306,100 @@ def test_secure_aggregation_reports_the_servers_row(tmp_path):
   assert (a["server_sum"]["estimate_fit"]["noise_multiplier"]
           == a["all_iterates"]["estimate_fit"]["noise_multiplier"])
   assert a["server_sum"]["estimate"] > a["all_iterates"]["estimate"]
+
+
+def _example(**overrides):
+  """Example-level canaries' settings: one DP-SGD step a round, coordinated noise."""
+  return _tiny(**{"dp.level": "example", "dp.noise": "coordinated", "client.local_steps": 1,
+                  "server.weighting": "uniform", **overrides})
+
+
+def test_example_canary_moves_the_model_as_one_clipped_example_at_a_cohort_site():
+  """The real path, one round, the same keys: (a) a site given one more example whose
+  gradient is far above the clip norm moves the released model by -lr_s lr_c C g^ / (B K)
+  (g^ its unit gradient, from jax.grad here) and (b) the canaries move it by that size along
+  the sum of the taking-part u_j; Canaries.signal is that size. Sites smaller than the batch
+  sample at rate 1, so the added example changes no other draw."""
+  from fedjax_lab.experiment import Experiment
+  kw = {"data.num_sites": 40, "cohort_size": 40, "client.batch_size": 64, "client.lr": 1.0,
+        "dp.clip_norm": 1.0, "dp.noise_multiplier": 1.0, "rounds": 1}
+  plain, canary = Experiment(_example(**kw, **{"audit.canaries": 0})), Experiment(
+      _example(**kw, **{"audit.canaries": 30}))
+  keys = plain.keys["sampling"], plain.keys["client"]
+  state = plain.init_state()  # (the step donates its state: each round starts from a fresh one)
+  flat = lambda st: np.asarray(jax.flatten_util.ravel_pytree(st.params)[0], np.float64)
+  w1 = flat(plain.step(plain.init_state(), plain.data, *keys)[0])
+  lr_s, lr_c, c_norm, b, k = 1.0, 1.0, 1.0, 64, 40
+  size = lr_s * lr_c * c_norm / (b * k)
+  assert canary.canaries.signal == pytest.approx(size, rel=1e-6)
+  # (a) one more example at the smallest site (it still fits the site's slots)
+  data = plain.data
+  counts = np.array(data.count)
+  s = int(np.argmin(counts))
+  assert counts[s] + 1 <= min(b, plain.privacy.slots, data.n_max)
+  x_c = 40.0 * data.x[0]
+  logits, _ = plain.model.apply(state.params, state.model_state, x_c[None], True,
+                                jax.random.key(0))
+  y_c = int(np.argmin(np.asarray(logits)[0]))  # the least likely label: a large gradient
+  idx = np.asarray(data.idx).copy()
+  idx[s, counts[s]] = data.x.shape[0]
+  counts[s] += 1
+  more = data.replace(x=jax.numpy.concatenate([data.x, x_c[None]]),
+                      y=jax.numpy.concatenate([data.y, jax.numpy.asarray([y_c], data.y.dtype)]),
+                      idx=jax.numpy.asarray(idx), count=jax.numpy.asarray(counts))
+  w1_more = flat(plain.step(plain.init_state(), more, *keys)[0])
+
+  def loss(p):
+    out, _ = plain.model.apply(p, state.model_state, x_c[None], True, jax.random.key(0))
+    return optax.softmax_cross_entropy_with_integer_labels(out, jax.numpy.asarray([y_c]))[0]
+
+  g = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(loss)(state.params))[0], np.float64)
+  assert np.linalg.norm(g) > 5 * c_norm  # clipped: its clipped gradient is C g / |g|
+  want = -size * g / np.linalg.norm(g)
+  got = w1_more - w1
+  np.testing.assert_allclose(got, want, atol=2e-3 * size)
+  # (b) the canaries: the included ones all take part at q = 1 (sites below the batch size)
+  assert canary.canaries.rate == 1.0
+  w1_can = flat(canary.step(canary.init_state(), canary.data, *keys)[0])
+  u = canaries.directions(0, 30, g.size).astype(np.float64)
+  take = np.asarray(canaries.participates(keys[0], 0, 30, 1.0))
+  assert 5 < take.sum() < 25
+  np.testing.assert_allclose(w1_can - w1, size * u[take].sum(0), atol=2e-3 * size)
+
+
+def test_example_level_run_reports_the_models_row_and_a_bound_within_it(tmp_path):
+  from fedjax_lab.experiment import Experiment
+  exp = Experiment(_example(**{"dp.target_epsilon": 2.0}))
+  # the accountant's q at example level: batch size over the smallest site (no cohort factor)
+  q = min(1.0, 4 / int(np.asarray(exp.data.count).min()))
+  s = exp.run(str(tmp_path))
+  a = s["audit"]
+  models_row = next(g for g in s["privacy"]["guarantees"] if g["sees"] == "models")
+  assert models_row["sampling_prob"] == pytest.approx(q)
+  assert a["all_iterates"]["canaries"]["rate"] == pytest.approx(q)
+  assert models_row["steps"] == 20  # one DP-SGD step a round
+  for obs in ("all_iterates", "final_model"):
+    assert a[obs]["canaries"]["level"] == "example"
+    assert a[obs]["claimed"] == pytest.approx(models_row["epsilon"])
+    assert 0 <= a[obs]["lower_bound_95"] <= a[obs]["claimed"]
+  assert a["all_iterates"]["bound_statistic"] == "likelihood_ratio"
+
+
+@pytest.mark.parametrize("key,value", [("client.local_steps", 2), ("client.optimizer", "adam"),
+                                       ("client.optimizer_args", {"momentum": 0.9}),
+                                       ("dp.noise", "parallel"),
+                                       ("secagg.dropout_rate", 0.1)])
+def test_unsupported_example_level_settings_are_refused_naming_the_key(key, value):
+  c = _example(**{"dp.noise_multiplier": 1.0, "secagg.enabled": key.startswith("secagg"),
+                  key: value})
+  with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    canaries.validate(c)
+
+
+def test_example_level_with_local_steps_above_one_is_refused_by_the_config():
+  from fedjax_lab import config as config_lib
+  for noise in ("coordinated", "parallel"):
+    with pytest.raises(ConfigError):
+      config_lib.validate(_example(**{"dp.noise_multiplier": 1.0, "dp.noise": noise,
+                                      "client.local_steps": 3}))
+  config_lib.validate(_example(**{"dp.noise_multiplier": 1.0}))  # the supported setting

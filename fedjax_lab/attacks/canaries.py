@@ -1,4 +1,5 @@
-"""In-run canary audit of site-level DP-FedAvg (audit.canaries=m; docs/audit.md).
+"""In-run canary audit of site-level DP-FedAvg and example-level DP-SGD (audit.canaries=m;
+docs/audit.md).
 
 Andrew, Kairouz, Oh, Oprea, McMahan & Suriyakumar, "One-shot Empirical Privacy Estimation
 for Federated Learning" (ICLR 2024), with the one-run lower bound of Steinke, Nasr &
@@ -52,6 +53,22 @@ Scores (`Scorer`), from what an adversary sees (the released models, w_0 include
                 accuracy; a wrong model costs power, not validity. Needs server sgd without
                 momentum (the canary's displacement is then known); otherwise the bound uses
                 the sum of cosines.
+Example level (dp.level=example: white-box gradient canaries, the same draws and scores).
+Canary j is an extra EXAMPLE whose clipped gradient is -C u_j (gradient descent then moves
+the model along +u_j, as a site canary's update does; -u_j is as isotropic as u_j). An included
+canary takes part in each DP-SGD step at the accountant's q (privacy plan: batch_size over
+the smallest site) in every round: the accountant claims no amplification by the cohort, so
+neither may the canary. Exact only when a round is one DP-SGD step at every site
+(client.local_steps=1, client sgd without momentum) and every site divides by batch_size
+with uniform weights (dp.noise=coordinated): site k's delta is then -lr_c (clipped sum +
+noise) / B, entering the sum with weight 1 / K, linear in the clipped sum, so adding
+lr_c C / (B K) u_j to the round's sum (`make`'s weight; `round_sum`) is exactly one such
+example at a cohort site; the canary faces sigma at q over `rounds` steps, the "models"
+row. Accounting as above, per example: the canaries are not in any site's data, so they
+change no site's size, rate, divisor, slots or noise share; each real example's neighbouring
+data sets differ only in it, and its epsilon depends on q, sigma and the steps alone.
+Everything else at example level is refused (`validate`, naming the key).
+
 The ESTIMATE (NOT a bound; docs/audit.md): all iterates, `bounds.participation_estimate`: mu,
 the shift of z_jt in the rounds canary j took part in (the auditor's own draws, the run's
 sampling key) over the null's spread from the excluded canaries, is one participation's
@@ -66,7 +83,7 @@ released models. The mu-GDP fit of the sum of cosines, the all-iterates estimate
 diluted by the ~(1 - q) T rounds a canary misses (5.1 at claim 8 where the PLD epsilon is
 7.3; docs/audit.md).
 
-Not audited: example level (dp.level=example: refused), adaptive clipping, matrix-
+Not audited: example level outside the settings above, adaptive clipping, matrix-
 factorization noise, robust aggregators, rounds_per_step > 1 and algorithms other than
 fedavg / fedprox (refused with the key to change). Under secure aggregation the canaries are
 added to the secure sum's output, which equals the sum with their rows in it up to their
@@ -83,6 +100,7 @@ from scipy import stats
 
 from fedjax_lab.attacks import bounds
 from fedjax_lab.errors import ConfigError
+from fedjax_lab.privacy.shares import example_fixed_divisor
 
 # fold_in tags of the canaries' draws under the run's sampling key.
 _INCLUDED = 0xCA7A0001
@@ -105,9 +123,28 @@ def validate(config) -> None:
                       "DP's noise; use dp.level=site or leave it at 1.0")
   if not a.canaries:
     return
+  example = config.dp.level == "example"
+  client_args = config.client.optimizer_args
   refuse = [
-      ("dp.level", config.dp.level == "example", "example-level canaries (white-box gradient "
-       "canaries) are not implemented; use dp.level=site or none"),
+      # Example level (module docstring): exact only where a round is one linear DP-SGD step
+      # with one divisor at every site and fixed weights in the round's sum.
+      ("client.local_steps", example and config.client.local_steps != 1,
+       "an example-level canary's gradient enters the round's sum exactly only when a round "
+       "is one DP-SGD step (later steps are taken at parameters it moved); use "
+       "client.local_steps=1"),
+      ("client.optimizer", example and config.client.optimizer != "sgd",
+       "an example-level canary's step is client lr times its gradient only under plain sgd; "
+       "use client.optimizer=sgd"),
+      ("client.optimizer_args", example and bool(client_args.get("momentum", 0.0)
+                                                 or client_args.get("nesterov", False)),
+       "an example-level canary's one step is client lr times its gradient without "
+       "momentum (nesterov scales it by 1 + momentum); leave client.optimizer_args empty"),
+      ("dp.noise", example and config.dp.noise != "coordinated",
+       "example-level canaries need one divisor (batch_size) at every site and uniform "
+       "weights; use dp.noise=coordinated"),
+      ("secagg.dropout_rate", example and config.secagg.enabled
+       and config.secagg.dropout_rate > 0, "dropouts reweight the surviving sites each round; "
+       "use secagg.dropout_rate=0"),
       ("algorithm.name", config.algorithm.name not in ("fedavg", "fedprox"),
        "canary sites join FedAvg's round; use fedavg or fedprox"),
       ("rounds_per_step", config.rounds_per_step != 1, "the audit scores every round's model; "
@@ -147,9 +184,10 @@ class Canaries(NamedTuple):
   """What the round needs: the directions on device, the rate, the weight of one canary's
   update in the round's sum, clip_norm / cohort_size (the sites' updates enter that sum
   already divided by the expected cohort, site DP's expected_mean member, or weighted by
-  their share of the cohort without DP: 1 / cohort_size on average), `slots`, the most
-  canaries a round gathers (P(Binomial(m, rate) > slots) < 1e-12: no round ever has more), and
-  `signal`, one canary's displacement of the released model, server lr * weight (server sgd
+  their share of the cohort without DP: 1 / cohort_size on average; example level:
+  client lr * clip_norm / (batch_size * cohort_size), one clipped example's step), `slots`,
+  the most canaries a round gathers (P(Binomial(m, rate) > slots) < 1e-12: no round ever has
+  more), and `signal`, one canary's displacement of the released model, server lr * weight (server sgd
   without momentum; None otherwise: the likelihood-ratio score is then not computed)."""
   directions: jax.Array  # [m, d]
   rate: float
@@ -181,7 +219,15 @@ def make(config, privacy, num_sites: int, like) -> Canaries | None:
     rate = float(privacy.sampling_prob)
   else:  # no DP: the cohort is drawn without replacement; canaries at its inclusion rate
     rate = config.cohort_size / num_sites
-  weight = float(config.dp.clip_norm) / config.cohort_size
+  if config.dp.level == "example":
+    # One DP-SGD step a round (validate): site k's delta is -client lr (clipped sum + noise)
+    # / B (B = shares.example_fixed_divisor, coordinated noise), summed with weight 1/K
+    # (uniform weighting, cohort K). A canary's clipped gradient -C u_j in that sum moves it
+    # by client lr C / (B K) along u_j, as one such example at a cohort site would.
+    weight = (float(config.client.lr) * float(config.dp.clip_norm)
+              / (example_fixed_divisor(config) * config.cohort_size))
+  else:
+    weight = float(config.dp.clip_norm) / config.cohort_size
   slots = int(min(m, stats.binom.isf(1e-12, m, rate) + 1))
   # server_step: x <- x - lr (-mean_delta) under plain sgd; momentum or adaptive optimizers
   # make the canary's displacement depend on the past (secret) rounds.
@@ -323,7 +369,8 @@ def report(exp, scorer: Scorer, w0, guarantees: list[dict] | None, delta: float,
   for g in guarantees or []:  # headline first: a seeded run's "knows the seed" row comes after
     rows.setdefault(g["sees"], g)
   canaries = {"m": m, "included": int(inc.sum()), "seed": cfg.audit.canary_seed,
-              "rate": float(exp.canaries.rate), "level": "site"}
+              "rate": float(exp.canaries.rate), "level": "site" if cfg.dp.level == "none"
+              else cfg.dp.level}
   views = dict(_VIEWS)
   if "sum" in rows and cfg.secagg.enabled:  # the server's row under secure aggregation
     views["server_sum"] = ("the server under secure aggregation: every round's sum (= the "
