@@ -29,22 +29,42 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "audit_estimate_study.json")
-KINDS = {"dp": "DP", "no_dp": "no DP", "broken": "broken (noise / 4)"}
+KINDS = {"dp": "DP", "no_dp": "no DP", "broken": "broken (noise / 4)",
+         "example": "example-level DP"}
 
 
-def run_one(kind, epsilon, seed):
+def example_config(epsilon, seed, m):
+  """configs/digits_dp.py:example as example-level canaries need it (canaries.validate): one
+  DP-SGD step a round, coordinated noise, uniform weights; canaries as the site study's."""
+  import audit_study  # pylint: disable=g-import-not-at-top
+  spec = audit_study.importlib.util.spec_from_file_location(
+      "digits_dp", os.path.join(HERE, "..", "configs", "digits_dp.py"))
+  module = audit_study.importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("example")
+  c.seed, c.checkpoint.every = seed, c.rounds
+  c.log.progress, c.log.tensorboard = False, False
+  c.dp.noise, c.dp.randomness, c.dp.target_epsilon = "coordinated", "seeded", float(epsilon)
+  c.client.local_steps, c.server.weighting = 1, "uniform"
+  c.audit.canaries, c.audit.canary_seed = m, seed
+  return c
+
+
+def run_one(kind, epsilon, seed, m):
   """In this process: one audited run, its row."""
   sys.path.insert(0, HERE)
   import audit_study  # pylint: disable=g-import-not-at-top
   from fedjax_lab.experiment import Experiment  # pylint: disable=g-import-not-at-top
   broken = 4.0 if kind == "broken" else 1.0
+  config = (example_config(epsilon, seed, m) if kind == "example"
+            else audit_study.config(epsilon, seed, m, broken))
   workdir = tempfile.mkdtemp()
   try:
-    s = Experiment(audit_study.config(epsilon, seed, 1000, broken)).run(workdir)
+    s = Experiment(config).run(workdir)
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
   a, f = s["audit"]["all_iterates"], s["audit"]["final_model"]
-  return {"kind": kind, "claimed": epsilon, "seed": seed,
+  return {"kind": kind, "claimed": epsilon, "seed": seed, "m": m,
           "estimate": a["estimate"], "interval": a["estimate_interval_95"],
           "fit": a["estimate_fit"], "lower_bound_95": a["lower_bound_95"],
           "bound_statistic": a["bound_statistic"],
@@ -55,12 +75,12 @@ def run_one(kind, epsilon, seed):
 
 
 def _spawn(job, cores):
-  kind, eps, seed = job
+  kind, eps, seed, m = job
   core = cores.get()
   try:
     pin = ["taskset", "-c", str(core)] if shutil.which("taskset") else []
-    out = subprocess.run(pin + [sys.executable, __file__, "--one", kind, str(eps), str(seed)],
-                         capture_output=True, text=True, check=True).stdout
+    command = [sys.executable, __file__, "--one", kind, str(eps), str(seed), str(m)]
+    out = subprocess.run(pin + command, capture_output=True, text=True, check=True).stdout
   finally:
     cores.put(core)
   return json.loads(out.strip().splitlines()[-1])
@@ -74,45 +94,49 @@ def _seeds(text):
 def table(rows):
   import numpy as np  # pylint: disable=g-import-not-at-top
   cell = lambda v: f"{np.mean(v):.2f} [{np.min(v):.2f}, {np.max(v):.2f}]"
-  print("| run | claimed | runs | estimate, all iterates | estimate within 25% | 95% interval "
-        "holds the PLD epsilon at the run's sigma | LB all iterates | LB > claim | estimate, "
-        "final model | test acc |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
-  for kind, claimed in sorted({(r["kind"], r["claimed"]) for r in rows},
-                              key=lambda k: (list(KINDS).index(k[0]), k[1] or 0)):
-    g = [r for r in rows if (r["kind"], r["claimed"]) == (kind, claimed)]
+  print("| run | claimed | m | runs | estimate, all iterates | estimate within 25% | 95% "
+        "interval holds the PLD epsilon at the run's sigma | LB all iterates | LB > 0 | "
+        "LB > claim | estimate, final model | test acc |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  group = lambda r: (r["kind"], r["claimed"], r.get("m", 1000))
+  for kind, claimed, m in sorted({group(r) for r in rows},
+                                 key=lambda k: (list(KINDS).index(k[0]), k[2], k[1] or 0)):
+    g = [r for r in rows if group(r) == (kind, claimed, m)]
     est = [r["estimate"] for r in g]
     within = (f"{sum(abs(e - claimed) <= 0.25 * claimed for e in est)}/{len(g)}"
-              if kind == "dp" else "-")
+              if kind in ("dp", "example") else "-")
     truth = "-"
-    if kind != "no_dp":  # the PLD epsilon of the noise the run released (sigma from its claim)
+    if kind != "no_dp":  # the PLD epsilon of the noise the run released
       held = [r["interval"][0] <= r["pld_at_sigma"] <= r["interval"][1] for r in g
               if "pld_at_sigma" in r]
       truth = f"{sum(held)}/{len(held)}" if held else "-"
-    above = "-" if claimed is None else f"{sum(r['lower_bound_95'] > claimed for r in g)}/{len(g)}"
-    print(f"| {KINDS[kind]} | {'none' if claimed is None else f'{claimed:g}'} | {len(g)} | "
-          f"{cell(est)} | {within} | {truth} | {cell([r['lower_bound_95'] for r in g])} | "
-          f"{above} | {cell([r['final_estimate'] for r in g])} | "
+    lb = [r["lower_bound_95"] for r in g]
+    above = "-" if claimed is None else f"{sum(b > claimed for b in lb)}/{len(g)}"
+    print(f"| {KINDS[kind]} | {'none' if claimed is None else f'{claimed:g}'} | {m} | "
+          f"{len(g)} | {cell(est)} | {within} | {truth} | {cell(lb)} | "
+          f"{sum(b > 0 for b in lb)}/{len(g)} | {above} | "
+          f"{cell([r['final_estimate'] for r in g])} | "
           f"{cell([r['test_accuracy'] for r in g])} |")
 
 
 def pld_at_sigma(rows):
   """Each DP or broken row's reference: dp_accounting's PLD epsilon, called directly, of the
-  noise the run released (its summary's noise multiplier, / 4 when broken), q = 0.1, 200
-  steps, delta 1e-5 (below sigma 0.3: at 0.3, as the estimate)."""
+  noise the run released (its summary's noise multiplier, / 4 when broken) at the row's rate
+  and steps (site level: q = 0.1, 200 rounds), delta 1e-5 (below sigma 0.3: at 0.3, as the
+  estimate)."""
   import dp_accounting  # pylint: disable=g-import-not-at-top
   from dp_accounting import pld  # pylint: disable=g-import-not-at-top
   cache = {}
   for r in rows:
     if r["kind"] == "no_dp" or "pld_at_sigma" in r:
       continue
-    sigma = max(r["released_sigma"], 0.3)
-    if sigma not in cache:
+    key = (max(r["released_sigma"], 0.3), r["fit"]["sampling_prob"], r["fit"]["steps"])
+    if key not in cache:
       event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
-          0.1, dp_accounting.GaussianDpEvent(sigma)), 200)
-      cache[sigma] = pld.PLDAccountant(value_discretization_interval=1e-4).compose(
+          key[1], dp_accounting.GaussianDpEvent(key[0])), key[2])
+      cache[key] = pld.PLDAccountant(value_discretization_interval=1e-4).compose(
           event).get_epsilon(1e-5)
-    r["pld_at_sigma"] = cache[sigma]
+    r["pld_at_sigma"] = cache[key]
 
 
 def ceiling():
@@ -135,6 +159,7 @@ def plot(rows):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6.4, 4.8))
+  rows = [r for r in rows if r.get("m", 1000) == 1000]
   eps = sorted({r["claimed"] for r in rows if r["kind"] == "dp"})
   ax.plot(eps, eps, "k--", label="claimed (RDP accountant)")
   for kind, key, style, name in (
@@ -149,7 +174,8 @@ def plot(rows):
                 fmt=style, capsize=3, label=name)
   nodp = [r["lower_bound_95"] for r in rows if r["kind"] == "no_dp"]
   if nodp:
-    ax.axhline(np.mean(nodp), color="gray", lw=0.8, label=f"95% lower bound, no DP ({np.mean(nodp):.2f})")
+    ax.axhline(np.mean(nodp), color="gray", lw=0.8,
+               label=f"95% lower bound, no DP ({np.mean(nodp):.2f})")
   ax.set_xscale("log", base=2)
   ax.set_yscale("log", base=2)
   ax.set_xlabel("claimed epsilon (delta 1e-5)")
@@ -163,27 +189,32 @@ def plot(rows):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
+  p.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
+  p.add_argument("--m", type=int, default=1000, help="canaries of the runs planned")
   p.add_argument("--seeds", default="0-1")
   p.add_argument("--epsilons", type=float, nargs="*", default=[1, 2, 4, 8])
   p.add_argument("--broken", type=float, nargs="*", default=[])
   p.add_argument("--broken-seeds", default="0-1")
   p.add_argument("--no-dp-seeds", default="")
+  p.add_argument("--example", type=float, nargs="*", default=[],
+                 help="claimed epsilons of example-level runs (configs/digits_dp.py:example)")
+  p.add_argument("--example-seeds", default="0-1")
   p.add_argument("--workers", type=int, default=1)
   p.add_argument("--table-only", action="store_true")
   args = p.parse_args()
   if args.one:
-    kind, eps, seed = args.one
-    print(json.dumps(run_one(kind, None if eps == "None" else float(eps), int(seed))))
+    kind, eps, seed, m = args.one
+    print(json.dumps(run_one(kind, None if eps == "None" else float(eps), int(seed), int(m))))
     return
   rows = json.load(open(OUT)) if os.path.exists(OUT) else []
   if not args.table_only:
-    done = {(r["kind"], r["claimed"], r["seed"]) for r in rows}
+    done = {(r["kind"], r["claimed"], r["seed"], r.get("m", 1000)) for r in rows}
     plan = ([("dp", e, s) for s in _seeds(args.seeds) for e in args.epsilons]
             + [("broken", e, s) for s in _seeds(args.broken_seeds) for e in args.broken]
             + [("no_dp", None, s) for s in (_seeds(args.no_dp_seeds) if args.no_dp_seeds
-                                            else [])])
-    plan = [j for j in plan if j not in done]
+                                            else [])]
+            + [("example", e, s) for s in _seeds(args.example_seeds) for e in args.example])
+    plan = [(*j, args.m) for j in plan if (*j, args.m) not in done]
     cores = queue.Queue()
     for core in range(args.workers):
       cores.put(core)

@@ -187,8 +187,8 @@ class Canaries(NamedTuple):
   their share of the cohort without DP: 1 / cohort_size on average; example level:
   client lr * clip_norm / (batch_size * cohort_size), one clipped example's step), `slots`,
   the most canaries a round gathers (P(Binomial(m, rate) > slots) < 1e-12: no round ever has
-  more), and `signal`, one canary's displacement of the released model, server lr * weight (server sgd
-  without momentum; None otherwise: the likelihood-ratio score is then not computed)."""
+  more), and `signal`, one canary's displacement of the released model, server lr * weight
+  (server sgd without momentum; None otherwise: the likelihood-ratio score is not computed)."""
   directions: jax.Array  # [m, d]
   rate: float
   weight: float
