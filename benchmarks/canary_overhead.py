@@ -7,8 +7,9 @@ Times Experiment.run (compilation, rounds, evaluation, checkpoints, summary: the
 the same config with and without canaries, alternating, and prints the median of each and
 `RATIO canaries/plain=...` (wall time) and `cpu_canaries/plain=...` (this process's CPU time).
 The canaries add a gather of the ~q m / 2 taking-part rows of the [m, d] directions (an input
-of the jitted round) to each round, one [d] running sum per round, and one [m, d] x [d]
-product at the end (the scores).
+of the jitted round) to each round, one [d] running sum and one [m, d] x [d] product per
+round (the likelihood ratio and the estimate's per-round sums), and one more product at the
+end (the sum of cosines).
 """
 
 import argparse

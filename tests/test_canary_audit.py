@@ -403,3 +403,23 @@ def test_example_level_with_local_steps_above_one_is_refused_by_the_config():
       config_lib.validate(_example(**{"dp.noise_multiplier": 1.0, "dp.noise": noise,
                                       "client.local_steps": 3}))
   config_lib.validate(_example(**{"dp.noise_multiplier": 1.0}))  # the supported setting
+
+
+def test_printed_lines_label_the_estimate_and_the_bound():
+  """train.py's lines: the claim, the estimate marked as not a bound with its interval (">="
+  past the computed range, the reason when there is nothing to measure) and the bound."""
+  row = lambda est, fit, interval: {
+      "claimed": 2.0, "estimate": est, "estimate_fit": fit, "estimate_interval_95": interval,
+      "lower_bound_95": 0.5, "canaries": {"included": 490, "m": 1000}}
+  lines = canaries.format_lines({
+      "all_iterates": row(1.8, {"at_least": False}, [1.6, 1.9]),
+      "server_sum": row(161.5, {"at_least": True}, [161.5, 161.5]),
+      "final_model": {**row(1.5, None, None), "estimate_fit": {}}})
+  assert lines[0] == ("canary audit (all_iterates; 490 of 1000 canaries in): claimed epsilon "
+                      "2.000, estimate (not a bound) 1.800 [95% interval 1.600, 1.900], 95% "
+                      "lower bound 0.500")
+  assert "estimate (not a bound) 1.500, 95% lower bound" in lines[1]
+  assert "estimate (not a bound) >= 161.500 [95% interval" in lines[2]
+  why = "no estimate: 0 excluded canaries over 3 rounds and 0 participations"
+  none = canaries.format_lines({"all_iterates": row(None, {"why": why}, None)})
+  assert why in none[0]
