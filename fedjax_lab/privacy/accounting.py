@@ -59,6 +59,10 @@ _ACCOUNTANTS = ("rdp", "pld")
 # Fine enough that discretization changes the Abadi MNIST epsilon by < 1e-3,
 # coarse enough that one call takes well under a second.
 PLD_VALUE_DISCRETIZATION_INTERVAL = 1e-4
+# For audit estimates only (attacks/bounds.participation_estimate: three PLDs at the end of an
+# audited run): 10x faster, and the same epsilon to 4 digits at q = 0.1, 200 steps, sigma
+# 0.3-5.9. A coarser grid only rounds the privacy loss up, so it never lowers epsilon.
+ESTIMATE_PLD_DISCRETIZATION_INTERVAL = 1e-3
 
 
 # ---------------------------------------------------------------------------
@@ -134,6 +138,7 @@ def dp_event(noise_multiplier: float, sampling_prob: float,
 
 def make_accountant(
     accountant: AccountantName = "rdp",
+    pld_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL,
 ) -> dp_accounting.PrivacyAccountant:
   """A fresh dp-accounting accountant (add-or-remove-one neighbours)."""
   _check_accountant(accountant)
@@ -141,16 +146,16 @@ def make_accountant(
     return rdp.RdpAccountant()
   # Keyword argument: the first positional argument of PLDAccountant is the
   # neighbouring relation, not the discretization interval.
-  return pld.PLDAccountant(
-      value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL)
+  return pld.PLDAccountant(value_discretization_interval=pld_interval)
 
 
 def event_epsilon(event: dp_accounting.DpEvent, delta: float,
-                  accountant: AccountantName = "rdp") -> float:
+                  accountant: AccountantName = "rdp",
+                  pld_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL) -> float:
   """dp-accounting's epsilon of any DpEvent at `delta` (add-or-remove-one neighbours)."""
   _check_delta(delta)
   _check_accountant(accountant)
-  return float(make_accountant(accountant).compose(event).get_epsilon(delta))
+  return float(make_accountant(accountant, pld_interval).compose(event).get_epsilon(delta))
 
 
 
