@@ -51,8 +51,7 @@ def example_config(epsilon, seed, m):
 
 
 def run_one(kind, epsilon, seed, m):
-  """In this process: one audited run, its row."""
-  sys.path.insert(0, HERE)
+  """In this process (the script's folder is on the import path): one audited run, its row."""
   import audit_study  # pylint: disable=g-import-not-at-top
   from fedjax_lab.experiment import Experiment  # pylint: disable=g-import-not-at-top
   broken = 4.0 if kind == "broken" else 1.0
