@@ -180,8 +180,9 @@ def test_no_likelihood_ratio_without_a_known_displacement():
 
 
 def test_resumed_run_continues_the_running_scores_exactly(tmp_path):
-  """Killed in round 5 of 6 with checkpoints every 2 rounds, then rerun: the likelihood-ratio
-  and cosine sums equal an uninterrupted run's (restored from the checkpoint's meta)."""
+  """Killed in round 5 of 6 with checkpoints every 2 rounds, then rerun: the likelihood-ratio,
+  cosine and per-participation sums equal an uninterrupted run's (restored from the
+  checkpoint's meta)."""
   from fedjax_lab.experiment import Experiment
   from test_experiment import crash_during_step
   c = _tiny(**{"dp.level": "site", "dp.noise": "coordinated", "dp.noise_multiplier": 1.0,
@@ -189,7 +190,8 @@ def test_resumed_run_continues_the_running_scores_exactly(tmp_path):
   seen, report = [], canaries.report
 
   def keep(exp, scorer, w0, *args):
-    seen.append((scorer.likelihood_ratio(), np.asarray(scorer.total), int(scorer.rounds)))
+    seen.append((scorer.likelihood_ratio(), np.asarray(scorer.total), int(scorer.rounds),
+                 scorer.round_statistics()))
     return report(exp, scorer, w0, *args)
 
   canaries.report = keep
@@ -199,10 +201,13 @@ def test_resumed_run_continues_the_running_scores_exactly(tmp_path):
     Experiment(c).run(str(tmp_path / "crashed"))
   finally:
     canaries.report = report
-  (lr_full, total_full, t_full), (lr_res, total_res, t_res) = seen
+  (lr_full, total_full, t_full, sums_full), (lr_res, total_res, t_res, sums_res) = seen
   assert t_full == t_res == 6
   np.testing.assert_array_equal(lr_res, lr_full)
   np.testing.assert_array_equal(total_res, total_full)
+  for k in ("z_sq", "part_z", "part_z_sq", "part_n"):  # the estimate's per-round sums too
+    np.testing.assert_array_equal(sums_res[k], sums_full[k], err_msg=k)
+  assert sums_full["part_n"].sum() > 0
   assert np.abs(lr_full).max() > 0
 
 
