@@ -37,16 +37,8 @@ def example_config(epsilon, seed, m):
   """configs/digits_dp.py:example as example-level canaries need it (canaries.validate): one
   DP-SGD step a round, coordinated noise, uniform weights; canaries as the site study's."""
   import audit_study  # pylint: disable=g-import-not-at-top
-  spec = audit_study.importlib.util.spec_from_file_location(
-      "digits_dp", os.path.join(HERE, "..", "configs", "digits_dp.py"))
-  module = audit_study.importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("example")
-  c.seed, c.checkpoint.every = seed, c.rounds
-  c.log.progress, c.log.tensorboard = False, False
-  c.dp.noise, c.dp.randomness, c.dp.target_epsilon = "coordinated", "seeded", float(epsilon)
+  c = audit_study.config(epsilon, seed, m, level="example")
   c.client.local_steps, c.server.weighting = 1, "uniform"
-  c.audit.canaries, c.audit.canary_seed = m, seed
   return c
 
 

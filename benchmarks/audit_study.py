@@ -33,12 +33,12 @@ SCORES = os.environ.get("AUDIT_STUDY_SCORES", os.path.join(tempfile.gettempdir()
                                                            "audit_study_scores"))
 
 
-def config(epsilon, seed, canaries=1000, broken=1.0):
+def config(epsilon, seed, canaries=1000, broken=1.0, level="site"):
   spec = importlib.util.spec_from_file_location(
       "digits_dp", os.path.join(HERE, "..", "configs", "digits_dp.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config("site")
+  c = module.get_config(level)
   c.seed, c.checkpoint.every = seed, c.rounds
   c.log.progress, c.log.tensorboard = False, False
   c.dp.noise, c.dp.randomness = "coordinated", "seeded"
